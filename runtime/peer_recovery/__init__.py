@@ -1,0 +1,32 @@
+"""peer-recovery's in-pod runtime.
+
+Importing this package is cheap on purpose: the operator imports ``peer_recovery.api`` and
+``peer_recovery.planning``, and torchrun loads the rendezvous plugin at start-up, none of
+which may pay for importing torch. Public names are therefore resolved lazily, on first
+attribute access, from the module that defines them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it. Modules are imported on first access only.
+_LAZY_ATTRIBUTES: dict[str, str] = {}
+
+__all__ = ["__version__", *sorted(_LAZY_ATTRIBUTES)]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY_ATTRIBUTES.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'peer_recovery' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_ATTRIBUTES))

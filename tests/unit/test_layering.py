@@ -1,0 +1,79 @@
+"""The layering rules of DESIGN.md, checked in fresh interpreters so they cannot pass by
+accident (a module imported earlier by another test would hide a violation)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_IMPORT_ALL = textwrap.dedent(
+    """
+    import importlib, json, pkgutil, sys
+    roots = {roots!r}
+    imported = []
+    for root in roots:
+        package = importlib.import_module(root)
+        imported.append(root)
+        if {walk!r} and hasattr(package, "__path__"):
+            for info in pkgutil.walk_packages(package.__path__, prefix=root + "."):
+                if info.name.endswith(".__main__"):
+                    continue  # running it would start the program
+                importlib.import_module(info.name)
+                imported.append(info.name)
+    print(json.dumps({{"imported": imported, "modules": sorted(sys.modules)}}))
+    """
+)
+
+
+def _modules_after_import(roots: list[str], *, walk: bool) -> tuple[list[str], set[str]]:
+    code = _IMPORT_ALL.format(roots=roots, walk=walk)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return report["imported"], set(report["modules"])
+
+
+def _top_level(modules: set[str]) -> set[str]:
+    return {name.split(".")[0] for name in modules}
+
+
+def test_operator_package_never_imports_torch() -> None:
+    imported, modules = _modules_after_import(["peer_recovery_operator"], walk=True)
+    assert "peer_recovery_operator" in imported
+    assert "torch" not in _top_level(modules), "the operator image must not need torch"
+
+
+@pytest.mark.parametrize("root", ["peer_recovery", "peer_recovery.api"])
+def test_light_runtime_modules_never_import_torch(root: str) -> None:
+    _, modules = _modules_after_import([root], walk=False)
+    assert "torch" not in _top_level(modules), f"importing {root} must stay cheap"
+
+
+def test_runtime_never_imports_kopf_or_kubernetes_at_module_level() -> None:
+    imported, modules = _modules_after_import(["peer_recovery"], walk=True)
+    assert "peer_recovery.api" in imported
+    leaked = _top_level(modules) & {"kopf", "kubernetes"}
+    assert not leaked, f"runtime modules imported {sorted(leaked)} at module level"
+
+
+def test_no_top_level_module_named_operator_shadows_the_stdlib() -> None:
+    for folder in (ROOT, ROOT / "runtime", ROOT / "operator"):
+        assert not (folder / "operator.py").exists()
+        assert not (folder / "operator" / "__init__.py").exists()
+    result = subprocess.run(
+        [sys.executable, "-c", "import operator; print(operator.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    assert "site-packages" not in result.stdout and str(ROOT) not in result.stdout
