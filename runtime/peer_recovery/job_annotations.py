@@ -1,0 +1,94 @@
+"""Reading the PyTorchJob's peer-recovery annotations, with errors that name what was wrong.
+
+Pure and torch-free. Two annotations (keys in :mod:`peer_recovery.api`):
+
+- ``peer-recovery: enabled`` opts the job in. Absent means off; any other value is an error
+  rather than a silent "off", so ``peer-recovery: "true"`` is reported, not ignored.
+- ``peerrecovery.io/pods-per-replica: "<k>"``: k consecutive pods hold one full replica of
+  the state, so pods hold the same shards when their ordinals are equal modulo k. Absent
+  means every pod holds a full replica (k = 1). k must be a positive decimal integer and,
+  when the job's pod count is known, divide it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from peer_recovery.api import (
+    ANNOTATION_ENABLED,
+    ANNOTATION_ENABLED_VALUE,
+    ANNOTATION_PODS_PER_REPLICA,
+)
+
+__all__ = ["AnnotationError", "JobSettings", "is_enabled", "parse_job_annotations"]
+
+_DECIMAL = re.compile(r"^[0-9]+$")
+
+
+class AnnotationError(ValueError):
+    """A malformed peer-recovery annotation on a PyTorchJob; the message names key and value."""
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """What a job's annotations ask of peer-recovery."""
+
+    enabled: bool
+    #: As written; None when the annotation is absent.
+    pods_per_replica: int | None = None
+
+    @property
+    def replication(self) -> int:
+        """The k of "same shards when ordinals are equal modulo k" (1 when absent)."""
+        return self.pods_per_replica or 1
+
+
+def is_enabled(annotations: Mapping[str, str] | None) -> bool:
+    """True only for exactly ``peer-recovery: enabled`` (never raises; for filters)."""
+    return (annotations or {}).get(ANNOTATION_ENABLED) == ANNOTATION_ENABLED_VALUE
+
+
+def parse_job_annotations(
+    annotations: Mapping[str, str] | None, *, pod_count: int | None = None
+) -> JobSettings:
+    """The job's settings; raises :class:`AnnotationError` for a malformed value.
+
+    ``pod_count`` (the job's pods across all replica types), when given, is checked to be a
+    multiple of pods-per-replica: otherwise some shard position would have no full replica.
+    """
+    annotations = annotations or {}
+    if not isinstance(annotations, Mapping):
+        raise AnnotationError(f"job annotations must be a mapping, got {annotations!r}")
+    raw_enabled = annotations.get(ANNOTATION_ENABLED)
+    if raw_enabled is not None and raw_enabled != ANNOTATION_ENABLED_VALUE:
+        raise AnnotationError(
+            f"annotation {ANNOTATION_ENABLED}={raw_enabled!r}: the only value is "
+            f"{ANNOTATION_ENABLED_VALUE!r} (remove the annotation to opt out)"
+        )
+    k = _parse_pods_per_replica(annotations.get(ANNOTATION_PODS_PER_REPLICA))
+    if k is not None and pod_count is not None:
+        if not isinstance(pod_count, int) or isinstance(pod_count, bool) or pod_count < 1:
+            raise ValueError(f"pod_count must be an int >= 1, got {pod_count!r}")
+        if pod_count % k:
+            raise AnnotationError(
+                f"annotation {ANNOTATION_PODS_PER_REPLICA}={k} does not divide the job's "
+                f"{pod_count} pods: every replica must have exactly {k} pods"
+            )
+    return JobSettings(enabled=raw_enabled is not None, pods_per_replica=k)
+
+
+def _parse_pods_per_replica(raw: object) -> int | None:
+    if raw is None:
+        return None
+    where = f"annotation {ANNOTATION_PODS_PER_REPLICA}={raw!r}"
+    if not isinstance(raw, str):
+        raise AnnotationError(f"{where}: annotation values are strings")
+    text = raw.strip()
+    if not _DECIMAL.match(text):
+        raise AnnotationError(f'{where}: expected a positive whole number such as "2"')
+    k = int(text)
+    if k < 1:
+        raise AnnotationError(f"{where}: must be at least 1")
+    return k
