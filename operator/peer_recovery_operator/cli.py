@@ -1,23 +1,42 @@
-"""Command line of ``peer-recovery-operator``."""
+"""Command line of ``peer-recovery-operator`` (also ``python -m peer_recovery_operator``).
+
+Parses flags (precedence with environment variables and defaults lives in
+:mod:`peer_recovery_operator.config`), sets up logging and the metrics endpoint, and runs
+kopf with the handlers of :mod:`peer_recovery_operator.handlers`. The scope flags are
+named as kopf's own CLI names them: ``--namespace/-n`` (repeatable) or
+``--all-namespaces/-A``. Exit status: 0 after a clean stop, 2 for bad flags.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
+
+from peer_recovery_operator.config import (
+    ConfigError,
+    OperatorConfig,
+    from_sources,
+    metrics_host_port,
+)
+
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peer-recovery-operator",
         description="Watch opted-in PyTorchJobs and plan peer recoveries of replaced pods.",
+        epilog="Every flag may also be set as PEER_RECOVERY_<FLAG> (e.g. PEER_RECOVERY_MAX_ATTEMPTS).",
     )
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument(
         "-n",
         "--namespace",
+        dest="namespaces",
         action="append",
-        default=[],
+        default=None,
         metavar="NS",
         help="watch this namespace (repeatable)",
     )
@@ -25,12 +44,92 @@ def build_parser() -> argparse.ArgumentParser:
         "-A",
         "--all-namespaces",
         action="store_true",
+        default=None,
         help="watch every namespace (needs the cluster-wide RBAC)",
     )
+    add = parser.add_argument
+    add(
+        "--plan-deadline",
+        type=float,
+        metavar="S",
+        help="re-plan a recovery Planned this long (120)",
+    )
+    add(
+        "--stream-deadline",
+        type=float,
+        metavar="S",
+        help="re-plan a recovery Streaming this long (600)",
+    )
+    add("--max-attempts", type=int, metavar="N", help="attempts per target before Failed (3)")
+    add(
+        "--catch-up-grace",
+        type=float,
+        metavar="S",
+        help="catch-up rule's grace after a restart (60)",
+    )
+    add("--sweep-interval", type=float, metavar="S", help="how often deadlines are checked (2)")
+    add(
+        "--liveness", metavar="URL", help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz"
+    )
+    add("--metrics-address", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    add("--log-format", choices=("plain", "json"), help="log line format (plain)")
+    add("--verbose", action="store_true", default=None, help="debug logging")
+    add("--peering", metavar="NAME", help="kopf peering object (HA); default: standalone")
+    add("--priority", type=int, metavar="N", help="kopf peering priority (distinct per replica)")
+    add("--kubeconfig", metavar="PATH", help="kubeconfig (default: $KUBECONFIG, then in-cluster)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print("peer-recovery-operator: the operator loop is not implemented yet", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    try:
+        config = from_sources(vars(args))
+    except ConfigError as error:
+        print(f"peer-recovery-operator: {error}", file=sys.stderr)
+        return 2
+    _configure_logging(config)
+    if args.kubeconfig:
+        import os
+
+        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf and our client both read it
+    _run(config)
+    return 0
+
+
+def _configure_logging(config: OperatorConfig) -> None:
+    import kopf
+
+    log_format = kopf.LogFormat.JSON if config.log_format == "json" else kopf.LogFormat.FULL
+    kopf.configure(verbose=config.verbose, log_format=log_format)
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def _run(config: OperatorConfig) -> None:
+    import kopf
+
+    from peer_recovery_operator.engine import Engine
+    from peer_recovery_operator.handlers import register
+    from peer_recovery_operator.kube import KubernetesApi
+    from peer_recovery_operator.metrics import Metrics
+
+    metrics = Metrics()
+    server = None
+    if config.metrics_address:
+        server = metrics.serve(*metrics_host_port(config.metrics_address))
+    engine = Engine(KubernetesApi(), config, metrics)
+    registry = kopf.OperatorRegistry()
+    register(registry, engine)
+    try:
+        kopf.run(
+            registry=registry,
+            clusterwide=config.all_namespaces,
+            namespaces=list(config.namespaces),
+            standalone=not config.peering,
+            peering_name=config.peering or None,
+            priority=config.priority,
+            liveness_endpoint=config.liveness or None,
+        )
+    finally:
+        if server is not None:
+            server.shutdown()

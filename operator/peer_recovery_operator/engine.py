@@ -1,0 +1,364 @@
+"""The operator's reactions to watch events, and the lifecycle sweep, on kopf's event loop.
+
+The kopf handlers (:mod:`peer_recovery_operator.handlers`) hand each event here. Cheap work
+(parsing into records, updating :class:`~peer_recovery_operator.state.ClusterState`,
+detection) happens inline on the loop; anything that calls the API server is queued per
+job and run on a worker thread by :class:`~peer_recovery_operator.recording.Recorder`, one
+round per job at a time. Queuing per job is what lets several pods replaced together be
+planned together (spread over sources), and keeps two rounds from racing on one job.
+
+Invariants: a malformed object is reported once (log line, Event where it has an owner we
+may post on, metric) and otherwise ignored; no exception from one job's round stops other
+jobs or the loop; pods are only read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from peer_recovery import api
+from peer_recovery_operator import lifecycle
+from peer_recovery_operator.config import OperatorConfig
+from peer_recovery_operator.detection import (
+    Detection,
+    KnownPod,
+    detect_change,
+    detect_missed_replacement,
+)
+from peer_recovery_operator.kube import ClusterApi
+from peer_recovery_operator.metrics import Metrics
+from peer_recovery_operator.recording import OPERATOR_REASONS, JobSnapshot, Recorder
+from peer_recovery_operator.state import ClusterState, JobKey, Slot
+from peer_recovery_operator.views import (
+    BadInput,
+    job_name_of_pod,
+    job_view,
+    node_view,
+    pod_view,
+    recovery_view,
+)
+
+__all__ = ["Engine"]
+
+logger = logging.getLogger(__name__)
+
+#: A job still unknown this long after its first pod was seen is looked up directly (the
+#: PyTorchJob watch may be missing because the CRD is not installed).
+UNKNOWN_JOB_CHECK_SECONDS = 10.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclasses.dataclass
+class _JobWork:
+    detections: list[tuple[Detection, float]] = dataclasses.field(default_factory=list)
+    candidates: dict[str, Any] = dataclasses.field(default_factory=dict)  # uid -> PodView
+    lifecycle: dict[str, tuple[Any, lifecycle.Verdict]] = dataclasses.field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.detections or self.candidates or self.lifecycle)
+
+
+class Engine:
+    def __init__(
+        self,
+        cluster: ClusterApi,
+        config: OperatorConfig,
+        metrics: Metrics | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.state = ClusterState()
+        self._api = cluster
+        self._clock = clock
+        self._recorder = Recorder(cluster, self.metrics, clock)
+        self._work: dict[JobKey, _JobWork] = {}
+        self._running: dict[JobKey, asyncio.Task[None]] = {}
+        self._parked: dict[JobKey, tuple[float, set[Slot]]] = {}
+        self._warned: set[str] = set()
+
+    # --- watch events ---------------------------------------------------------------------
+
+    def pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        job_name = job_name_of_pod(body)
+        if job_name is None:
+            return  # not a training pod (the label selector normally keeps these away)
+        try:
+            pod = pod_view(body, job_name)
+        except BadInput as error:
+            self._warn(f"pod:{(body.get('metadata') or {}).get('uid')}", "pod", str(error))
+            return
+        if event_type == "DELETED":
+            self.state.pod_gone(pod)
+            return
+        previous = self.state.upsert_pod(pod)
+        key = (pod.namespace, pod.job)
+        job = self.state.jobs.get(key)
+        if previous is None:
+            self._first_sight(key, pod)
+            return
+        detection = detect_change(KnownPod.of(previous), pod)
+        if detection is not None and job is not None and job.enabled:
+            logger.info("detected: %s", detection.why)
+            self._enqueue(key).detections.append((detection, time.monotonic()))
+
+    def job_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+        if event_type == "DELETED":
+            self._parked.pop(key, None)
+            self.state.forget_job(*key)
+            return
+        try:
+            job = job_view(body)
+        except BadInput as error:
+            self._warn(f"job:{meta.get('uid')}:{error}", "job", str(error), body)
+            return
+        if job.problem:
+            self._warn(f"job:{job.uid}:{job.problem}", "annotation", job.problem, body)
+        self.state.jobs[key] = job
+        _, parked = self._parked.pop(key, (0.0, set()))
+        for slot in parked:
+            pod = self.state.pod_in(slot)
+            if pod is not None:
+                self._first_sight(key, pod)
+
+    def node_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        name = str((body.get("metadata") or {}).get("name", ""))
+        if event_type == "DELETED":
+            self.state.nodes.pop(name, None)
+        else:
+            self.state.nodes[name] = node_view(body)
+
+    def recovery_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        if event_type == "DELETED":
+            old = self.state.drop_recovery(str(meta.get("namespace")), str(meta.get("name")))
+            self.metrics.recovery_changed(old, None)
+            return
+        self._fold(body)
+
+    def _fold(self, body: Mapping[str, Any]) -> None:
+        """Take a PeerRecovery body (from the watch or our own write) into the state."""
+        meta = body.get("metadata") or {}
+        previous = self.state.recoveries.get((str(meta.get("namespace")), str(meta.get("name"))))
+        seen_at = previous.phase_since if previous else self._clock()
+        try:
+            view = recovery_view(body, seen_at=seen_at)
+        except (BadInput, ValueError) as error:
+            self._warn(f"precov:{meta.get('uid')}", "recovery", str(error))
+            return
+        if previous is not None and previous.phase is not view.phase and not view.status_reason:
+            view = dataclasses.replace(view, phase_since=self._clock())
+        if not self.state.upsert_recovery(view):
+            return
+        self.metrics.recovery_changed(previous, view)
+        if (
+            previous is not None
+            and previous.resource_version != view.resource_version
+            and not previous.phase.terminal
+            and view.phase.terminal
+            and view.status_reason not in OPERATOR_REASONS
+        ):
+            self._post_terminal(view)
+
+    # --- first sight and the catch-up rule ------------------------------------------------
+
+    def _first_sight(self, key: JobKey, pod: Any) -> None:
+        job = self.state.jobs.get(key)
+        if job is None:
+            _since, slots = self._parked.setdefault(key, (time.monotonic(), set()))
+            slots.add(pod.slot)
+            return
+        grace = timedelta(seconds=self.config.catch_up_grace)
+        if job.enabled and not pod.terminating and pod.created - job.created > grace:
+            self._enqueue(key).candidates[pod.uid] = pod  # verified against the API in a round
+
+    # --- the lifecycle sweep --------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Check every recovery against its deadlines and its pods; queue what needs acting."""
+        now = self._clock()
+        for rec in list(self.state.recoveries.values()):
+            key = (rec.namespace, rec.job)
+            job = self.state.jobs.get(key)
+            if job is None:
+                continue
+            episode = [
+                r
+                for r in self.state.job_recoveries(*key)
+                if (r.target_uid, r.restart_count, r.reason)
+                == (rec.target_uid, rec.restart_count, rec.reason)
+            ]
+            verdict = lifecycle.decide(
+                rec,
+                now=now,
+                slot_pod=self.state.pod_in(rec.slot),
+                source_pod=self.state.pod_named(rec.namespace, rec.source_pod)
+                if rec.source_pod
+                else None,
+                attempts_in_episode=len(episode),
+                newer_attempt_exists=any(r.attempt > rec.attempt for r in episode),
+                config=self.config,
+            )
+            if verdict.action is not lifecycle.Action.KEEP:
+                self._enqueue(key).lifecycle.setdefault(rec.name, (rec, verdict))
+        self._check_parked()
+
+    def _check_parked(self) -> None:
+        for key, (since, _slots) in list(self._parked.items()):
+            if time.monotonic() - since > UNKNOWN_JOB_CHECK_SECONDS and key not in self._running:
+                self._parked[key] = (time.monotonic() + 1e9, _slots)  # look it up once
+                self._running[key] = asyncio.get_running_loop().create_task(self._lookup_job(key))
+
+    async def _lookup_job(self, key: JobKey) -> None:
+        try:
+            body = await asyncio.to_thread(self._api.get_job, *key)
+        except Exception as error:
+            body = None
+            logger.warning("looking up PyTorchJob %s/%s failed: %s", *key, error)
+        finally:
+            self._running.pop(key, None)
+        if body is None:
+            self._warn(
+                f"nojob:{key}",
+                "job",
+                f"pods name PyTorchJob {key[0]}/{key[1]} (label {api.LABEL_JOB_NAME}), which does "
+                "not exist or cannot be read (is the PyTorchJob CRD installed?)",
+            )
+        elif key not in self.state.jobs:
+            self.job_event("ADDED", body)
+
+    # --- per-job rounds on worker threads -------------------------------------------------
+
+    def _enqueue(self, key: JobKey) -> _JobWork:
+        work = self._work.setdefault(key, _JobWork())
+        if key not in self._running:
+            self._running[key] = asyncio.get_running_loop().create_task(self._drain(key))
+        return work
+
+    async def _drain(self, key: JobKey) -> None:
+        try:
+            await asyncio.sleep(0)  # let the events of this loop iteration join the round
+            while self._work.get(key):
+                work = self._work.pop(key)
+                job = self.state.jobs.get(key)
+                if job is None:
+                    continue
+                snap = JobSnapshot(
+                    job=job,
+                    pods=tuple(self.state.job_pods(*key)),
+                    nodes=dict(self.state.nodes),
+                    recoveries=tuple(self.state.job_recoveries(*key)),
+                )
+                try:
+                    written = await asyncio.to_thread(self._round, snap, work)
+                except Exception:
+                    logger.exception("round for PyTorchJob %s/%s failed; will retry", *key)
+                    written = []
+                for body in written:
+                    self._fold(body)
+        finally:
+            self._running.pop(key, None)
+
+    def _round(self, snap: JobSnapshot, work: _JobWork) -> list[dict[str, Any]]:
+        """One job's API work, on a worker thread."""
+        written: list[dict[str, Any]] = []
+        detections = list(work.detections)
+        if work.candidates:
+            snap, found = self._verify_catch_up(snap, list(work.candidates.values()))
+            detections += found
+        if detections:
+            written += self._recorder.record_detections(snap, detections)
+        for rec, verdict in work.lifecycle.values():
+            if verdict.action in (lifecycle.Action.REPLAN, lifecycle.Action.RESUME_REPLAN):
+                written += self._recorder.replan(snap, rec, verdict.why)
+            elif verdict.action is lifecycle.Action.PROMOTE:
+                written += self._recorder.promote(snap, rec)
+            elif verdict.action is lifecycle.Action.FAIL:
+                written += self._recorder.fail(rec, verdict.why, verdict.condition_reason)
+        return written
+
+    def _verify_catch_up(
+        self, snap: JobSnapshot, candidates: list[Any]
+    ) -> tuple[JobSnapshot, list[tuple[Detection, float]]]:
+        """The catch-up rule against fresh lists of the job's pods and recoveries."""
+        seen = time.monotonic()
+        job = snap.job
+        pods = []
+        for body in self._api.list_job_pods(job.namespace, job.name):
+            try:
+                pods.append(pod_view(body, job.name))
+            except BadInput:
+                continue
+        bodies = self._api.list_recoveries(job.namespace, job=job.name)
+        recorded = {((b.get("spec") or {}).get("target") or {}).get("podUID") for b in bodies}
+        views = [recovery_view(b, seen_at=self._clock()) for b in bodies]
+        grace = timedelta(seconds=self.config.catch_up_grace)
+        found = []
+        for pod in candidates:
+            others = [p.created for p in pods if p.uid != pod.uid and not p.terminating]
+            detection = detect_missed_replacement(pod, others, grace=grace, recorded_uids=recorded)
+            if detection is not None:
+                logger.info("caught up: %s", detection.why)
+                found.append((detection, seen))
+        fresh = dataclasses.replace(
+            snap, pods=tuple(pods) or snap.pods, recoveries=tuple(views) or snap.recoveries
+        )
+        return fresh, found
+
+    # --- reporting ------------------------------------------------------------------------
+
+    def _post_terminal(self, view: Any) -> None:
+        kind = "Normal" if view.phase is api.Phase.SUCCEEDED else "Warning"
+        message = f"{view.name} {view.phase.value}" + (f": {view.message}" if view.message else "")
+        job = self.state.jobs.get((view.namespace, view.job))
+        involved = _job_ref(view.namespace, view.job, job.uid if job else "")
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(
+            None,
+            lambda: self._api.post_event(
+                involved, type_=kind, reason=f"PeerRecovery{view.phase.value}", message=message
+            ),
+        )
+
+    def _warn(
+        self, once_key: str, kind: str, message: str, job_body: Mapping[str, Any] | None = None
+    ) -> None:
+        """Report bad input once: a log line, a metric, and an Event on the job if we have it."""
+        if once_key in self._warned:
+            return
+        self._warned.add(once_key)
+        self.metrics.input_warnings.labels(kind).inc()
+        logger.warning("ignoring malformed input: %s", message)
+        if job_body is not None:
+            meta = job_body.get("metadata") or {}
+            involved = _job_ref(
+                str(meta.get("namespace")), str(meta.get("name")), str(meta.get("uid"))
+            )
+            loop = asyncio.get_running_loop()
+            loop.run_in_executor(
+                None,
+                lambda: self._api.post_event(
+                    involved, type_="Warning", reason="PeerRecoveryBadInput", message=message
+                ),
+            )
+
+
+def _job_ref(namespace: str, name: str, uid: str) -> dict[str, str]:
+    return {
+        "apiVersion": f"{api.PYTORCHJOB_GROUP}/{api.PYTORCHJOB_VERSION}",
+        "kind": api.PYTORCHJOB_KIND,
+        "name": name,
+        "namespace": namespace,
+        "uid": uid,
+    }

@@ -1,0 +1,194 @@
+"""Every API-server call the operator makes (besides kopf's own watching) goes through here.
+
+:class:`ClusterApi` is the seam: the rest of the operator depends on this protocol only,
+so tests substitute an in-memory implementation, and the real one,
+:class:`KubernetesApi`, is a thin layer over the ``kubernetes`` client that speaks plain
+dicts (``_preload_content=False`` + ``json``: the client's model classes cost far more
+than the decisions made on them).
+
+Invariants: nothing here writes to pods or PyTorchJobs (the operator only observes them);
+status writes carry the ``resourceVersion`` the caller read, and a mismatch raises
+:class:`Conflict` instead of overwriting; calls are synchronous and run in worker
+threads, never on kopf's event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from peer_recovery import api
+
+__all__ = ["ApiError", "ClusterApi", "Conflict", "KubernetesApi"]
+
+logger = logging.getLogger(__name__)
+COMPONENT = "peer-recovery-operator"
+
+
+class ApiError(RuntimeError):
+    """An API call failed for a reason other than NotFound/AlreadyExists/Conflict."""
+
+
+class Conflict(ApiError):
+    """The object changed since it was read (resourceVersion precondition failed)."""
+
+
+class ClusterApi(Protocol):
+    """What the operator asks of the API server; every method is synchronous."""
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    def list_job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]: ...
+
+    def list_recoveries(self, namespace: str, *, job: str) -> list[dict[str, Any]]: ...
+
+    def get_recovery(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    def create_recovery(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The created object, or None when one of that name already exists."""
+        ...
+
+    def patch_recovery_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str
+    ) -> dict[str, Any]: ...
+
+    def post_event(
+        self, involved: Mapping[str, str], *, type_: str, reason: str, message: str
+    ) -> None:
+        """Best effort: failures are logged, never raised (an Event is not worth a crash)."""
+        ...
+
+
+class KubernetesApi:
+    """:class:`ClusterApi` over the official client, from a kubeconfig or in-cluster config."""
+
+    def __init__(self, kubeconfig: str | None = None) -> None:
+        from kubernetes import client, config  # imported here: the seam's users need not
+
+        path = kubeconfig or os.environ.get("KUBECONFIG")
+        if path or os.path.exists(os.path.expanduser("~/.kube/config")):
+            configuration = client.Configuration()
+            config.load_kube_config(config_file=path, client_configuration=configuration)
+        else:
+            configuration = client.Configuration()
+            config.load_incluster_config(client_configuration=configuration)
+        self._client = client.ApiClient(configuration)
+        self._core = client.CoreV1Api(self._client)
+        self._custom = client.CustomObjectsApi(self._client)
+        self._errors = client.exceptions.ApiException
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn`` raw; decode JSON; map NotFound to None and other errors to ours."""
+        try:
+            response = fn(*args, _preload_content=False, _request_timeout=30, **kwargs)
+        except self._errors as error:
+            if error.status == 404:
+                return None
+            if error.status == 409:
+                raise Conflict(_reason(error)) from None
+            raise ApiError(f"{error.status} {_reason(error)}") from None
+        return json.loads(response.data)
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._call(
+            self._custom.get_namespaced_custom_object,
+            api.PYTORCHJOB_GROUP,
+            api.PYTORCHJOB_VERSION,
+            namespace,
+            api.PYTORCHJOB_PLURAL,
+            name,
+        )
+
+    def list_job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
+        result = self._call(
+            self._core.list_namespaced_pod, namespace, label_selector=f"{api.LABEL_JOB_NAME}={job}"
+        )
+        return list((result or {}).get("items") or ())
+
+    def list_recoveries(self, namespace: str, *, job: str) -> list[dict[str, Any]]:
+        result = self._call(
+            self._custom.list_namespaced_custom_object,
+            api.GROUP,
+            api.VERSION,
+            namespace,
+            api.PLURAL,
+            label_selector=f"{api.LABEL_RECOVERY_JOB}={job}",
+        )
+        return list((result or {}).get("items") or ())
+
+    def get_recovery(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._call(
+            self._custom.get_namespaced_custom_object,
+            api.GROUP,
+            api.VERSION,
+            namespace,
+            api.PLURAL,
+            name,
+        )
+
+    def create_recovery(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self._call(
+                self._custom.create_namespaced_custom_object,
+                api.GROUP,
+                api.VERSION,
+                namespace,
+                api.PLURAL,
+                dict(body),
+            )
+        except Conflict:
+            return None  # 409 on create is AlreadyExists: the deterministic name did its job
+
+    def patch_recovery_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str
+    ) -> dict[str, Any]:
+        patch = {"metadata": {"resourceVersion": resource_version}, "status": dict(status)}
+        result = self._call(
+            self._custom.patch_namespaced_custom_object_status,
+            api.GROUP,
+            api.VERSION,
+            namespace,
+            api.PLURAL,
+            name,
+            patch,
+        )
+        if result is None:
+            raise Conflict(f"PeerRecovery {namespace}/{name} is gone")
+        return result
+
+    def post_event(
+        self, involved: Mapping[str, str], *, type_: str, reason: str, message: str
+    ) -> None:
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "generateName": f"{involved['name']}.",
+                "namespace": involved["namespace"],
+            },
+            "involvedObject": dict(involved),
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self._call(self._core.create_namespaced_event, involved["namespace"], body)
+        except ApiError as error:
+            logger.warning("could not post Event %s on %s: %s", reason, involved.get("name"), error)
+
+
+def _reason(error: Any) -> str:
+    try:
+        return str(json.loads(error.body).get("message") or error.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(error.reason)

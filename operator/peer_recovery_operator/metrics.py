@@ -1,0 +1,78 @@
+"""Prometheus metrics of the operator, in a registry of its own (no global state).
+
+- ``peer_recovery_recoveries{phase,mode,reason}``: PeerRecoveries in the watched
+  namespaces now, by phase (a gauge kept from the watch, so it is right after a restart);
+- ``peer_recovery_active_recoveries``: those not yet in a terminal phase;
+- ``peer_recovery_plans_total{phase,mode,reason}``: plans this process wrote;
+- ``peer_recovery_lifecycle_actions_total{action}``: re-plans, supersessions, give-ups;
+- ``peer_recovery_planning_seconds``: from seeing the pod change to the recovery's status
+  being written (the operator's share of the reaction latency);
+- ``peer_recovery_input_warnings_total{kind}``: malformed objects reported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from peer_recovery_operator.views import RecoveryView
+
+__all__ = ["Metrics"]
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.recoveries = Gauge(
+            "peer_recovery_recoveries",
+            "PeerRecoveries in the watched namespaces, by phase, mode and reason.",
+            ["phase", "mode", "reason"],
+            registry=r,
+        )
+        self.active = Gauge(
+            "peer_recovery_active_recoveries",
+            "PeerRecoveries not yet in a terminal phase.",
+            registry=r,
+        )
+        self.plans = Counter(
+            "peer_recovery_plans",
+            "Plans written by this operator process, by resulting phase, mode and reason.",
+            ["phase", "mode", "reason"],
+            registry=r,
+        )
+        self.lifecycle = Counter(
+            "peer_recovery_lifecycle_actions",
+            "Lifecycle actions taken: replan, fail (superseded or exhausted), promote.",
+            ["action"],
+            registry=r,
+        )
+        self.planning_seconds = Histogram(
+            "peer_recovery_planning_seconds",
+            "Seconds from seeing a pod change to writing its PeerRecovery's status.",
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.input_warnings = Counter(
+            "peer_recovery_input_warnings",
+            "Malformed objects reported (annotation, pod labels, job shape, missing job).",
+            ["kind"],
+            registry=r,
+        )
+
+    def recovery_changed(self, old: RecoveryView | None, new: RecoveryView | None) -> None:
+        """Move one object between the gauge's label sets as the watch reports it."""
+        for view, delta in ((old, -1), (new, +1)):
+            if view is None:
+                continue
+            self.recoveries.labels(view.phase.value, view.mode, view.reason).inc(delta)
+            if not view.phase.terminal:
+                self.active.inc(delta)
+
+    def serve(self, host: str, port: int) -> Any:
+        """Serve ``/metrics`` on a daemon thread; returns the server (``shutdown()`` stops it)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server
