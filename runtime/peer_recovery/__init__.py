@@ -14,7 +14,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 # Public name -> module that defines it. Modules are imported on first access only.
-_LAZY_ATTRIBUTES: dict[str, str] = {}
+_LAZY_ATTRIBUTES: dict[str, str] = {
+    "PGTransport": "peer_recovery.transport",
+}
 
 __all__ = ["__version__", *sorted(_LAZY_ATTRIBUTES)]
 

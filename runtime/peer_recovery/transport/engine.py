@@ -1,0 +1,266 @@
+"""The send/recv engine: moves planned data messages over a process group, bounded in time.
+
+Both sides walk the same plan (see :mod:`plan`). Each message is posted asynchronously
+(``pg.send``/``pg.recv`` return a Work) and finished later with ``work.wait(timeout)``, so
+at most ``depth`` messages are in flight: the sender packs bucket k+1 while bucket k is on
+the wire, and the receiver unpacks bucket k while bucket k+1 arrives. Extra memory is a pool
+of at most two reusable buffers (bucket or staging size); large payloads go straight from
+and into tensor memory when it lives on the wire device and is contiguous.
+
+Every wait is bounded by the timeout; a wait that fails or times out raises TransferError
+or TransferTimeout naming the peer and the message. After that the process group must not
+be reused: posted operations may still complete into their buffers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from peer_recovery.transport._views import byte_view, checksum, typed_view
+from peer_recovery.transport.errors import IntegrityError, TransferError, TransferTimeout
+from peer_recovery.transport.metadata import TensorSpec
+from peer_recovery.transport.plan import Bucket, Chunk, Message
+
+__all__ = ["DATA_TAG", "Wire", "recv_messages", "send_messages", "wait_work"]
+
+DATA_TAG = 16  # message i uses tags DATA_TAG + 2i (data) and DATA_TAG + 2i + 1 (checksum)
+_DEPTH = 3
+
+
+@dataclass
+class Wire:
+    """What both directions need to talk to the peer."""
+
+    pg: dist.ProcessGroup
+    device: torch.device  # where wire buffers live: cuda for NCCL, else cpu
+    timeout: timedelta
+    integrity: bool
+    progress: Callable[[int, int], None] | None = None
+    done: int = 0
+    total: int = 0
+    wire_bytes: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def wait_work(work: Any, wire: Wire, peer: int, stage: str, key: str | None = None) -> None:
+    """Wait for one Work within the timeout, turning failures into transport errors."""
+    try:
+        finished = work.wait(wire.timeout)
+    except Exception as exc:
+        text = str(exc)
+        cls = TransferTimeout if "timed out" in text.lower() else TransferError
+        raise cls(
+            f"{text} (the process group must not be reused)", peer=peer, stage=stage, key_path=key
+        ) from exc
+    if finished is False:
+        raise TransferTimeout(
+            f"no completion within {wire.timeout}", peer=peer, stage=stage, key_path=key
+        )
+
+
+class _Pool:
+    """At most ``count`` reusable uint8 buffers of ``nbytes``, allocated on first use."""
+
+    def __init__(self, count: int, nbytes: int, device: torch.device, pin: bool) -> None:
+        self._free: list[torch.Tensor] = []
+        self._left = count
+        self._nbytes, self._device, self._pin = nbytes, device, pin
+
+    def acquire(self) -> torch.Tensor | None:
+        if self._free:
+            return self._free.pop()
+        if self._left == 0:
+            return None
+        self._left -= 1
+        return torch.empty(
+            self._nbytes, dtype=torch.uint8, device=self._device, pin_memory=self._pin
+        )
+
+    def release(self, buf: torch.Tensor) -> None:
+        self._free.append(buf)
+
+
+def _pool_for(plan: Sequence[Message], staged: Callable[[Chunk], bool], wire: Wire) -> _Pool:
+    size = max(
+        (m.nbytes for m in plan if isinstance(m, Bucket) or staged(m)),  # type: ignore[arg-type]
+        default=0,
+    )
+    pin = wire.device.type == "cpu" and torch.cuda.is_available()
+    return _Pool(2, size, wire.device, pin)
+
+
+@dataclass
+class _Flight:
+    index: int
+    message: Message
+    works: list[tuple[Any, int]]  # (work, peer)
+    data: torch.Tensor
+    buf: torch.Tensor | None = None
+    crc: torch.Tensor | None = None
+    land: torch.Tensor | None = None  # receiver: where staged chunk bytes go
+
+
+def _stage(i: int, n: int, m: Message) -> str:
+    kind = f"bucket of {len(m.entries)} tensors" if isinstance(m, Bucket) else "chunk"
+    return f"data message {i + 1}/{n} ({kind})"
+
+
+def _drain_until(inflight: deque[_Flight], finish: Callable[[_Flight], None], depth: int) -> None:
+    while len(inflight) > depth:
+        finish(inflight.popleft())
+
+
+def _acquire(
+    pool: _Pool, inflight: deque[_Flight], finish: Callable[[_Flight], None]
+) -> torch.Tensor:
+    buf = pool.acquire()
+    while buf is None:
+        finish(inflight.popleft())
+        buf = pool.acquire()
+    return buf
+
+
+def send_messages(
+    wire: Wire,
+    dsts: Sequence[int],
+    payloads: Sequence[torch.Tensor],
+    plan: Sequence[Message],
+    names: Sequence[str],
+) -> None:
+    """Send every planned message to every destination."""
+    staged = lambda m: payloads[m.index].device != wire.device  # noqa: E731
+    pool = _pool_for(plan, staged, wire)
+    inflight: deque[_Flight] = deque()
+    contiguous: dict[int, torch.Tensor] = {}
+
+    def finish(f: _Flight) -> None:
+        for work, peer in f.works:
+            key = names[f.message.index] if isinstance(f.message, Chunk) else None
+            wait_work(work, wire, peer, _stage(f.index, len(plan), f.message), key)
+        if f.buf is not None:
+            pool.release(f.buf)
+        wire.advance(f.message.nbytes)
+
+    for i, m in enumerate(plan):
+        buf = None
+        if isinstance(m, Bucket):
+            buf = _acquire(pool, inflight, finish)
+            data = buf[: m.nbytes]
+            with torch.no_grad():
+                for idx, offset, _ in m.entries:
+                    src = payloads[idx]
+                    typed_view(buf, offset, src.dtype, tuple(src.shape)).copy_(src)
+        else:
+            src = contiguous.get(m.index)
+            if src is None:
+                src = payloads[m.index].detach().contiguous()
+                contiguous[m.index] = src
+            data = byte_view(src)[m.start : m.end]
+            if m.end == src.numel() * src.element_size():
+                del contiguous[m.index]  # in-flight records keep it alive until sent
+            if data.device != wire.device:
+                buf = _acquire(pool, inflight, finish)
+                buf[: m.nbytes].copy_(data)
+                data = buf[: m.nbytes]
+        flight = _Flight(i, m, [], data, buf)
+        tag = DATA_TAG + 2 * i
+        if wire.integrity:
+            flight.crc = torch.tensor([checksum(data)], dtype=torch.int64, device=wire.device)
+        for dst in dsts:
+            flight.works.append((wire.pg.send([data], dst, tag), dst))
+            if flight.crc is not None:
+                flight.works.append((wire.pg.send([flight.crc], dst, tag + 1), dst))
+            wire.wire_bytes += m.nbytes + (8 if flight.crc is not None else 0)
+        inflight.append(flight)
+        _drain_until(inflight, finish, _DEPTH)
+    _drain_until(inflight, finish, 0)
+
+
+def recv_messages(
+    wire: Wire,
+    src: int,
+    specs: Sequence[TensorSpec],
+    dests: Sequence[torch.Tensor],
+    plan: Sequence[Message],
+    names: Sequence[str],
+) -> None:
+    """Receive every planned message from ``src`` into ``dests`` (one per payload)."""
+    landing: dict[int, torch.Tensor] = {}
+
+    def land_of(idx: int) -> torch.Tensor:
+        land = landing.get(idx)
+        if land is None:
+            dest = dests[idx]
+            land = (
+                dest
+                if dest.is_contiguous()
+                else torch.empty_like(dest, memory_format=torch.contiguous_format)
+            )
+            landing[idx] = land
+        return land
+
+    staged = lambda m: dests[m.index].device != wire.device  # noqa: E731
+    pool = _pool_for(plan, staged, wire)
+    inflight: deque[_Flight] = deque()
+
+    def finish(f: _Flight) -> None:
+        m = f.message
+        stage = _stage(f.index, len(plan), m)
+        key = names[m.index] if isinstance(m, Chunk) else None
+        for work, peer in f.works:
+            wait_work(work, wire, peer, stage, key)
+        if f.crc is not None and int(f.crc.item()) != checksum(f.data):
+            if key is None:
+                key = f"{names[m.entries[0][0]]}..{names[m.entries[-1][0]]}"  # type: ignore[union-attr]
+            raise IntegrityError("checksum mismatch", peer=src, stage=stage, key_path=key)
+        with torch.no_grad():
+            if isinstance(m, Bucket):
+                for idx, offset, _ in m.entries:
+                    spec = specs[idx]
+                    dests[idx].copy_(typed_view(f.data, offset, spec.dtype, spec.shape))
+            else:
+                if f.land is not None:
+                    f.land.copy_(f.data)
+                if m.end == specs[m.index].nbytes:
+                    land = landing.pop(m.index)
+                    if land is not dests[m.index]:
+                        dests[m.index].copy_(land)
+        if f.buf is not None:
+            pool.release(f.buf)
+        wire.advance(m.nbytes)
+
+    for i, m in enumerate(plan):
+        buf = land = None
+        if isinstance(m, Bucket):
+            buf = _acquire(pool, inflight, finish)
+            data = buf[: m.nbytes]
+        else:
+            target = byte_view(land_of(m.index))[m.start : m.end]
+            if target.device == wire.device:
+                data = target
+            else:
+                buf = _acquire(pool, inflight, finish)
+                data, land = buf[: m.nbytes], target
+        flight = _Flight(i, m, [], data, buf, land=land)
+        tag = DATA_TAG + 2 * i
+        flight.works.append((wire.pg.recv([data], src, tag), src))
+        if wire.integrity:
+            flight.crc = torch.zeros(1, dtype=torch.int64, device=wire.device)
+            flight.works.append((wire.pg.recv([flight.crc], src, tag + 1), src))
+        wire.wire_bytes += m.nbytes
+        inflight.append(flight)
+        _drain_until(inflight, finish, _DEPTH)
+    _drain_until(inflight, finish, 0)

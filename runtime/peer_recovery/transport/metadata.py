@@ -1,0 +1,411 @@
+"""The wire format of a transfer's metadata: pure encoding and decoding, no I/O, no pickle.
+
+A transfer starts with a fixed-size header (magic, format version, flags, step, length and
+CRC32 of the metadata), followed by the metadata: UTF-8 JSON in which every value carries an
+explicit type tag. Decoding never runs code and never allocates more than the metadata
+itself: every announced size is checked against :class:`Limits` before anyone allocates a
+tensor. The document is::
+
+    {"v": 1, "bucket": <bytes>, "chunk": <bytes>, "small": <bytes>,
+     "tensors": [[<dtype name>, [<dim>, ...]], ...],   # wire order
+     "tree": <node>}
+
+Nodes are JSON arrays whose first element is a tag:
+
+- containers: ``["d", keys, values]`` dict, ``["o", keys, values]`` OrderedDict,
+  ``["l", items]`` list, ``["t", items]`` tuple, ``["z", ints]`` torch.Size;
+  dict keys are scalar nodes;
+- scalars: ``["n"]`` None, ``["b", bool]``, ``["i", int]``, ``["f", float.hex()]``,
+  ``["s", str]``, ``["y", base64]`` bytes, ``["dt", name]`` torch.dtype,
+  ``["dev", str]`` torch.device;
+- tensors (payload travels separately, in wire order): ``["T", index, kind]`` with kind 0
+  plain tensor, 1 ``nn.Parameter``, 2 ``nn.Parameter`` that requires grad;
+  ``["D", index, spec]`` DTensor and ``["S", [index, ...], spec]`` ShardedTensor, whose specs
+  are validated by :mod:`peer_recovery.transport.dist_tensors`.
+
+Invariant: ``decode_metadata(encode_metadata(x))`` rebuilds every container and scalar
+exactly (floats bit-exactly through ``float.hex``, including inf, nan and -0.0).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from peer_recovery.transport.errors import IntegrityError, MetadataError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "HEADER_BYTES",
+    "Header",
+    "Limits",
+    "Metadata",
+    "TensorLeaf",
+    "TensorSpec",
+    "decode_metadata",
+    "dtype_from_name",
+    "dtype_name",
+    "encode_metadata",
+    "encode_scalar",
+    "keystr",
+    "metadata_crc",
+    "pack_header",
+    "unpack_header",
+]
+
+FORMAT_VERSION = 1
+_MAGIC = b"PRXFER\x00\x01"
+_HEADER = struct.Struct("<8sIIqQI")
+HEADER_BYTES = 64  # fixed on the wire; the struct is zero-padded to this size
+_FLAG_STEP = 1
+_FLAG_INTEGRITY = 2
+
+# Every torch dtype by its canonical name; a dtype *leaf* may be any of them.
+_ALL_DTYPES: dict[str, torch.dtype] = {
+    str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)
+}
+# Dtypes whose tensors may be moved as bytes: whole bytes per element, not quantized.
+_DATA_DTYPES: frozenset[str] = frozenset(
+    name
+    for name in _ALL_DTYPES
+    if not name.startswith(("q", "bits"))
+    and name not in {f"{s}int{n}" for s in ("", "u") for n in range(1, 8)}
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps a receiver applies to what a peer announces, before allocating anything."""
+
+    max_metadata_bytes: int = 256 << 20
+    max_tensors: int = 10_000_000
+    max_depth: int = 64
+    max_ndim: int = 64
+    max_total_bytes: int = 1 << 40
+    max_bucket_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class Header:
+    """The fixed-size first message of a transfer."""
+
+    step: int | None
+    integrity: bool
+    metadata_bytes: int
+    metadata_crc: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One contiguous tensor payload on the wire."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TensorLeaf:
+    """Placeholder for a tensor-like leaf in a decoded tree.
+
+    ``kind`` is "T" (plain tensor or parameter), "D" (DTensor) or "S" (ShardedTensor);
+    ``indices`` are its payloads' positions in wire order; ``extra`` is the parameter kind
+    (for "T") or the unvalidated spec for "D"/"S".
+    """
+
+    kind: str
+    indices: tuple[int, ...]
+    extra: Any
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """A decoded metadata document."""
+
+    tensors: list[TensorSpec]
+    tree: Any
+    bucket_bytes: int
+    chunk_bytes: int
+    small_bytes: int
+
+
+def keystr(path: tuple[Any, ...]) -> str:
+    """Render a key path the way error messages show it: ``['state'][0]['exp_avg']``."""
+    return "".join(f"[{k!r}]" for k in path) or "<root>"
+
+
+def dtype_from_name(name: object, *, data: bool = False) -> torch.dtype:
+    """Look a dtype up by name in the allowlist (never ``getattr`` on wire strings)."""
+    if not isinstance(name, str) or name not in _ALL_DTYPES:
+        raise MetadataError(f"unknown dtype {name!r}", stage="metadata")
+    if data and name not in _DATA_DTYPES:
+        raise MetadataError(f"dtype {name!r} cannot be transferred as bytes", stage="metadata")
+    return _ALL_DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def pack_header(header: Header) -> bytes:
+    flags = (_FLAG_STEP if header.step is not None else 0) | (
+        _FLAG_INTEGRITY if header.integrity else 0
+    )
+    raw = _HEADER.pack(
+        _MAGIC,
+        FORMAT_VERSION,
+        flags,
+        header.step if header.step is not None else 0,
+        header.metadata_bytes,
+        header.metadata_crc,
+    )
+    return raw.ljust(HEADER_BYTES, b"\x00")
+
+
+def unpack_header(raw: bytes, limits: Limits) -> Header:
+    """Parse and bound-check a header; a bad magic or version is a MetadataError."""
+    if len(raw) != HEADER_BYTES:
+        raise MetadataError(f"header is {len(raw)} bytes, expected {HEADER_BYTES}", stage="header")
+    magic, version, flags, step, meta_len, meta_crc = _HEADER.unpack_from(raw)
+    if magic != _MAGIC:
+        raise MetadataError(f"bad magic {magic!r}: not a peer-recovery transfer", stage="header")
+    if version != FORMAT_VERSION:
+        raise MetadataError(
+            f"format version {version}, this receiver speaks {FORMAT_VERSION}", stage="header"
+        )
+    if flags & ~(_FLAG_STEP | _FLAG_INTEGRITY):
+        raise MetadataError(f"unknown header flags {flags:#x}", stage="header")
+    if meta_len > limits.max_metadata_bytes:
+        raise MetadataError(
+            f"announced metadata of {meta_len} bytes exceeds the cap of "
+            f"{limits.max_metadata_bytes}",
+            stage="header",
+        )
+    return Header(
+        step=step if flags & _FLAG_STEP else None,
+        integrity=bool(flags & _FLAG_INTEGRITY),
+        metadata_bytes=meta_len,
+        metadata_crc=meta_crc,
+    )
+
+
+# ---------------------------------------------------------------- encoding (sender side)
+
+
+def encode_scalar(value: object, path: tuple[Any, ...]) -> list[Any]:
+    """Encode a non-tensor, non-container leaf; anything unsafe is a MetadataError."""
+    t = type(value)
+    if value is None:
+        return ["n"]
+    if t is bool:
+        return ["b", value]
+    if t is int:
+        return ["i", value]
+    if t is float:
+        return ["f", float.hex(value)]  # type: ignore[arg-type]
+    if t is str:
+        return ["s", value]
+    if t is bytes:
+        return ["y", base64.b64encode(value).decode("ascii")]  # type: ignore[arg-type]
+    if t is torch.dtype:
+        return ["dt", dtype_name(value)]  # type: ignore[arg-type]
+    if t is torch.device:
+        return ["dev", str(value)]
+    raise MetadataError(
+        f"leaf of type {t.__module__}.{t.__qualname__} cannot be encoded safely "
+        "(allowed: None, bool, int, float, str, bytes, torch.dtype, torch.device, tensors, "
+        "and dict/OrderedDict/list/tuple/torch.Size of these)",
+        stage="encode",
+        key_path=keystr(path),
+    )
+
+
+def encode_metadata(
+    tree: Any, tensors: list[TensorSpec], *, bucket: int, chunk: int, small: int
+) -> bytes:
+    """Serialize a described tree (see :mod:`describe`) and its tensor table to bytes."""
+    doc = {
+        "v": FORMAT_VERSION,
+        "bucket": bucket,
+        "chunk": chunk,
+        "small": small,
+        "tensors": [[dtype_name(s.dtype), list(s.shape)] for s in tensors],
+        "tree": tree,
+    }
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def metadata_crc(raw: bytes) -> int:
+    return zlib.crc32(raw)
+
+
+# ---------------------------------------------------------------- decoding (receiver side)
+
+
+def _fail(message: str) -> MetadataError:
+    return MetadataError(message, stage="metadata")
+
+
+def _int(value: object, what: str, lo: int, hi: int) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise _fail(f"{what} must be an integer in [{lo}, {hi}], got {value!r:.80}")
+    return value
+
+
+def _decode_scalar(node: list[Any]) -> object:
+    tag = node[0]
+    if tag == "n" and len(node) == 1:
+        return None
+    if len(node) != 2:
+        raise _fail(f"scalar node {tag!r} has {len(node)} fields")
+    value = node[1]
+    if tag == "b" and type(value) is bool:
+        return value
+    if tag == "i" and type(value) is int:
+        return value
+    if tag == "f" and type(value) is str and len(value) < 64:
+        try:
+            return float.fromhex(value)
+        except (ValueError, OverflowError):
+            raise _fail(f"bad float literal {value!r}") from None
+    if tag == "s" and type(value) is str:
+        return value
+    if tag == "y" and type(value) is str:
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise _fail("bad base64 in a bytes leaf") from None
+    if tag == "dt":
+        return dtype_from_name(value)
+    if tag == "dev" and type(value) is str and len(value) < 64:
+        try:
+            return torch.device(value)
+        except (RuntimeError, ValueError):
+            raise _fail(f"bad device string {value!r}") from None
+    raise _fail(f"bad node with tag {tag!r:.40}")
+
+
+class _Decoder:
+    def __init__(self, limits: Limits, n_tensors: int) -> None:
+        self.limits = limits
+        self.n_tensors = n_tensors
+        self.used = [False] * n_tensors
+
+    def index(self, value: object) -> int:
+        i = _int(value, "tensor index", 0, self.n_tensors - 1)
+        if self.used[i]:
+            raise _fail(f"tensor index {i} is used twice")
+        self.used[i] = True
+        return i
+
+    def node(self, node: object, depth: int) -> Any:
+        if depth > self.limits.max_depth:
+            raise _fail(f"nesting deeper than {self.limits.max_depth}")
+        if type(node) is not list or not node or type(node[0]) is not str:
+            raise _fail(f"malformed node {node!r:.80}")
+        tag = node[0]
+        if tag in ("d", "o"):
+            if len(node) != 3 or type(node[1]) is not list or type(node[2]) is not list:
+                raise _fail("malformed dict node")
+            if len(node[1]) != len(node[2]):
+                raise _fail("dict node has different numbers of keys and values")
+            keys = [self.key(k) for k in node[1]]
+            values = [self.node(v, depth + 1) for v in node[2]]
+            out: dict[Any, Any] = (
+                dict(zip(keys, values, strict=True)) if tag == "d" else OrderedDict()
+            )
+            if tag == "o":
+                out.update(zip(keys, values, strict=True))
+            if len(out) != len(keys):
+                raise _fail("dict node has duplicate keys")
+            return out
+        if tag in ("l", "t", "z"):
+            if len(node) != 2 or type(node[1]) is not list:
+                raise _fail(f"malformed {tag!r} node")
+            items = [self.node(v, depth + 1) for v in node[1]]
+            if tag == "l":
+                return items
+            if tag == "t":
+                return tuple(items)
+            if not all(type(i) is int and i >= 0 for i in items):
+                raise _fail("torch.Size node holds something other than non-negative ints")
+            return torch.Size(items)
+        if tag == "T":
+            if len(node) != 3 or node[2] not in (0, 1, 2):
+                raise _fail("malformed tensor node")
+            return TensorLeaf("T", (self.index(node[1]),), node[2])
+        if tag == "D":
+            if len(node) != 3 or type(node[2]) is not dict:
+                raise _fail("malformed DTensor node")
+            return TensorLeaf("D", (self.index(node[1]),), node[2])
+        if tag == "S":
+            if len(node) != 3 or type(node[1]) is not list or type(node[2]) is not dict:
+                raise _fail("malformed ShardedTensor node")
+            return TensorLeaf("S", tuple(self.index(i) for i in node[1]), node[2])
+        return _decode_scalar(node)
+
+    def key(self, node: object) -> object:
+        if type(node) is not list or not node or node[0] not in ("n", "b", "i", "f", "s", "y"):
+            raise _fail(f"dict key node {node!r:.80} is not a scalar")
+        return _decode_scalar(node)
+
+
+def _tensor_specs(raw: object, limits: Limits) -> list[TensorSpec]:
+    if type(raw) is not list:
+        raise _fail("'tensors' is not a list")
+    if len(raw) > limits.max_tensors:
+        raise _fail(f"{len(raw)} tensors exceed the cap of {limits.max_tensors}")
+    specs: list[TensorSpec] = []
+    total = 0
+    for i, entry in enumerate(raw):
+        if type(entry) is not list or len(entry) != 2 or type(entry[1]) is not list:
+            raise _fail(f"tensor entry {i} is malformed")
+        dtype = dtype_from_name(entry[0], data=True)
+        if len(entry[1]) > limits.max_ndim:
+            raise _fail(f"tensor entry {i} has more than {limits.max_ndim} dims")
+        shape = tuple(_int(d, f"dim of tensor {i}", 0, limits.max_total_bytes) for d in entry[1])
+        nbytes = math.prod(shape) * dtype.itemsize
+        total += nbytes
+        if total > limits.max_total_bytes:
+            raise _fail(
+                f"announced tensors total more than the cap of {limits.max_total_bytes} bytes"
+            )
+        specs.append(TensorSpec(dtype, shape, nbytes))
+    return specs
+
+
+def decode_metadata(raw: bytes, header: Header, limits: Limits) -> Metadata:
+    """Validate and decode metadata bytes; any problem is a MetadataError or IntegrityError."""
+    if len(raw) != header.metadata_bytes:
+        raise _fail(f"metadata is {len(raw)} bytes, header announced {header.metadata_bytes}")
+    if metadata_crc(raw) != header.metadata_crc:
+        raise IntegrityError("metadata checksum mismatch", stage="metadata")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _fail(f"metadata is not valid JSON: {exc}") from None
+    if type(doc) is not dict or doc.get("v") != FORMAT_VERSION:
+        raise _fail("metadata document has the wrong shape or version")
+    bucket = _int(doc.get("bucket"), "bucket size", 16, limits.max_bucket_bytes)
+    chunk = _int(doc.get("chunk"), "chunk size", 16, limits.max_bucket_bytes)
+    small = _int(doc.get("small"), "small-tensor threshold", 0, bucket)
+    if bucket % 16 or chunk % 16:
+        raise _fail("bucket and chunk sizes must be multiples of 16")
+    specs = _tensor_specs(doc.get("tensors"), limits)
+    decoder = _Decoder(limits, len(specs))
+    try:
+        tree = decoder.node(doc.get("tree"), 0)
+    except RecursionError:
+        raise _fail("metadata nesting too deep") from None
+    if not all(decoder.used):
+        raise _fail("some announced tensors are not referenced by the tree")
+    return Metadata(specs, tree, bucket, chunk, small)

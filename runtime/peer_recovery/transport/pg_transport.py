@@ -1,0 +1,320 @@
+"""PGTransport: a drop-in for ``torch.distributed.checkpoint._pg_transport.PGTransport``.
+
+A transfer is: header (fixed 64 bytes) and metadata (tagged JSON) from the sender to each
+destination; one acknowledgement back from each destination (so a refused step or
+unacceptable metadata fails the sender too, and before any data moves); then the planned
+data messages (buckets of small tensors, chunks of large ones; see :mod:`plan`).
+
+Deliberate differences from PyTorch's transport (same values, dtypes, shapes, container
+types and keys otherwise):
+
+- Metadata is tagged JSON, never pickle. Leaves may be None, bool, int, float (inf/nan
+  kept), str, bytes, torch.dtype, torch.device, tensors, DTensor, ShardedTensor, and
+  dict / OrderedDict / list / tuple / torch.Size of these; anything else (namedtuples,
+  numpy scalars, arbitrary objects) is refused at the sender with MetadataError.
+- A view sends only the elements it covers; received tensors are contiguous (upstream
+  keeps the sender's strides and storage offset, sending the whole storage).
+- ``nn.Parameter`` leaves work and come back as parameters (upstream raises).
+- In-place targets must match dtype and shape exactly; in-place leaves are returned as the
+  receiver's own objects (same ``data_ptr``). ShardedTensor can be received in place.
+- Fresh (not in place) tensors come back on the transport's device (upstream copies them
+  to the CPU); DTensors are rebuilt on the receiver's own process groups with the
+  receiver's coordinate, ShardedTensors with the receiver taking over the sender's shards.
+- Every wait is bounded by ``timeout`` (a peer that stalls that long, or dies, raises
+  TransferTimeout or TransferError). **After any failure the process group must not be
+  reused**: posted operations may still land. Destroy it and make a new one.
+- With ``integrity=True`` each data message carries a CRC32 that the receiver verifies
+  (IntegrityError). Bytes of large tensors received in place land before their check.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
+
+from peer_recovery.transport.describe import describe_state, index_targets, map_leaves
+from peer_recovery.transport.dist_tensors import rebuild_dtensor, rebuild_sharded
+from peer_recovery.transport.engine import Wire, recv_messages, send_messages, wait_work
+from peer_recovery.transport.errors import (
+    IntegrityError,
+    MetadataError,
+    StepMismatchError,
+    TransferError,
+)
+from peer_recovery.transport.metadata import (
+    HEADER_BYTES,
+    Header,
+    Limits,
+    Metadata,
+    TensorLeaf,
+    TensorSpec,
+    decode_metadata,
+    encode_metadata,
+    keystr,
+    metadata_crc,
+    pack_header,
+    unpack_header,
+)
+from peer_recovery.transport.plan import plan_messages
+
+__all__ = ["DEFAULT_INTEGRITY", "PGTransport", "TransferStats"]
+
+# Off by default: benchmarks/transport.py measures the cost above 10% (docs/transport.md).
+DEFAULT_INTEGRITY = False
+_TAG_HEADER, _TAG_META, _TAG_ACK = 1, 2, 3
+_ACK_CODES: dict[type[TransferError], int] = {
+    StepMismatchError: 1,
+    MetadataError: 2,
+    IntegrityError: 3,
+}
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    """What the last transfer moved. ``bytes`` counts every destination (sender side)."""
+
+    bytes: int
+    payload_bytes: int
+    tensors: int
+    messages: int
+    seconds: float
+
+    @property
+    def throughput(self) -> float:
+        """Bytes on the wire per second."""
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+def _wire_device(pg: dist.ProcessGroup, device: torch.device) -> torch.device:
+    if device.type != "cuda":
+        return torch.device("cpu")
+    try:
+        backend = str(dist.get_backend(pg))
+    except (RuntimeError, ValueError):
+        backend = pg.name()
+    return device if "nccl" in backend.lower() else torch.device("cpu")
+
+
+class PGTransport:
+    """Streams a state dict from one rank to others over a process group (see module doc).
+
+    Args:
+        pg: the process group; ranks passed to send/recv are ranks in this group.
+        timeout: bound on every wait (``timedelta`` or seconds).
+        device: where fresh received tensors are put.
+        state_dict: optional callable returning the receiver's state dict; tensors found at
+            the same key path are received in place.
+        integrity: per-message CRC32 checks (default ``DEFAULT_INTEGRITY``).
+        progress: optional ``progress(bytes_done, bytes_total)`` callback.
+        limits: caps on what a sender may announce (see ``metadata.Limits``).
+    """
+
+    def __init__(
+        self,
+        pg: dist.ProcessGroup,
+        timeout: timedelta | float,
+        device: torch.device | str,
+        state_dict: Callable[[], object] | None = None,
+        *,
+        integrity: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        limits: Limits | None = None,
+        bucket_bytes: int = 16 << 20,
+        chunk_bytes: int = 32 << 20,
+        small_bytes: int = 256 << 10,
+    ) -> None:
+        self._pg = pg
+        self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=timeout)
+        self._device = torch.device(device)
+        self._state_dict = state_dict
+        self._integrity = DEFAULT_INTEGRITY if integrity is None else integrity
+        self._progress = progress
+        self._limits = limits or Limits()
+        if bucket_bytes % 16 or chunk_bytes % 16 or not 0 <= small_bytes <= bucket_bytes:
+            raise ValueError("bucket/chunk sizes must be multiples of 16, small <= bucket")
+        self._sizes = (bucket_bytes, chunk_bytes, small_bytes)
+        self.stats: TransferStats | None = None
+
+    def _wire(self) -> Wire:
+        wire_device = _wire_device(self._pg, self._device)
+        return Wire(self._pg, wire_device, self._timeout, self._integrity, self._progress)
+
+    def _send_bytes(self, wire: Wire, raw: bytes, dst: int, tag: int) -> tuple[Any, torch.Tensor]:
+        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(wire.device)
+        wire.wire_bytes += len(raw)
+        return wire.pg.send([t], dst, tag), t
+
+    def send_checkpoint(
+        self, dst_ranks: Sequence[int], state_dict: object, *, step: int | None = None
+    ) -> None:
+        """Send ``state_dict`` to every rank in ``dst_ranks``; ``step`` is checked there."""
+        wire = self._wire()
+        described = describe_state(state_dict, self._limits.max_depth)
+        specs = [
+            TensorSpec(p.dtype, tuple(p.shape), p.numel() * p.element_size())
+            for p in described.payloads
+        ]
+        bucket, chunk, small = self._sizes
+        try:
+            raw = encode_metadata(described.tree, specs, bucket=bucket, chunk=chunk, small=small)
+        except (ValueError, TypeError) as exc:
+            raise MetadataError(f"state cannot be encoded: {exc}", stage="encode") from None
+        header = pack_header(Header(step, self._integrity, len(raw), metadata_crc(raw)))
+        keep, acks = [], []
+        for dst in dst_ranks:
+            keep.append((*self._send_bytes(wire, header, dst, _TAG_HEADER), dst, "header"))
+            keep.append((*self._send_bytes(wire, raw, dst, _TAG_META), dst, "metadata"))
+            ack = torch.zeros(3, dtype=torch.int64, device=wire.device)
+            acks.append((wire.pg.recv([ack], dst, _TAG_ACK), ack, dst))
+        for work, _, dst, stage in keep:
+            wait_work(work, wire, dst, stage)
+        for work, ack, dst in acks:
+            wait_work(work, wire, dst, "acknowledgement")
+            self._check_ack(ack.tolist(), dst, step)
+        plan = plan_messages([s.nbytes for s in specs], bucket=bucket, chunk=chunk, small=small)
+        wire.total = sum(s.nbytes for s in specs)
+        send_messages(wire, dst_ranks, described.payloads, plan, described.names)
+        self._finish(wire, len(specs), len(plan))
+
+    @staticmethod
+    def _check_ack(ack: list[int], dst: int, step: int | None) -> None:
+        code, has_step, their_step = ack
+        if code == 0:
+            return
+        theirs = their_step if has_step else None
+        cls = next((c for c, n in _ACK_CODES.items() if n == code), TransferError)
+        reason = {
+            StepMismatchError: f"step mismatch: sent step {step}, receiver wants {theirs}",
+            MetadataError: "receiver refused the metadata (its error says why)",
+            IntegrityError: "receiver found the metadata corrupt",
+        }.get(cls, f"receiver refused with code {code}")
+        raise cls(reason, peer=dst, stage="acknowledgement")
+
+    def _finish(self, wire: Wire, tensors: int, messages: int) -> None:
+        seconds = time.perf_counter() - wire.started
+        self.stats = TransferStats(wire.wire_bytes, wire.total, tensors, messages, seconds)
+
+    def _recv_bytes(self, wire: Wire, nbytes: int, src: int, tag: int, stage: str) -> bytes:
+        t = torch.empty(nbytes, dtype=torch.uint8, device=wire.device)
+        wait_work(wire.pg.recv([t], src, tag), wire, src, stage)
+        wire.wire_bytes += nbytes
+        return t.cpu().numpy().tobytes()
+
+    def recv_checkpoint(self, src_rank: int, *, step: int | None = None) -> object:
+        """Receive a state dict from ``src_rank``; with ``step``, refuse any other step."""
+        wire = self._wire()
+        try:
+            raw = self._recv_bytes(wire, HEADER_BYTES, src_rank, _TAG_HEADER, "header")
+            header = unpack_header(raw, self._limits)
+            raw = self._recv_bytes(wire, header.metadata_bytes, src_rank, _TAG_META, "metadata")
+            meta = decode_metadata(raw, header, self._limits)
+            if step is not None and header.step != step:
+                raise StepMismatchError(
+                    f"sender is at step {header.step}, receiver wants step {step}",
+                    stage="step check",
+                )
+            if self._integrity and not header.integrity:
+                raise MetadataError(
+                    "receiver requires integrity checks; sender did not enable them"
+                )
+            dests, result = self._prepare(meta)
+        except (MetadataError, StepMismatchError, IntegrityError) as exc:
+            self._ack(wire, src_rank, _ACK_CODES[type(exc)], step, best_effort=True)
+            raise exc.with_context(peer=src_rank, stage="metadata") from None
+        self._ack(wire, src_rank, 0, step, best_effort=False)
+        wire.integrity = header.integrity
+        wire.total = sum(s.nbytes for s in meta.tensors)
+        plan = plan_messages(
+            [s.nbytes for s in meta.tensors],
+            bucket=meta.bucket_bytes,
+            chunk=meta.chunk_bytes,
+            small=meta.small_bytes,
+        )
+        names = _payload_names(meta)
+        recv_messages(wire, src_rank, meta.tensors, dests, plan, names)
+        self._finish(wire, len(meta.tensors), len(plan))
+        return result
+
+    def _ack(self, wire: Wire, src: int, code: int, step: int | None, *, best_effort: bool) -> None:
+        ack = torch.tensor([code, step is not None, step or 0], dtype=torch.int64)
+        try:
+            wait_work(
+                wire.pg.send([ack.to(wire.device)], src, _TAG_ACK), wire, src, "acknowledgement"
+            )
+        except TransferError:
+            if not best_effort:
+                raise
+
+    def _prepare(self, meta: Metadata) -> tuple[list[torch.Tensor], object]:
+        """Choose a destination per payload and build the result around them, before data."""
+        targets = index_targets(self._state_dict()) if self._state_dict else {}
+        dests: list[torch.Tensor | None] = [None] * len(meta.tensors)
+
+        def fresh(i: int) -> torch.Tensor:
+            spec = meta.tensors[i]
+            dests[i] = torch.empty(spec.shape, dtype=spec.dtype, device=self._device)
+            return dests[i]
+
+        def inplace(i: int, target: torch.Tensor, where: str) -> None:
+            spec = meta.tensors[i]
+            if target.dtype != spec.dtype or tuple(target.shape) != spec.shape:
+                raise MetadataError(
+                    f"sender announces {spec.dtype} {list(spec.shape)}, in-place target is "
+                    f"{target.dtype} {list(target.shape)}",
+                    key_path=where,
+                )
+            dests[i] = target
+
+        def build(path: tuple[Any, ...], leaf: TensorLeaf) -> object:
+            where = keystr(path)
+            target = targets.get(path)
+            usable = isinstance(target, torch.Tensor) and target.device.type == self._device.type
+            want = {"T": (torch.Tensor, torch.nn.Parameter), "D": (DTensor,), "S": (ShardedTensor,)}
+            if usable and type(target) not in want[leaf.kind]:
+                raise MetadataError(
+                    f"sender has a {leaf.kind} leaf, in-place target is {type(target).__name__}",
+                    key_path=where,
+                )
+            if leaf.kind == "T":
+                if usable:
+                    inplace(leaf.indices[0], target, where)
+                    return target
+                t = fresh(leaf.indices[0])
+                return torch.nn.Parameter(t, requires_grad=leaf.extra == 2) if leaf.extra else t
+            if leaf.kind == "D":
+                if usable:
+                    if list(target.shape) != leaf.extra.get("shape"):
+                        raise MetadataError("DTensor global shape differs", key_path=where)
+                    inplace(leaf.indices[0], target._local_tensor, where)
+                    return target
+                return rebuild_dtensor(fresh(leaf.indices[0]), leaf.extra, where)
+            if usable:
+                shards = target.local_shards()
+                if len(shards) != len(leaf.indices):
+                    raise MetadataError("ShardedTensor local shard count differs", key_path=where)
+                for i, shard in zip(leaf.indices, shards, strict=True):
+                    inplace(i, shard.tensor, where)
+                return target
+            return rebuild_sharded([fresh(i) for i in leaf.indices], leaf.extra, where)
+
+        result = map_leaves(meta.tree, build)
+        return dests, result  # type: ignore[return-value]
+
+
+def _payload_names(meta: Metadata) -> list[str]:
+    names = [""] * len(meta.tensors)
+
+    def name(path: tuple[Any, ...], leaf: TensorLeaf) -> None:
+        for j, i in enumerate(leaf.indices):
+            names[i] = keystr(path) + (f"<shard {j}>" if leaf.kind == "S" else "")
+
+    map_leaves(meta.tree, name)
+    return names
