@@ -1,0 +1,269 @@
+"""In-band agreement: from what every pod published, the resume step and every rank's role.
+
+Pure, torch-free, no I/O, deterministic: every worker of the round computes it from the
+same published inputs and so reaches the same answer without a further collective.
+
+Inputs: per pod, the snapshots it holds (rank, step, shard key, bytes) and its plan, if one
+came; per rank, the shard key of its live (freshly built) state and the step of the last
+durable checkpoint the script names; the round's directive from rank 0's agent.
+
+Rules:
+
+1. A directive to load the checkpoint (a transfer failed last round) wins: fall back.
+2. Candidate steps are the steps any snapshot holds, never older than the newest
+   ``checkpoint_step`` any rank names; tried newest first.
+3. At a step, a rank restores locally when it holds a snapshot of that step whose shard key
+   equals its live shard key. Otherwise it receives from a *holder*: another rank that
+   restores locally a snapshot of that step with exactly its shard key (and then sends its
+   restored state). Keys are compared here, before any byte moves; a mismatch is never
+   restored.
+4. The step is the newest at which every rank is local or has a holder.
+5. Sources: the pod's plan when it names a pod whose rank at the same local position is a
+   holder (``plannedBy`` as the plan says); otherwise the planner
+   (:func:`peer_recovery.planning.plan_sources`) runs in-band on the pods' records
+   (``plannedBy: runtime``); a planned source that does not hold the key is replaced by the
+   least-loaded holder, lowest rank first.
+6. No step qualifies: every rank falls back to the checkpoint, with the reason.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from peer_recovery.api import Mode, PlannedBy
+from peer_recovery.plan_sources import PlanEntry
+from peer_recovery.planning import PodRecord, plan_sources
+
+__all__ = [
+    "Action",
+    "Agreement",
+    "Holding",
+    "PodReport",
+    "RankReport",
+    "Role",
+    "agree",
+]
+
+
+@dataclass(frozen=True)
+class Holding:
+    """One snapshot a pod holds: whose rank's state, at which step, under which shard key."""
+
+    rank: int
+    step: int
+    shard_key: str
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class PodReport:
+    """What one pod's agent published this round."""
+
+    ordinal: int
+    holdings: tuple[Holding, ...] = ()
+    plan: PlanEntry | None = None
+    host: str | None = None
+
+
+@dataclass(frozen=True)
+class RankReport:
+    """What one worker published: the shard key of its live state, its checkpoint step."""
+
+    rank: int
+    shard_key: str
+    checkpoint_step: int | None = None
+
+
+class Action(str, enum.Enum):
+    LOCAL = "local"
+    PEER = "peer"
+
+
+@dataclass(frozen=True)
+class Role:
+    """What one rank does: restore locally or receive from ``source``; then send to ``send_to``."""
+
+    rank: int
+    action: Action
+    source: int | None = None
+    send_to: tuple[int, ...] = ()
+    planned_by: PlannedBy | None = None
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """The round's decision. ``step`` is None when every rank must load the checkpoint."""
+
+    step: int | None
+    roles: Mapping[int, Role] = field(default_factory=dict)
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.step is not None
+
+    @property
+    def movers(self) -> tuple[int, ...]:
+        """Ranks that send or receive (the members of the recovery process group)."""
+        return tuple(
+            sorted(
+                r for r, role in self.roles.items() if role.action is Action.PEER or role.send_to
+            )
+        )
+
+
+def _fallback(reason: str) -> Agreement:
+    return Agreement(step=None, roles={}, reason=reason)
+
+
+def agree(
+    *,
+    nnodes: int,
+    world_size: int,
+    pods: Sequence[PodReport],
+    ranks: Sequence[RankReport],
+    load_checkpoint: str | None = None,
+    pods_per_replica: int | None = None,
+) -> Agreement:
+    """Decide the round (module docstring, rules 1-6). Raises ValueError on malformed input."""
+    if nnodes < 1 or world_size < nnodes or world_size % nnodes:
+        raise ValueError(f"world size {world_size} is not a multiple of {nnodes} nodes")
+    per_pod = world_size // nnodes
+    if load_checkpoint:
+        return _fallback(f"loading the checkpoint: {load_checkpoint}")
+    live = {r.rank: r for r in ranks}
+    if sorted(live) != list(range(world_size)):
+        missing = sorted(set(range(world_size)) - set(live))
+        raise ValueError(f"no report from ranks {missing}")
+    by_pod = {p.ordinal: p for p in pods}
+    if sorted(by_pod) != list(range(nnodes)):
+        missing = sorted(set(range(nnodes)) - set(by_pod))
+        raise ValueError(f"no report from pods {missing}")
+    floors = [r.checkpoint_step for r in ranks if r.checkpoint_step is not None]
+    floor = max(floors) if floors else None
+    # A pod's snapshots count only for its own ranks (pinned: pod o runs o*per_pod...).
+    holdings = [h for p in pods for h in p.holdings if h.rank // per_pod == p.ordinal]
+    steps = sorted({h.step for h in holdings if floor is None or h.step >= floor}, reverse=True)
+    if not steps:
+        newer = f" at or after checkpoint step {floor}" if floor is not None else ""
+        return _fallback(f"no pod holds a snapshot{newer}; every rank loads the checkpoint")
+    first_failure = ""
+    for step in steps:
+        holders: dict[str, list[int]] = {}
+        for h in holdings:
+            if h.step == step:
+                holders.setdefault(h.shard_key, []).append(h.rank)
+        local = {r for r in live if r in holders.get(live[r].shard_key, ())}
+        orphans = [
+            r for r in sorted(live) if r not in local and not _peers(r, live, holders, local)
+        ]
+        if orphans:
+            first_failure = first_failure or _orphan_reason(step, orphans, live, holders, floor)
+            continue
+        return _assign(step, live, local, holders, by_pod, per_pod, pods_per_replica)
+    return _fallback(f"{first_failure}; every rank loads the checkpoint")
+
+
+def _peers(
+    rank: int, live: Mapping[int, RankReport], holders: Mapping[str, list[int]], local: set[int]
+) -> list[int]:
+    """Ranks that can send ``rank`` its state: they hold its key and restore it locally."""
+    return sorted(h for h in holders.get(live[rank].shard_key, ()) if h != rank and h in local)
+
+
+def _orphan_reason(
+    step: int,
+    orphans: list[int],
+    live: Mapping[int, RankReport],
+    holders: Mapping[str, list[int]],
+    floor: int | None,
+) -> str:
+    rank = orphans[0]
+    others = sorted({k for k in holders if k != live[rank].shard_key})
+    mismatch = f" (snapshots of step {step} carry other shard keys: {others[:3]})" if others else ""
+    floor_text = f" (not older than checkpoint step {floor})" if floor is not None else ""
+    return (
+        f"no snapshot of step {step}{floor_text} holds shard key {live[rank].shard_key!r} of "
+        f"rank(s) {orphans}: every holder of that shard is lost{mismatch}"
+    )
+
+
+def _assign(
+    step: int,
+    live: Mapping[int, RankReport],
+    local: set[int],
+    holders: Mapping[str, list[int]],
+    by_pod: Mapping[int, PodReport],
+    per_pod: int,
+    pods_per_replica: int | None,
+) -> Agreement:
+    receivers = sorted(set(live) - local)
+    sources: dict[int, int] = {}
+    planned_by: dict[int, PlannedBy] = {}
+    load: Counter[int] = Counter()
+
+    def holds(candidate: int, rank: int) -> bool:
+        return candidate in _peers(rank, live, holders, local)
+
+    # Rule 5, first: plans that came from the plan source.
+    unplanned: list[int] = []
+    for rank in receivers:
+        plan = by_pod[rank // per_pod].plan
+        if plan is not None and plan.mode is Mode.PEER and plan.source is not None:
+            candidate = plan.source * per_pod + rank % per_pod
+            if holds(candidate, rank):
+                sources[rank], planned_by[rank] = candidate, plan.planned_by
+                load[candidate] += 1
+                continue
+        unplanned.append(rank)
+    # Then the planner, in-band, on pod records derived from this step's holdings.
+    if unplanned:
+        targets = sorted({r // per_pod for r in unplanned})
+        records = [
+            PodRecord(
+                ordinal=o,
+                ready=all(r in local for r in range(o * per_pod, (o + 1) * per_pod)),
+                rejoining=o in targets,
+                node=by_pod[o].host,
+                name=f"pod {o}",
+            )
+            for o in sorted(by_pod)
+        ]
+        busy = [s // per_pod for s in sources.values()]
+        try:
+            chosen = {
+                a.target: a.source
+                for a in plan_sources(
+                    targets, records, pods_per_replica=pods_per_replica, busy_sources=busy
+                )
+            }
+        except ValueError:
+            chosen = {}
+        for rank in unplanned:
+            pod_source = chosen.get(rank // per_pod)
+            candidate = None if pod_source is None else pod_source * per_pod + rank % per_pod
+            if candidate is None or not holds(candidate, rank):
+                candidate = min(_peers(rank, live, holders, local), key=lambda h: (load[h], h))
+            sources[rank], planned_by[rank] = candidate, PlannedBy.RUNTIME
+            load[candidate] += 1
+    send_to: dict[int, list[int]] = {}
+    for rank, source in sources.items():
+        send_to.setdefault(source, []).append(rank)
+    roles = {
+        r: Role(
+            rank=r,
+            action=Action.LOCAL if r in local else Action.PEER,
+            source=sources.get(r),
+            send_to=tuple(sorted(send_to.get(r, ()))),
+            planned_by=planned_by.get(r),
+        )
+        for r in sorted(live)
+    }
+    moves = ", ".join(f"{s}->{r} ({planned_by[r].value})" for r, s in sorted(sources.items()))
+    reason = f"resume at step {step}: {len(local)} rank(s) restore locally" + (
+        f"; peer transfers {moves}" if moves else ""
+    )
+    return Agreement(step=step, roles=roles, reason=reason)
