@@ -16,6 +16,14 @@ __version__ = "0.1.0"
 # Public name -> module that defines it. Modules are imported on first access only.
 _LAZY_ATTRIBUTES: dict[str, str] = {
     "PGTransport": "peer_recovery.transport",
+    # The contract shared with the operator (torch-free).
+    "Assignment": "peer_recovery.planning",
+    "Phase": "peer_recovery.api",
+    "PodRecord": "peer_recovery.planning",
+    "build_peer_recovery": "peer_recovery.bodies",
+    "check_transition": "peer_recovery.api",
+    "parse_job_annotations": "peer_recovery.job_annotations",
+    "plan_sources": "peer_recovery.planning",
 }
 
 __all__ = ["__version__", *sorted(_LAZY_ATTRIBUTES)]
