@@ -1,0 +1,310 @@
+"""The engine end to end over the in-memory API: detection, planning, records, lifecycle.
+
+Real kopf and a real API server are exercised in test_operator_cluster.py; here the seam at
+:mod:`peer_recovery_operator.kube` is replaced by ``FakeApi`` so every rule can be driven
+with fake time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from peer_recovery import api
+from peer_recovery_operator.config import OperatorConfig
+from peer_recovery_operator.engine import Engine
+from tests.operator.fakes import T0, FakeApi, job_body, job_pod_bodies, pod_body
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0 + timedelta(seconds=30)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def make(**config: Any) -> tuple[Engine, FakeApi, Clock]:
+    fake, clock = FakeApi(), Clock()
+    settings = {"namespaces": ("ns",), "catch_up_grace": 10.0, **config}
+    return Engine(fake, OperatorConfig(**settings), clock=clock), fake, clock
+
+
+async def settle(engine: Engine) -> None:
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if not engine._running and not engine._work:
+            return
+    raise AssertionError("engine did not settle")
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+def feed_back(engine: Engine, fake: FakeApi) -> None:
+    """Deliver what the PeerRecovery watch would: every stored object's current version."""
+    for body in list(fake.recoveries.values()):
+        engine.recovery_event("MODIFIED", body)
+
+
+def start_job(engine: Engine, *, enabled: bool = True, **job: Any) -> list[dict[str, Any]]:
+    engine.job_event(None, job_body(enabled=enabled, **job))
+    pods = job_pod_bodies(workers=job.get("workers", 3))
+    for pod in pods:
+        engine.pod_event(None, pod)
+    return pods
+
+
+def only(fake: FakeApi) -> dict[str, Any]:
+    assert len(fake.recoveries) == 1, sorted(fake.recoveries)
+    return next(iter(fake.recoveries.values()))
+
+
+def test_replaced_pod_gets_exactly_one_planned_recovery_from_a_same_shard_peer() -> None:
+    async def scenario() -> None:
+        engine, fake, _ = make()
+        start_job(engine, annotations={api.ANNOTATION_PODS_PER_REPLICA: "2"})
+        replacement = pod_body("train", "worker", 0, uid="new", created=40, node="node-1")
+        engine.pod_event("ADDED", replacement)
+        engine.pod_event("MODIFIED", replacement)  # a second event must not plan twice
+        await settle(engine)
+        rec = only(fake)
+        spec, status = rec["spec"], rec["status"]
+        assert spec["target"]["pod"] == "train-worker-0" and spec["target"]["podUID"] == "new"
+        assert spec["target"]["ordinal"] == 1
+        # k=2: ordinal 1 shares shards with ordinal 3 (worker-2) only
+        assert spec["source"]["pod"] == "train-worker-2" and spec["source"]["ordinal"] == 3
+        assert (spec["mode"], spec["reason"], spec["attempt"]) == ("Peer", "PodReplaced", 1)
+        assert spec["plannedBy"] == "operator"
+        assert status["phase"] == "Planned" and status["observedAttempt"] == 1
+        assert rec["metadata"]["ownerReferences"][0]["uid"] == "job-uid-train"
+        assert [e["reason"] for e in fake.events] == ["PeerRecoveryPlanned"]
+        assert fake.events[0]["involved"]["kind"] == "PyTorchJob"
+
+    run(scenario)
+
+
+def test_unannotated_job_yields_nothing_until_annotated_without_restart() -> None:
+    async def scenario() -> None:
+        engine, fake, _ = make()
+        start_job(engine, enabled=False)
+        engine.pod_event("ADDED", pod_body("train", "worker", 1, uid="w1-b", created=40))
+        await settle(engine)
+        assert fake.recoveries == {}
+        engine.job_event("MODIFIED", job_body(enabled=True))
+        engine.pod_event("ADDED", pod_body("train", "worker", 1, uid="w1-c", created=50))
+        await settle(engine)
+        assert only(fake)["spec"]["target"]["podUID"] == "w1-c"
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(("shm", "mode"), [(True, "Local"), (False, "Peer")])
+def test_container_restart_is_detected_in_the_right_mode(shm: bool, mode: str) -> None:
+    async def scenario() -> None:
+        engine, fake, _ = make()
+        engine.job_event(None, job_body())
+        pods = job_pod_bodies(shm_memory=shm)
+        for pod in pods:
+            engine.pod_event(None, pod)
+        engine.pod_event(
+            "MODIFIED", pod_body("train", "worker", 2, restarts=1, shm_memory=shm, node="node-3")
+        )
+        await settle(engine)
+        rec = only(fake)
+        assert (rec["spec"]["reason"], rec["spec"]["mode"]) == ("ContainerRestarted", mode)
+        assert rec["status"]["phase"] == "Planned"
+        assert ("source" in rec["spec"]) == (mode == "Peer")
+        # a second restart of the same pod incarnation is a new record, attempt 2
+        feed_back(engine, fake)
+        engine.pod_event(
+            "MODIFIED", pod_body("train", "worker", 2, restarts=2, shm_memory=shm, node="node-3")
+        )
+        await settle(engine)
+        attempts = sorted(r["spec"]["attempt"] for r in fake.recoveries.values())
+        assert attempts == [1, 2]
+
+    run(scenario)
+
+
+def test_no_qualifying_source_falls_back_with_the_planners_reason() -> None:
+    async def scenario() -> None:
+        engine, fake, _ = make()
+        engine.job_event(None, job_body(workers=1, master=False))
+        engine.pod_event(None, pod_body("train", "worker", 0))
+        engine.pod_event("ADDED", pod_body("train", "worker", 0, uid="new", created=40))
+        await settle(engine)
+        rec = only(fake)
+        assert rec["status"]["phase"] == "FellBack"
+        assert "no source" in rec["status"]["message"]
+        assert [e["reason"] for e in fake.events] == ["PeerRecoveryFellBack"]
+
+    run(scenario)
+
+
+def test_operator_restart_neither_duplicates_nor_misses() -> None:
+    async def scenario() -> None:
+        engine, fake, _ = make()
+        start_job(engine)
+        engine.pod_event("ADDED", pod_body("train", "worker", 0, uid="w0-b", created=40))
+        await settle(engine)
+        assert len(fake.recoveries) == 1
+        # the operator restarts; meanwhile worker-1 is replaced
+        fake.pods = {
+            (p["metadata"]["namespace"], p["metadata"]["name"]): p for p in job_pod_bodies()
+        }
+        for key, uid in ((("ns", "train-worker-0"), "w0-b"), (("ns", "train-worker-1"), "w1-b")):
+            fake.pods[key] = pod_body("train", "worker", int(key[1][-1]), uid=uid, created=60)
+        fresh, _ = Engine(fake, engine.config, clock=engine._clock), None
+        for pod in fake.pods.values():  # pods listed before the job: parked, then checked
+            fresh.pod_event(None, pod)
+        fresh.job_event(None, job_body())
+        await settle(fresh)
+        targets = sorted(r["spec"]["target"]["podUID"] for r in fake.recoveries.values())
+        assert targets == ["w0-b", "w1-b"]
+
+    run(scenario)
+
+
+def test_pods_created_together_are_never_caught_up() -> None:
+    async def scenario() -> None:
+        engine, fake, _ = make()
+        fake.pods = {("ns", p["metadata"]["name"]): p for p in job_pod_bodies(created=500)}
+        engine.job_event(None, job_body(created=0))
+        for pod in fake.pods.values():
+            engine.pod_event(None, pod)
+        await settle(engine)
+        assert fake.recoveries == {}
+        assert "list_job_pods" in fake.calls  # late vs the job: verified, then refused
+
+    run(scenario)
+
+
+def test_source_pod_deleted_replans_with_another_source_then_fails_at_the_limit() -> None:
+    async def scenario() -> None:
+        engine, fake, clock = make(max_attempts=2)
+        start_job(engine)
+        engine.pod_event(
+            "ADDED", pod_body("train", "worker", 0, uid="new", created=40, node="node-1")
+        )
+        await settle(engine)
+        feed_back(engine, fake)
+        first = only(fake)
+        source = first["spec"]["source"]
+        gone = pod_body(
+            "train", source["replicaType"], source["replicaIndex"], uid=source["podUID"]
+        )
+        engine.pod_event("DELETED", gone)
+        engine.sweep()
+        await settle(engine)
+        feed_back(engine, fake)
+        phases = fake.by_phase()
+        assert len(phases["Failed"]) == 1 and len(phases["Planned"]) == 1
+        second = fake.recoveries[("ns", phases["Planned"][0])]
+        assert second["spec"]["attempt"] == 2
+        assert second["spec"]["source"]["podUID"] != source["podUID"]
+        assert "re-planning" in fake.recoveries[("ns", phases["Failed"][0])]["status"]["message"]
+        # attempt 2 stalls past the deadline: the limit (2) is reached, so it fails
+        clock.now += timedelta(seconds=engine.config.plan_deadline + 1)
+        engine.sweep()
+        await settle(engine)
+        assert fake.recoveries[("ns", phases["Planned"][0])]["status"]["phase"] == "Failed"
+        assert (
+            "gave up after 2" in fake.recoveries[("ns", phases["Planned"][0])]["status"]["message"]
+        )
+
+    run(scenario)
+
+
+def test_target_replaced_again_supersedes_its_older_recovery() -> None:
+    async def scenario() -> None:
+        engine, fake, _ = make()
+        start_job(engine)
+        engine.pod_event("ADDED", pod_body("train", "worker", 0, uid="b", created=40))
+        await settle(engine)
+        feed_back(engine, fake)
+        engine.pod_event("ADDED", pod_body("train", "worker", 0, uid="c", created=50))
+        await settle(engine)
+        by_uid = {r["spec"]["target"]["podUID"]: r["status"] for r in fake.recoveries.values()}
+        assert by_uid["b"]["phase"] == "Failed" and "superseded" in by_uid["b"]["message"]
+        assert by_uid["c"]["phase"] == "Planned"
+
+    run(scenario)
+
+
+def test_runtime_terminal_phase_posts_an_event_and_is_left_alone() -> None:
+    async def scenario() -> None:
+        engine, fake, clock = make()
+        start_job(engine)
+        engine.pod_event("ADDED", pod_body("train", "worker", 0, uid="b", created=40))
+        await settle(engine)
+        feed_back(engine, fake)
+        name = next(iter(fake.recoveries))[1]
+        engine.recovery_event("MODIFIED", fake.runtime_sets_phase("ns", name, "Succeeded"))
+        clock.now += timedelta(hours=1)
+        engine.sweep()
+        await settle(engine)
+        await asyncio.sleep(0.1)
+        assert fake.by_phase() == {"Succeeded": [name]}
+        assert [e["reason"] for e in fake.events] == [
+            "PeerRecoveryPlanned",
+            "PeerRecoverySucceeded",
+        ]
+
+    run(scenario)
+
+
+def test_malformed_input_is_reported_once_and_never_raises() -> None:
+    async def scenario() -> None:
+        engine, fake, _ = make()
+        engine.job_event(None, job_body(annotations={api.ANNOTATION_PODS_PER_REPLICA: "two"}))
+        engine.job_event(None, job_body(annotations={api.ANNOTATION_PODS_PER_REPLICA: "two"}))
+        bad_pod = pod_body("train", "worker", 0)
+        del bad_pod["metadata"]["labels"][api.LABEL_REPLICA_INDEX]
+        engine.pod_event(None, bad_pod)
+        engine.job_event(
+            None, {"metadata": {"name": "odd", "namespace": "ns", "uid": "u"}, "spec": {}}
+        )
+        engine.recovery_event(
+            None, {"metadata": {"name": "x", "namespace": "ns"}, "status": {"phase": "Nope"}}
+        )
+        await settle(engine)
+        await asyncio.sleep(0.1)
+        warnings = {
+            k[0][0]: v for k, v in _samples(engine, "peer_recovery_input_warnings_total").items()
+        }
+        assert warnings == {"annotation": 1.0, "pod": 1.0, "job": 1.0, "recovery": 1.0}
+        messages = [e["message"] for e in fake.events if e["reason"] == "PeerRecoveryBadInput"]
+        assert any("pods-per-replica" in m and "'two'" in m for m in messages)
+        assert any("pytorchReplicaSpecs" in m for m in messages)
+        assert fake.recoveries == {}
+
+    run(scenario)
+
+
+def test_missing_job_is_looked_up_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("peer_recovery_operator.engine.UNKNOWN_JOB_CHECK_SECONDS", 0.0)
+
+    async def scenario() -> None:
+        engine, fake, _ = make()
+        engine.pod_event(None, pod_body("ghost", "worker", 0))
+        engine.sweep()
+        await settle(engine)
+        assert fake.calls.count("get_job") == 1
+        assert _samples(engine, "peer_recovery_input_warnings_total") == {(("job",),): 1.0}
+
+    run(scenario)
+
+
+def _samples(engine: Engine, name: str) -> dict[Any, float]:
+    found = {}
+    for metric in engine.metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == name:
+                found[(tuple(sample.labels.values()),)] = sample.value
+    return found
