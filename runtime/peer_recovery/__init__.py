@@ -16,6 +16,9 @@ __version__ = "0.1.0"
 # Public name -> module that defines it. Modules are imported on first access only.
 _LAZY_ATTRIBUTES: dict[str, str] = {
     "PGTransport": "peer_recovery.transport",
+    "PeerRecovery": "peer_recovery.recovery",
+    "RankPlan": "peer_recovery.recovery",
+    "RestoreResult": "peer_recovery.recovery",
     # The contract shared with the operator (torch-free).
     "Assignment": "peer_recovery.planning",
     "Phase": "peer_recovery.api",

@@ -1,0 +1,461 @@
+"""``PeerRecovery``: snapshot the training state every few steps; restore it after a restart.
+
+A training script registers its state (``Stateful`` objects: model, optimizer, scheduler)
+and, apart from it, its rank-private state (data-loader position, RNG), then calls
+``restore(checkpoint_step)`` once at start-up and ``snapshot(step)`` every few steps::
+
+    recovery = PeerRecovery.from_env({"model": model, "optim": opt, "sched": sched},
+                                     private={"rng": rng_state})
+    result = recovery.restore(checkpoint_step=last_checkpoint_step)
+    if result is None:
+        ...load the ordinary checkpoint (or start from scratch)...
+
+Restore is all-or-nothing across ranks: this rank's part is decided by a ``RankPlan``
+(restore locally, receive from a peer, or restore locally and send to peers). Without a
+plan every rank restores locally at the newest step all ranks hold. Then all ranks vote
+(``peer_recovery.vote``); if any rank failed, every rank returns ``None`` and logs why.
+When ``None`` is returned after this rank had loaded a snapshot, the registered objects
+hold that snapshot: the script must load its checkpoint (or re-initialise) before training.
+When nothing was loaded, the objects are left as they were.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import enum
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from peer_recovery.shard_key import ShardKey
+from peer_recovery.snapshots import settings
+from peer_recovery.snapshots.live import LiveState, Stateful, flat_digest
+from peer_recovery.snapshots.manifest import Manifest
+from peer_recovery.snapshots.metrics import SnapshotStats, log_restore, log_snapshot
+from peer_recovery.snapshots.sizing import SizingError
+from peer_recovery.snapshots.store import SlotWrite, SnapshotStore, plan_sections
+from peer_recovery.snapshots.tree import Flat, flatten
+from peer_recovery.vote import Ballot, all_agree, newest_common_step, vote
+
+__all__ = ["PeerRecovery", "RankPlan", "RestoreResult", "Role"]
+
+log = logging.getLogger("peer_recovery.recovery")
+
+DEFAULT_VOTE_TIMEOUT_S = 120.0
+
+
+class Role(str, enum.Enum):
+    LOCAL = "local"  # load this rank's own snapshot
+    RECEIVE = "receive"  # receive the state from a peer holding the same shard
+    SEND = "send"  # load the own snapshot, then stream it to peers
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """This rank's part in a restore, as the agreement step decided it.
+
+    ``step`` is the agreed resume step; ``receive_from`` the global rank streaming to this
+    rank (role RECEIVE); ``send_to`` the ranks this rank streams its stored ``step`` to
+    after loading it (role SEND). Neither set: role LOCAL.
+    """
+
+    step: int
+    receive_from: int | None = None
+    send_to: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.receive_from is not None and self.send_to:
+            raise ValueError("a rank that receives its state cannot also send it")
+
+    @property
+    def role(self) -> Role:
+        if self.receive_from is not None:
+            return Role.RECEIVE
+        return Role.SEND if self.send_to else Role.LOCAL
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What a successful restore did."""
+
+    role: Role
+    step: int
+    source: str  # "local slot N" or "rank R"
+    bytes: int
+    seconds: float
+    private_restored: bool  # rank-private state found and loaded (re-derive it otherwise)
+
+
+class _Failure(Exception):
+    """This rank cannot restore; the message is its ballot's reason."""
+
+
+class PeerRecovery:
+    """Snapshots of registered state in host memory, and the all-or-nothing restore."""
+
+    def __init__(
+        self,
+        state: Mapping[str, Stateful],
+        private: Mapping[str, Stateful] | None = None,
+        *,
+        directory: str | os.PathLike[str] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        position: Mapping[str, int] | None = None,
+        async_snapshot: bool | None = None,
+        vote_timeout_s: float | None = None,
+        pg: dist.ProcessGroup | None = None,
+        store: SnapshotStore | None = None,
+    ) -> None:
+        if not state:
+            raise ValueError("PeerRecovery needs at least one Stateful object to snapshot")
+        root = settings.resolve(directory, settings.ENV_DIR, settings.DEFAULT_ROOT, str)
+        self.rank, self.world_size = rank, world_size
+        self.position = ShardKey.make_position(position)
+        self.store = store or SnapshotStore(Path(root) / f"rank-{rank}", rank=rank)
+        self.async_snapshot = settings.resolve(
+            async_snapshot, settings.ENV_ASYNC, True, settings.parse_bool
+        )
+        self.vote_timeout_s = settings.resolve(
+            vote_timeout_s, settings.ENV_VOTE_TIMEOUT, DEFAULT_VOTE_TIMEOUT_S, float
+        )
+        self.state, self.private = LiveState(state), LiveState(private or {})
+        self.stats = SnapshotStats()
+        self._pg, self._pg_given = pg, pg is not None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: concurrent.futures.Future[None] | None = None
+
+    @classmethod
+    def from_env(
+        cls,
+        state: Mapping[str, Stateful],
+        private: Mapping[str, Stateful] | None = None,
+        **overrides: Any,
+    ) -> PeerRecovery:
+        """Build from what torchrun gives (``RANK``, ``WORLD_SIZE``); arguments win."""
+        overrides.setdefault("rank", int(os.environ.get("RANK", "0")))
+        overrides.setdefault("world_size", int(os.environ.get("WORLD_SIZE", "1")))
+        return cls(state, private, **overrides)
+
+    # -- identity ------------------------------------------------------------------------
+    def shard_key(self, flat: Flat) -> ShardKey:
+        return ShardKey(self.world_size, self.position, flat_digest(flat))
+
+    def template(self) -> Any:
+        """The live replicated state dict, optimizer state created: receive in place into it."""
+        self.state.materialize()
+        return {name: obj.state_dict() for name, obj in self.state.objects.items()}
+
+    def manifests(self) -> list[Manifest]:
+        """This rank's committed snapshots, newest first (cheap: reads the JSON only)."""
+        self.wait()
+        return self.store.scan()[0]
+
+    # -- snapshots -----------------------------------------------------------------------
+    def snapshot(self, step: int) -> float:
+        """Copy the state into the store; return the seconds training was blocked.
+
+        In async mode (the default) only the copy blocks; checksums and the manifest follow
+        in a background thread, and the next snapshot first waits for them.
+        """
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"snapshot step must be an int >= 0, got {step!r}")
+        self.wait()
+        started = time.perf_counter()
+        replicated = self.state.flat()
+        private = self.private.flat() if self.private.objects else None
+        pending = self.store.write_data(step, self.shard_key(replicated), replicated, private)
+        stall = time.perf_counter() - started
+        self.stats.last_step, self.stats.last_stall_seconds = step, stall
+        self.stats.last_bytes = pending.manifest.data_bytes
+        self.stats.total_stall_seconds += stall
+        if self.async_snapshot:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(1, "peer-recovery-snapshot")
+            self._pending = self._executor.submit(self._commit, pending, True)
+        else:
+            self._commit(pending, False)
+        return stall
+
+    def _commit(self, pending: SlotWrite, background: bool) -> None:
+        started = time.perf_counter()
+        manifest = self.store.commit(pending)
+        self.stats.last_commit_seconds = time.perf_counter() - started
+        self.stats.snapshots += 1
+        log_snapshot(self.stats, manifest.slot, background)
+
+    def wait(self) -> None:
+        """Wait for a background snapshot to be committed; re-raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self, *, remove: bool = True) -> None:
+        """Finish pending work; on a clean exit remove the snapshot files (``remove``)."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            if remove:
+                self.store.remove_all()
+
+    def __enter__(self) -> PeerRecovery:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        # Keep the snapshots when leaving by an exception: that is when they are needed.
+        self.close(remove=exc_type is None)
+
+    # -- restore -------------------------------------------------------------------------
+    def restore(
+        self,
+        checkpoint_step: int | None = None,
+        *,
+        plan: RankPlan | None = None,
+        transport: Any = None,
+    ) -> RestoreResult | None:
+        """Restore this rank's part, then vote; ``None`` (reason logged) unless all succeed.
+
+        Every rank must call this, with the same ``checkpoint_step``; every rank takes part
+        in the same collectives whatever fails locally, so a failure never turns into a
+        hang. ``plan`` and ``transport`` (a ``peer_recovery.transport.PGTransport``) come
+        from the agreement step of the peer-restore work; without them all ranks restore
+        locally, at the newest step every rank holds intact.
+        """
+        self.wait()
+        started = time.perf_counter()
+        pg = self._vote_group()
+        self._loaded, self._undo = False, None
+        failure: str | None = None
+        sizing_error: SizingError | None = None
+        usable: list[tuple[Manifest, Flat]] = []
+        result: RestoreResult | None = None
+        try:
+            flat, key, fresh_flat, fresh_key = self._live()
+            # Size and preallocate first, so a too-small store fails at start-up on any path.
+            private = self.private.flat() if self.private.objects else None
+            self.store.ensure_capacity(plan_sections(flat, private)[2])
+            if plan is None or plan.role is not Role.RECEIVE:
+                usable = self._usable(flat, key, fresh_flat, fresh_key, checkpoint_step)
+        except SizingError as error:
+            sizing_error, failure = error, str(error)
+        except Exception as error:
+            log.exception("peer-recovery: rank %d could not prepare its restore", self.rank)
+            failure = f"{type(error).__name__}: {error}"
+        try:
+            if plan is None:
+                step, why = self._agree_local(pg, [m for m, _ in usable])
+                failure = failure or why
+                if failure is None and step is not None:
+                    result = self._load_local(step, usable, None, transport)
+            elif failure is None and plan.role is Role.RECEIVE:
+                result = self._receive(plan, transport, checkpoint_step)
+            elif failure is None:
+                result = self._load_local(plan.step, usable, plan, transport)
+        except Exception as error:
+            log.exception("peer-recovery: rank %d failed to restore", self.rank)
+            failure, result = f"{type(error).__name__}: {error}", None
+        ballot = Ballot(False, None, failure) if result is None else Ballot(True, result.step)
+        if result is None and not failure:
+            ballot = Ballot(False, None, "no snapshot restored")
+        outcome = vote(pg, ballot)
+        if not outcome.ok or result is None:
+            if not self._loaded and self._undo is not None:
+                self._undo()  # leave a never-stepped optimizer as it was
+            log.warning("peer-recovery: restore falls back to the checkpoint: %s", outcome.reason)
+            if sizing_error is not None:
+                raise sizing_error
+            return None
+        seconds = time.perf_counter() - started
+        result = dataclasses.replace(result, seconds=seconds)
+        self.stats.restore_seconds, self.stats.restore_bytes = seconds, result.bytes
+        log_restore(result.role.value, result.step, result.source, result.bytes, seconds)
+        return result
+
+    def _vote_group(self) -> dist.ProcessGroup | None:
+        if (
+            self._pg is None
+            and self.world_size > 1
+            and dist.is_available()
+            and dist.is_initialized()
+        ):
+            timeout = timedelta(seconds=self.vote_timeout_s)
+            self._pg = dist.new_group(backend="gloo", timeout=timeout)
+        if self._pg is None and self.world_size > 1:
+            raise RuntimeError(
+                f"world size {self.world_size} needs torch.distributed initialised (or pg=) to vote"
+            )
+        return self._pg
+
+    def _live(self) -> tuple[Flat, ShardKey, Flat | None, ShardKey | None]:
+        """The live state with never-stepped optimizers given state (and, if any, without)."""
+        before = self.state.flat()
+        self._undo = self.state.materialize()
+        self._fresh_flat = before if self._undo is not None else None
+        if self._undo is None:
+            return before, self.shard_key(before), None, None
+        after = self.state.flat()
+        return after, self.shard_key(after), before, self.shard_key(before)
+
+    def _usable(
+        self,
+        flat: Flat,
+        key: ShardKey,
+        fresh_flat: Flat | None,
+        fresh_key: ShardKey | None,
+        checkpoint_step: int | None,
+    ) -> list[tuple[Manifest, Flat]]:
+        """This rank's snapshots that may be restored, each with the live state to load into.
+
+        A snapshot whose shard key matches neither the live state nor (for a never-stepped
+        optimizer) the live state before its state was created is removed: it can never be
+        restored into this job again.
+        """
+        manifests, problems = self.store.scan()
+        self._reasons = list(problems)
+        usable: list[tuple[Manifest, Flat]] = []
+        for manifest in manifests:
+            if manifest.shard_key == key:
+                live = flat
+            elif (
+                fresh_key is not None and fresh_flat is not None and manifest.shard_key == fresh_key
+            ):
+                live = fresh_flat
+            else:
+                why = key.mismatch(manifest.shard_key)
+                self._reasons.append(
+                    f"slot {manifest.slot} (step {manifest.step}) is another shard: {why}"
+                )
+                self.store.remove_slot(manifest.slot)
+                continue
+            if checkpoint_step is not None and manifest.step < checkpoint_step:
+                self._reasons.append(
+                    f"slot {manifest.slot} holds step {manifest.step}, older than the "
+                    f"checkpoint's step {checkpoint_step}"
+                )
+                continue
+            usable.append((manifest, live))
+        for reason in self._reasons:
+            log.warning("peer-recovery: rank %d: %s", self.rank, reason)
+        if not usable and not self._reasons:
+            self._reasons.append(f"no snapshot in {self.store.directory}")
+        return usable
+
+    def _agree_local(
+        self, pg: dist.ProcessGroup | None, manifests: Sequence[Manifest]
+    ) -> tuple[int | None, str | None]:
+        """The newest step all ranks hold whose bytes pass their checksum on every rank.
+
+        A slot failing its checksum is skipped and the ranks agree again (at most twice:
+        there are two slots), so all ranks always take part in the same collectives.
+        """
+        excluded: set[int] = set()
+        problems: list[str] = list(getattr(self, "_reasons", []))
+        for _ in range(2):
+            step = newest_common_step(pg, [m.step for m in manifests if m.step not in excluded])
+            if step is None:
+                break
+            manifest = next((m for m in manifests if m.step == step), None)
+            try:
+                problem = None if manifest is None else self.store.verify(manifest)
+            except OSError as error:
+                problem = f"slot {manifest.slot if manifest else '?'} unreadable: {error}"
+            if problem is not None:
+                excluded.add(step)
+                problems.append(problem)
+                log.warning("peer-recovery: rank %d: %s; skipping it", self.rank, problem)
+            if all_agree(pg, problem is None):
+                return step, None
+        mine = sorted((m.step for m in manifests if m.step not in excluded), reverse=True)
+        problems.append(f"no step held intact by every rank (this rank holds {mine})")
+        return None, "; ".join(problems)
+
+    def _load_local(
+        self, step: int, usable: list[tuple[Manifest, Flat]], plan: RankPlan | None, transport: Any
+    ) -> RestoreResult:
+        found = [(m, f) for m, f in usable if m.step == step]
+        if not found:
+            raise _Failure(
+                f"the plan says step {step}, this rank holds {[m.step for m, _ in usable]}"
+            )
+        manifest, live = found[0]
+        if plan is not None:  # the local agreement verified already
+            problem = self.store.verify(manifest)
+            if problem:
+                raise _Failure(problem)
+        if self._undo is not None and live is self._fresh_flat:
+            self._undo()  # the snapshot predates the optimizer's first step
+            self._undo = None
+        self._loaded = True
+        nbytes = self.state.load(
+            live, manifest.replicated, self.store.tensors(manifest, manifest.replicated)
+        )
+        private_ok = self._load_private(manifest)
+        if plan is not None and plan.send_to:
+            self._send(plan, transport, manifest)
+        role = plan.role if plan is not None else Role.LOCAL
+        return RestoreResult(
+            role, manifest.step, f"local slot {manifest.slot}", nbytes, 0.0, private_ok
+        )
+
+    def _load_private(self, manifest: Manifest) -> bool:
+        """Rank-private state: loaded when stored and still of the same shape, else skipped."""
+        if not self.private.objects:
+            return False
+        if manifest.private is None:
+            log.info(
+                "peer-recovery: rank %d: no rank-private state stored; re-derive it", self.rank
+            )
+            return False
+        live = self.private.flat()
+        if flat_digest(live) != manifest.private.digest():
+            log.warning(
+                "peer-recovery: rank %d: stored rank-private state has another shape; skipped",
+                self.rank,
+            )
+            return False
+        self.private.load(live, manifest.private, self.store.tensors(manifest, manifest.private))
+        return True
+
+    def _send(self, plan: RankPlan, transport: Any, manifest: Manifest) -> None:
+        """Stream the stored state (views on the slot, no copy) to the plan's receivers."""
+        if transport is None:
+            raise _Failure("the plan says send, but no transport was given")
+        state = self.store.read_state_dict(manifest, copy=False)
+        transport.send_checkpoint(list(plan.send_to), state, step=plan.step)
+
+    def _receive(
+        self, plan: RankPlan, transport: Any, checkpoint_step: int | None
+    ) -> RestoreResult:
+        """Receive the state from a peer into the live objects (in place where possible)."""
+        if transport is None:
+            raise _Failure("the plan says receive, but no transport was given")
+        if checkpoint_step is not None and plan.step < checkpoint_step:
+            raise _Failure(
+                f"the plan's step {plan.step} is older than the checkpoint's {checkpoint_step}"
+            )
+        assert plan.receive_from is not None
+        state = transport.recv_checkpoint(plan.receive_from, step=plan.step)
+        self._loaded = True
+        flat = flatten(state)
+        key = self.shard_key(flat)
+        live_key = self.shard_key(self.state.flat())
+        why = live_key.mismatch(key)
+        if why is not None:
+            raise _Failure(f"state received from rank {plan.receive_from} is another shard: {why}")
+        for name, obj in self.state.objects.items():
+            obj.load_state_dict(state[name])
+        nbytes = sum(t.numel() * t.element_size() for t in flat.tensors)
+        return RestoreResult(
+            Role.RECEIVE, plan.step, f"rank {plan.receive_from}", nbytes, 0.0, False
+        )

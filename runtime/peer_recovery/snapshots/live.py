@@ -1,0 +1,100 @@
+"""The live side: reading the registered ``Stateful`` objects and loading into them in place.
+
+Restoring copies stored bytes straight into the tensors the objects' ``state_dict()``
+returns (for a model, its parameters and buffers; for an optimizer, its state), then hands
+each object a state dict rebuilt from the manifest's skeleton around those same tensors, so
+that non-tensor values (step counters, learning rates, scheduler fields) are set too. One
+copy per tensor, into memory that already exists: nothing is aliased to the slot file, so a
+later snapshot can overwrite the slot safely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import torch
+
+from peer_recovery.optim_state import materialize
+from peer_recovery.shard_key import state_digest
+from peer_recovery.snapshots.manifest import Section
+from peer_recovery.snapshots.store import dtype_name
+from peer_recovery.snapshots.tree import Flat, flatten, path_name, unflatten
+
+__all__ = ["LiveState", "Stateful", "flat_digest"]
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state_dict: Any) -> Any: ...
+
+
+def flat_digest(flat: Flat) -> str:
+    """The shard-key digest of a flattened state (same result as ``Section.digest``)."""
+    tensors = (
+        (path_name(p), dtype_name(t.dtype), tuple(t.shape))
+        for p, t in zip(flat.tensor_paths, flat.tensors, strict=True)
+    )
+    return state_digest(tensors, (path_name(p) for p in flat.other_paths))
+
+
+class LiveState:
+    """A named set of ``Stateful`` objects (the replicated state, or the rank-private one)."""
+
+    def __init__(self, objects: Mapping[str, Stateful]) -> None:
+        for name, obj in objects.items():
+            if not (
+                callable(getattr(obj, "state_dict", None))
+                and callable(getattr(obj, "load_state_dict", None))
+            ):
+                raise TypeError(
+                    f"state {name!r} is a {type(obj).__qualname__}, which has no "
+                    "state_dict()/load_state_dict(); wrap it in an object that does"
+                )
+        self.objects = dict(objects)
+
+    def flat(self) -> Flat:
+        return flatten({name: obj.state_dict() for name, obj in self.objects.items()})
+
+    def fresh_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            o for o in self.objects.values() if isinstance(o, torch.optim.Optimizer) and not o.state
+        ]
+
+    def materialize(self) -> Callable[[], None] | None:
+        """Give every never-stepped optimizer its state; return one undo for all, or None."""
+        undos = [u for u in (materialize(o) for o in self.fresh_optimizers()) if u is not None]
+        if not undos:
+            return None
+
+        def undo() -> None:
+            for u in undos:
+                u()
+
+        return undo
+
+    def load(self, flat: Flat, section: Section, stored: list[torch.Tensor]) -> int:
+        """Copy ``stored`` (tensors laid out as ``section``) into the objects; return bytes."""
+        live = {path_name(p): t for p, t in zip(flat.tensor_paths, flat.tensors, strict=True)}
+        targets = []
+        for entry in section.tensors:
+            target = live.get(entry.path)
+            if target is None:
+                raise ValueError(f"stored tensor {entry.path} has no counterpart in the live state")
+            if tuple(target.shape) != entry.shape or dtype_name(target.dtype) != entry.dtype:
+                raise ValueError(
+                    f"stored tensor {entry.path} is {entry.dtype}{list(entry.shape)}, the live one "
+                    f"is {dtype_name(target.dtype)}{list(target.shape)}"
+                )
+            targets.append(target)
+        with torch.no_grad():
+            for source, target in zip(stored, targets, strict=True):
+                target.copy_(source)
+        state = unflatten(section.tree, targets)
+        missing = set(self.objects) - set(state)
+        if missing:
+            raise ValueError(f"the snapshot holds no state for {sorted(missing)}")
+        for name, obj in self.objects.items():
+            obj.load_state_dict(state[name])
+        return section.nbytes

@@ -1,0 +1,51 @@
+"""Runtime figures of snapshots and restores, kept in memory and written as log lines.
+
+The log lines are the stable interface (one line per snapshot and per restore, ``key=value``
+pairs after a fixed prefix); ``SnapshotStats`` is what a script or a metrics exporter reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+__all__ = ["SnapshotStats", "log_restore", "log_snapshot"]
+
+log = logging.getLogger("peer_recovery.snapshots")
+
+
+@dataclass
+class SnapshotStats:
+    """Counters of this process's snapshots and restores."""
+
+    snapshots: int = 0
+    last_step: int | None = None
+    last_bytes: int = 0
+    last_stall_seconds: float = 0.0  # training was blocked this long (the copy)
+    last_commit_seconds: float = 0.0  # checksums and manifest, possibly in the background
+    total_stall_seconds: float = 0.0
+    restore_seconds: float | None = None
+    restore_bytes: int = 0
+
+
+def log_snapshot(stats: SnapshotStats, slot: int, background: bool) -> None:
+    log.info(
+        "peer-recovery snapshot step=%s slot=%d bytes=%d stall_s=%.4f commit_s=%.4f mode=%s",
+        stats.last_step,
+        slot,
+        stats.last_bytes,
+        stats.last_stall_seconds,
+        stats.last_commit_seconds,
+        "async" if background else "sync",
+    )
+
+
+def log_restore(role: str, step: int, source: str, nbytes: int, seconds: float) -> None:
+    log.info(
+        "peer-recovery restore role=%s step=%d source=%s bytes=%d restore_s=%.4f",
+        role,
+        step,
+        source,
+        nbytes,
+        seconds,
+    )

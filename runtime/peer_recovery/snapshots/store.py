@@ -1,0 +1,329 @@
+"""The snapshot store: two preallocated slot files per rank in a memory-backed directory.
+
+Files, per rank, in ``<directory>``: ``slot-0.data``/``slot-1.data`` (tensor bytes, at
+64-byte aligned offsets) and ``slot-0.json``/``slot-1.json`` (the manifests).
+
+Invariants:
+- A slot is a snapshot exactly when its manifest exists and decodes; the manifest is written
+  last (temp file, fsync, rename, fsync of the directory), and a slot's manifest is removed
+  *before* its data is overwritten. A crash at any point therefore leaves the other slot,
+  and its manifest, untouched and restorable.
+- A write always goes to the slot that does not hold the newest snapshot, so at most two
+  copies of the state exist (memory bounded at two copies) and one of them is always whole.
+- Slot files are preallocated with ``posix_fallocate`` after a sizing check, so a too-small
+  ``/dev/shm`` fails at start-up with a clear message, never with SIGBUS mid-training.
+- Data is mapped (``MAP_SHARED``) and copied with torch, so a snapshot costs one copy from
+  the training tensors into the page cache of the memory filesystem, and restoring costs one
+  copy back, with no serialisation on either side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peer_recovery.shard_key import ShardKey
+from peer_recovery.snapshots import sizing
+from peer_recovery.snapshots.manifest import Manifest, ManifestError, Section, TensorEntry
+from peer_recovery.snapshots.tree import Flat, path_name, unflatten
+
+__all__ = ["SlotWrite", "SnapshotStore", "dtype_from_name", "dtype_name", "plan_sections"]
+
+log = logging.getLogger("peer_recovery.snapshots")
+
+_ALIGN = 64
+_ROUND = 1 << 20  # slot files grow in whole MiB
+CHUNK_BYTES = 64 << 20  # one CRC-32 per 64 MiB of data
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ManifestError(f"manifest: unknown dtype {name!r}")
+    return dtype
+
+
+def _align(n: int, to: int = _ALIGN) -> int:
+    return -(-n // to) * to
+
+
+def plan_sections(replicated: Flat, private: Flat | None) -> tuple[Section, Section | None, int]:
+    """Lay the tensors out, replicated first: pure, returns the sections and the data size."""
+    offset = 0
+
+    def section(flat: Flat) -> Section:
+        nonlocal offset
+        entries = []
+        for tensor, path in zip(flat.tensors, flat.tensor_paths, strict=True):
+            nbytes = tensor.numel() * tensor.element_size()
+            entries.append(
+                TensorEntry(
+                    path_name(path), dtype_name(tensor.dtype), tuple(tensor.shape), offset, nbytes
+                )
+            )
+            offset = _align(offset + nbytes)
+        others = tuple(path_name(p) for p in flat.other_paths)
+        return Section(flat.tree, tuple(entries), others)
+
+    rep = section(replicated)
+    priv = None if private is None else section(private)
+    return rep, priv, offset
+
+
+@dataclass
+class SlotWrite:
+    """A snapshot whose bytes are in its slot but whose manifest is not yet committed."""
+
+    manifest: Manifest  # checksums still empty
+    copy_seconds: float
+
+
+class SnapshotStore:
+    """One rank's two slots (see the module docstring)."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        rank: int,
+        probe: Callable[[Path, int, int], sizing.Sizing] = sizing.probe,
+    ) -> None:
+        self.directory = Path(directory)
+        self.rank = rank
+        self._probe = probe  # injectable so tests can state a filesystem's free space
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as error:
+            raise sizing.SizingError(
+                f"snapshot store {self.directory}: cannot create it: {error}"
+            ) from None
+        self._maps: dict[int, torch.Tensor] = {}
+        self._newest_slot: int | None = None
+        self._scanned = False
+        self.sizing_line: str | None = None
+
+    # -- files ---------------------------------------------------------------------------
+    def data_path(self, slot: int) -> Path:
+        return self.directory / f"slot-{slot}.data"
+
+    def manifest_path(self, slot: int) -> Path:
+        return self.directory / f"slot-{slot}.json"
+
+    def capacity(self, slot: int) -> int:
+        try:
+            return self.data_path(slot).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _map(self, slot: int) -> torch.Tensor:
+        mapped = self._maps.get(slot)
+        size = self.capacity(slot)
+        if mapped is None or mapped.numel() != size:
+            mapped = torch.from_file(
+                str(self.data_path(slot)), shared=True, size=size, dtype=torch.uint8
+            )
+            self._maps[slot] = mapped
+        return mapped
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def remove_slot(self, slot: int) -> None:
+        """Forget a slot: manifest first (so a half-removed slot is never a snapshot)."""
+        self._maps.pop(slot, None)
+        for path in (self.manifest_path(slot), self.data_path(slot)):
+            path.unlink(missing_ok=True)
+        if self._newest_slot == slot:
+            self._newest_slot = None
+
+    def remove_all(self) -> None:
+        for slot in (0, 1):
+            self.remove_slot(slot)
+        for leftover in self.directory.glob("*.tmp"):
+            leftover.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.directory.rmdir()
+
+    # -- manifests -----------------------------------------------------------------------
+    def read_manifest(self, slot: int) -> Manifest | None:
+        """The slot's manifest, ``None`` if it has none; raises ``ManifestError`` if damaged."""
+        try:
+            raw = self.manifest_path(slot).read_bytes()
+        except FileNotFoundError:
+            return None
+        manifest = Manifest.decode(raw)
+        if manifest.slot != slot:
+            raise ManifestError(f"manifest: says slot {manifest.slot} but is slot {slot}'s")
+        if manifest.data_bytes > self.capacity(slot):
+            raise ManifestError(
+                f"manifest: needs {manifest.data_bytes} bytes, slot file has {self.capacity(slot)}"
+            )
+        return manifest
+
+    def scan(self) -> tuple[list[Manifest], list[str]]:
+        """Every readable manifest, newest step first, and why the others were skipped."""
+        found: list[Manifest] = []
+        problems: list[str] = []
+        for slot in (0, 1):
+            try:
+                manifest = self.read_manifest(slot)
+            except (ManifestError, OSError) as error:
+                problems.append(f"slot {slot} skipped: {error}")
+                continue
+            if manifest is not None:
+                found.append(manifest)
+        found.sort(key=lambda m: m.step, reverse=True)
+        self._newest_slot = found[0].slot if found else None
+        self._scanned = True
+        return found, problems
+
+    # -- capacity ------------------------------------------------------------------------
+    def ensure_capacity(self, data_bytes: int) -> None:
+        """Preallocate both slots for ``data_bytes`` after the sizing check; clear errors."""
+        per_slot = max(_ROUND, _align(data_bytes, _ROUND))
+        short = [slot for slot in (0, 1) if self.capacity(slot) < per_slot]
+        if not short:
+            return
+        allocated = sum(self.capacity(slot) for slot in (0, 1))
+        decision_input = self._probe(self.directory, 2 * per_slot, allocated)
+        ok, line = sizing.decide(decision_input, str(self.directory))
+        self.sizing_line = line
+        if not ok:
+            log.error("peer-recovery: %s", line)
+            raise sizing.SizingError(line)
+        log.info("peer-recovery: %s", line)
+        for slot in short:
+            self._maps.pop(slot, None)
+            fd = os.open(self.data_path(slot), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, per_slot)
+            except OSError as error:
+                if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                    os.ftruncate(fd, 0)  # give back what was reserved before failing
+                    raise sizing.SizingError(
+                        f"{line}: preallocating {sizing.format_bytes(per_slot)} for slot {slot} "
+                        f"failed: {os.strerror(error.errno)}"
+                    ) from None
+                raise
+            finally:
+                os.close(fd)
+
+    # -- writing -------------------------------------------------------------------------
+    def write_data(
+        self,
+        step: int,
+        shard_key: ShardKey,
+        replicated: Flat,
+        private: Flat | None,
+    ) -> SlotWrite:
+        """Copy the tensors into the older slot (the training-blocking part of a snapshot)."""
+        rep, priv, data_bytes = plan_sections(replicated, private)
+        self.ensure_capacity(data_bytes)
+        if not self._scanned:
+            self.scan()  # never overwrite a newest snapshot left by an earlier process
+        slot = 1 if self._newest_slot == 0 else 0
+        self.manifest_path(slot).unlink(missing_ok=True)  # the slot stops being a snapshot
+        self._fsync_dir()
+        started = time.perf_counter()
+        buf = self._map(slot)
+        tensors = [*replicated.tensors, *(private.tensors if private else ())]
+        entries = [*rep.tensors, *(priv.tensors if priv else ())]
+        for tensor, entry in zip(tensors, entries, strict=True):
+            _copy_into(buf, entry, tensor)
+        if any(t.is_cuda for t in tensors):
+            torch.cuda.synchronize()
+        manifest = Manifest(
+            step=step,
+            slot=slot,
+            rank=self.rank,
+            shard_key=shard_key,
+            replicated=rep,
+            private=priv,
+            data_bytes=data_bytes,
+            chunk_bytes=CHUNK_BYTES,
+            checksums=(),
+            created_unix=time.time(),
+        )
+        return SlotWrite(manifest, time.perf_counter() - started)
+
+    def commit(self, pending: SlotWrite) -> Manifest:
+        """Checksum the slot and write its manifest atomically (may run in the background)."""
+        draft = pending.manifest
+        sums = tuple(self._checksums(draft.slot, draft.data_bytes, draft.chunk_bytes))
+        manifest = Manifest(**{**draft.__dict__, "checksums": sums})
+        manifest.validate()
+        final = self.manifest_path(manifest.slot)
+        temp = final.with_name(final.name + ".tmp")
+        with open(temp, "wb") as handle:
+            handle.write(manifest.encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, final)
+        self._fsync_dir()
+        self._newest_slot = manifest.slot
+        return manifest
+
+    # -- reading -------------------------------------------------------------------------
+    def _checksums(self, slot: int, data_bytes: int, chunk: int) -> list[int]:
+        view = memoryview(self._map(slot).numpy())
+        return [
+            zlib.crc32(view[start : min(start + chunk, data_bytes)])
+            for start in range(0, data_bytes, chunk)
+        ]
+
+    def verify(self, manifest: Manifest) -> str | None:
+        """``None`` when the slot's bytes match the manifest's checksums, else why not."""
+        if self.capacity(manifest.slot) < manifest.data_bytes:
+            return f"slot {manifest.slot} file is shorter than its manifest says"
+        actual = self._checksums(manifest.slot, manifest.data_bytes, manifest.chunk_bytes)
+        bad = [i for i, (a, b) in enumerate(zip(actual, manifest.checksums, strict=True)) if a != b]
+        if bad:
+            return (
+                f"slot {manifest.slot} (step {manifest.step}) failed its checksum in "
+                f"{len(bad)} of {len(actual)} chunks (first bad chunk at byte {bad[0] * manifest.chunk_bytes})"
+            )
+        return None
+
+    def tensors(self, manifest: Manifest, section: Section) -> list[torch.Tensor]:
+        """Views of a section's tensors on the mapped slot: valid while the slot is unchanged."""
+        buf = self._map(manifest.slot)
+        return [_view(buf, entry) for entry in section.tensors]
+
+    def read_state_dict(self, manifest: Manifest, *, copy: bool = True) -> Any:
+        """The replicated state as stored, as CPU tensors (copies unless ``copy=False``)."""
+        views = self.tensors(manifest, manifest.replicated)
+        return unflatten(manifest.replicated.tree, [v.clone() for v in views] if copy else views)
+
+
+def _view(buf: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    raw = buf[entry.offset : entry.offset + entry.nbytes]
+    return raw.view(dtype_from_name(entry.dtype)).view(entry.shape)
+
+
+def _copy_into(buf: torch.Tensor, entry: TensorEntry, tensor: torch.Tensor) -> None:
+    """Copy one tensor into its place in the slot (device-to-host when it is on a GPU)."""
+    _view(buf, entry).copy_(tensor, non_blocking=False)
+
+
+def copy_out(views: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> None:
+    """Copy stored tensors into live ones, in place (host-to-device when on a GPU)."""
+    for view, target in zip(views, targets, strict=True):
+        target.copy_(view)

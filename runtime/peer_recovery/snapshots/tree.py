@@ -1,0 +1,171 @@
+"""Flattening a state into tensors plus a JSON skeleton, and back; no pickle anywhere.
+
+A ``state_dict()`` is a tree of dicts, lists and tuples whose leaves are tensors and small
+Python values (step counters, learning rates, scheduler fields). ``flatten`` splits it into
+the list of tensors (their bytes go into the slot file) and a JSON-able skeleton in which
+every node carries a type tag, so that ``unflatten`` rebuilds the same container types and
+scalar types without executing anything read from disk. Anything outside the supported
+types is refused with the path where it was found.
+
+Node encodings (each a JSON list whose first item is the tag):
+``["tensor", i]``, ``["ndarray", i]`` (a numpy array, stored as tensor ``i``), ``["none"]``,
+``["bool", b]``, ``["int", n]``, ``["float", float.hex]``, ``["str", s]``, ``["bytes", b64]``,
+``["list", [...]]``, ``["tuple", [...]]``, ``["dict", [[key, node], ...]]`` and
+``["odict", [[key, node], ...], metadata]`` for an ``OrderedDict`` (``metadata`` is the
+``_metadata`` attribute ``nn.Module.load_state_dict`` reads, or ``None``). Keys are scalar
+nodes. Paths name a leaf as the tuple of its keys, with keys tagged so ``0`` and ``"0"``
+stay distinct.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Flat", "FlattenError", "flatten", "path_name", "unflatten"]
+
+Path = tuple[Any, ...]
+_MAX_DEPTH = 64
+
+
+class FlattenError(ValueError):
+    """A state holds something that cannot be stored safely; the message names where."""
+
+
+@dataclass
+class Flat:
+    """A flattened state: its skeleton, its tensors, and every leaf's path."""
+
+    tree: list[Any]
+    tensors: list[torch.Tensor]
+    tensor_paths: list[Path]
+    other_paths: list[Path]
+
+
+def path_name(path: Path) -> str:
+    """Human- and digest-friendly name of a path, e.g. ``model/"fc.weight"`` -> JSON text."""
+    return json.dumps(list(path), separators=(",", ":"))
+
+
+def _scalar(value: object, path: Path) -> list[Any]:
+    if value is None:
+        return ["none"]
+    if isinstance(value, bool):
+        return ["bool", value]
+    if isinstance(value, int):
+        return ["int", int(value)]
+    if isinstance(value, float):
+        return ["float", float(value).hex()]
+    if isinstance(value, str):
+        return ["str", value]
+    if isinstance(value, bytes):
+        return ["bytes", base64.b64encode(value).decode("ascii")]
+    raise FlattenError(
+        f"cannot snapshot {path_name(path)}: unsupported type {type(value).__qualname__} "
+        "(supported: tensors, numpy arrays, dict/list/tuple, None, bool, int, float, str, bytes)"
+    )
+
+
+def _path_element(key: object, key_node: list[Any]) -> Any:
+    """A plain str/int key names itself; other keys are named by their tagged node."""
+    return key if type(key) in (str, int) else key_node
+
+
+def _decode_scalar(node: list[Any]) -> object:
+    tag = node[0]
+    if tag == "none":
+        return None
+    if tag in ("bool", "int", "str"):
+        expected = {"bool": bool, "int": int, "str": str}[tag]
+        value = node[1]
+        if not isinstance(value, expected) or (tag == "int" and isinstance(value, bool)):
+            raise ValueError(f"snapshot skeleton: {tag} node holds {value!r}")
+        return value
+    if tag == "float":
+        return float.fromhex(node[1])
+    if tag == "bytes":
+        return base64.b64decode(node[1], validate=True)
+    raise ValueError(f"snapshot skeleton: unknown scalar tag {tag!r}")
+
+
+def flatten(state: object) -> Flat:
+    """Split ``state`` into tensors and a tagged skeleton (see the module docstring)."""
+    flat = Flat(tree=[], tensors=[], tensor_paths=[], other_paths=[])
+
+    def add_tensor(tensor: torch.Tensor, path: Path) -> int:
+        if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
+            raise FlattenError(
+                f"cannot snapshot {path_name(path)}: only dense strided tensors are supported, "
+                f"got layout {tensor.layout}"
+            )
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+            raise FlattenError(
+                f"cannot snapshot {path_name(path)}: tensor subclass {type(tensor).__qualname__} "
+                "(pass the local shard as a plain tensor)"
+            )
+        flat.tensors.append(tensor.detach())
+        flat.tensor_paths.append(path)
+        return len(flat.tensors) - 1
+
+    def walk(value: object, path: Path, depth: int) -> list[Any]:
+        if depth > _MAX_DEPTH:
+            raise FlattenError(
+                f"cannot snapshot {path_name(path)}: nested deeper than {_MAX_DEPTH}"
+            )
+        if isinstance(value, torch.Tensor):
+            return ["tensor", add_tensor(value, path)]
+        if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
+            return ["ndarray", add_tensor(torch.from_numpy(value), path)]  # type: ignore[arg-type]
+        if isinstance(value, dict):
+            items = []
+            for key, child in value.items():
+                key_node = _scalar(key, path)
+                child_path = (*path, _path_element(key, key_node))
+                items.append([key_node, walk(child, child_path, depth + 1)])
+            if isinstance(value, OrderedDict):
+                meta = getattr(value, "_metadata", None)
+                meta_node = None if meta is None else walk(meta, (*path, "#meta"), depth + 1)
+                return ["odict", items, meta_node]
+            return ["dict", items]
+        if isinstance(value, (list, tuple)):
+            tag = "tuple" if isinstance(value, tuple) else "list"
+            return [tag, [walk(child, (*path, i), depth + 1) for i, child in enumerate(value)]]
+        node = _scalar(value, path)
+        flat.other_paths.append(path)
+        return node
+
+    flat.tree = walk(state, (), 0)
+    return flat
+
+
+def unflatten(tree: object, tensors: Sequence[torch.Tensor]) -> Any:
+    """Rebuild the state from a skeleton (untrusted: read from disk) and its tensors."""
+
+    def build(node: object, depth: int) -> Any:
+        if depth > _MAX_DEPTH or not isinstance(node, list) or not node:
+            raise ValueError(f"snapshot skeleton: malformed node {node!r:.80}")
+        tag = node[0]
+        if tag in ("tensor", "ndarray"):
+            index = node[1]
+            if not isinstance(index, int) or not 0 <= index < len(tensors):
+                raise ValueError(f"snapshot skeleton: tensor index {index!r} out of range")
+            return tensors[index].numpy() if tag == "ndarray" else tensors[index]
+        if tag in ("list", "tuple"):
+            children = [build(child, depth + 1) for child in node[1]]
+            return tuple(children) if tag == "tuple" else children
+        if tag in ("dict", "odict"):
+            out: dict[Any, Any] = OrderedDict() if tag == "odict" else {}
+            for key_node, child in node[1]:
+                out[_decode_scalar(key_node)] = build(child, depth + 1)
+            if tag == "odict" and node[2] is not None:
+                out._metadata = build(node[2], depth + 1)  # type: ignore[attr-defined]
+            return out
+        return _decode_scalar(node)
+
+    return build(tree, 0)
