@@ -1,0 +1,113 @@
+"""Running the real operator against the test control plane, under the chart's RBAC.
+
+``install_rbac`` renders the chart's RBAC with the real ``helm template`` for one watched
+namespace and applies it; ``OperatorProcess`` runs ``python -m peer_recovery_operator`` as a
+subprocess with a ServiceAccount kubeconfig (exactly the rights the chart grants), on
+loopback ports, and always stops it (terminate, then kill) so no process outlives a test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "peer-recovery"
+CRD = CHART / "crds" / "peerrecoveries.yaml"
+RBAC_TEMPLATES = ("templates/operator-rbac.yaml", "templates/operator-serviceaccount.yaml")
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(what: str, probe: Callable[[], T | None], *, timeout: float = 30.0) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def render_rbac(helm: Path, release: str, namespace: str, **values: str) -> str:
+    argv = [str(helm), "template", release, str(CHART), "--namespace", namespace]
+    for template in RBAC_TEMPLATES:
+        argv += ["--show-only", template]
+    for key, value in values.items():
+        argv += ["--set", f"{key}={value}"]
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+class OperatorProcess:
+    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, *extra: str) -> None:
+        self.kubeconfig, self.namespace, self.log_path = kubeconfig, namespace, log_path
+        self.extra = extra
+        self.liveness = free_port()
+        self.metrics = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        argv = [
+            sys.executable, "-m", "peer_recovery_operator",
+            "--namespace", self.namespace,
+            "--liveness", f"http://127.0.0.1:{self.liveness}/healthz",
+            "--metrics-address", f"127.0.0.1:{self.metrics}",
+            "--catch-up-grace", "3", "--sweep-interval", "0.5",
+            *self.extra,
+        ]  # fmt: skip
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        log.close()
+        wait_for("the operator's liveness endpoint", self.healthy, timeout=60)
+        return self
+
+    def healthy(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise AssertionError(f"operator exited:\n{self.log()}")
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.liveness}/healthz", timeout=2
+            ) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def recoveries(core_custom: Any, namespace: str) -> list[dict[str, Any]]:
+    from peer_recovery import api
+
+    items = core_custom.list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL)
+    return sorted(items["items"], key=lambda r: r["metadata"]["name"])
