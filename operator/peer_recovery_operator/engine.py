@@ -84,6 +84,7 @@ class Engine:
         self._work: dict[JobKey, _JobWork] = {}
         self._running: dict[JobKey, asyncio.Task[None]] = {}
         self._parked: dict[JobKey, tuple[float, set[Slot]]] = {}
+        self._lookups: dict[JobKey, asyncio.Task[None]] = {}
         self._warned: set[str] = set()
 
     # --- watch events ---------------------------------------------------------------------
@@ -101,6 +102,9 @@ class Engine:
             self.state.pod_gone(pod)
             return
         previous = self.state.upsert_pod(pod)
+        current = self.state.pod_in(pod.slot)
+        if current is not None and current.uid != pod.uid:
+            return  # a late event about an incarnation the slot has moved past
         key = (pod.namespace, pod.job)
         job = self.state.jobs.get(key)
         if previous is None:
@@ -216,9 +220,9 @@ class Engine:
 
     def _check_parked(self) -> None:
         for key, (since, _slots) in list(self._parked.items()):
-            if time.monotonic() - since > UNKNOWN_JOB_CHECK_SECONDS and key not in self._running:
+            if time.monotonic() - since > UNKNOWN_JOB_CHECK_SECONDS and key not in self._lookups:
                 self._parked[key] = (time.monotonic() + 1e9, _slots)  # look it up once
-                self._running[key] = asyncio.get_running_loop().create_task(self._lookup_job(key))
+                self._lookups[key] = asyncio.get_running_loop().create_task(self._lookup_job(key))
 
     async def _lookup_job(self, key: JobKey) -> None:
         try:
@@ -227,7 +231,7 @@ class Engine:
             body = None
             logger.warning("looking up PyTorchJob %s/%s failed: %s", *key, error)
         finally:
-            self._running.pop(key, None)
+            self._lookups.pop(key, None)
         if body is None:
             self._warn(
                 f"nojob:{key}",

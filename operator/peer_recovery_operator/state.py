@@ -31,6 +31,7 @@ class ClusterState:
         self._job_slots: defaultdict[JobKey, set[Slot]] = defaultdict(set)
         self._by_name: dict[tuple[str, str], Slot] = {}
         self._job_recoveries: defaultdict[JobKey, set[tuple[str, str]]] = defaultdict(set)
+        self._retired: dict[Slot, str] = {}  # the UID a slot held before its current one
 
     # --- pods -----------------------------------------------------------------------------
 
@@ -45,8 +46,10 @@ class ClusterState:
         """Record ``pod`` in its slot unless the slot already holds a newer pod; return the
         record the slot held before (None on first sight)."""
         previous = self._slots.get(pod.slot)
-        if previous is not None and previous.uid != pod.uid and pod.created < previous.created:
-            return previous  # a late event about an older incarnation: keep the newer one
+        if previous is not None and previous.uid != pod.uid:
+            if pod.created < previous.created or self._retired.get(pod.slot) == pod.uid:
+                return previous  # a late event about an older incarnation: keep the newer one
+            self._retired[pod.slot] = previous.uid
         self._slots[pod.slot] = pod
         self._job_slots[(pod.namespace, pod.job)].add(pod.slot)
         self._by_name[(pod.namespace, pod.name)] = pod.slot
@@ -88,6 +91,7 @@ class ClusterState:
     def forget_job(self, namespace: str, job: str) -> None:
         self.jobs.pop((namespace, job), None)
         for slot in self._job_slots.pop((namespace, job), set()):
+            self._retired.pop(slot, None)
             pod = self._slots.pop(slot, None)
             if pod is not None and self._by_name.get((namespace, pod.name)) == slot:
                 del self._by_name[(namespace, pod.name)]

@@ -37,7 +37,7 @@ def make(**config: Any) -> tuple[Engine, FakeApi, Clock]:
 async def settle(engine: Engine) -> None:
     for _ in range(200):
         await asyncio.sleep(0.01)
-        if not engine._running and not engine._work:
+        if not engine._running and not engine._work and not engine._lookups:
             return
     raise AssertionError("engine did not settle")
 
@@ -308,3 +308,17 @@ def _samples(engine: Engine, name: str) -> dict[Any, float]:
             if sample.name == name:
                 found[(tuple(sample.labels.values()),)] = sample.value
     return found
+
+
+def test_a_late_event_about_the_replaced_uid_is_not_a_replacement() -> None:
+    async def scenario() -> None:
+        engine, fake, _ = make()
+        start_job(engine)
+        new = pod_body("train", "worker", 0, uid="new", created=1)  # same second as the original
+        engine.pod_event("ADDED", new)
+        await settle(engine)
+        engine.pod_event("MODIFIED", pod_body("train", "worker", 0, created=1))  # old UID, late
+        await settle(engine)
+        assert [r["spec"]["target"]["podUID"] for r in fake.recoveries.values()] == ["new"]
+
+    run(scenario)
