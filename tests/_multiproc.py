@@ -125,6 +125,9 @@ def run_ranks(
             try:
                 rank, ok, value = results.get(timeout=0.2)
                 got[rank] = (ok, value)
+                if not ok:  # fail fast: peers of a failed rank may block until their timeout
+                    _drained(results, got, rank, wait=2.0)
+                    raise MultiprocError(_report(f"rank {rank} failed", got, procs))
                 continue
             except queue_mod.Empty:
                 pass
@@ -148,11 +151,11 @@ def run_ranks(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _drained(results: Any, got: dict[int, tuple[bool, Any]], rank: int) -> bool:
-    """A rank that exited may have left its result in the pipe; read what is there."""
+def _drained(results: Any, got: dict[int, tuple[bool, Any]], rank: int, wait: float = 0.5) -> bool:
+    """Read what ranks left in the pipe (an exited rank's result may still be there)."""
     try:
         while True:
-            r, ok, value = results.get(timeout=0.5)
+            r, ok, value = results.get(timeout=wait)
             got[r] = (ok, value)
     except queue_mod.Empty:
         pass

@@ -152,7 +152,7 @@ def send_messages(
             wait_work(work, wire, peer, _stage(f.index, len(plan), f.message), key)
         if f.buf is not None:
             pool.release(f.buf)
-        wire.advance(f.message.nbytes)
+        wire.advance(f.message.payload_bytes)
 
     for i, m in enumerate(plan):
         buf = None
@@ -240,7 +240,7 @@ def recv_messages(
                         dests[m.index].copy_(land)
         if f.buf is not None:
             pool.release(f.buf)
-        wire.advance(m.nbytes)
+        wire.advance(m.payload_bytes)
 
     for i, m in enumerate(plan):
         buf = land = None

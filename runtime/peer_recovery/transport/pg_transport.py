@@ -156,8 +156,8 @@ class PGTransport:
         self, dst_ranks: Sequence[int], state_dict: object, *, step: int | None = None
     ) -> None:
         """Send ``state_dict`` to every rank in ``dst_ranks``; ``step`` is checked there."""
-        wire = self._wire()
         described = describe_state(state_dict, self._limits.max_depth)
+        wire = self._wire()
         specs = [
             TensorSpec(p.dtype, tuple(p.shape), p.numel() * p.element_size())
             for p in described.payloads

@@ -32,6 +32,11 @@ class Bucket:
     nbytes: int
     entries: tuple[tuple[int, int, int], ...]  # (payload index, offset, nbytes)
 
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of payload, without alignment padding."""
+        return sum(n for _, _, n in self.entries)
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -43,6 +48,10 @@ class Chunk:
 
     @property
     def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def payload_bytes(self) -> int:
         return self.end - self.start
 
 
