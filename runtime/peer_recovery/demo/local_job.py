@@ -68,6 +68,8 @@ class LocalJob:
     max_restarts: int = 3
     env: Mapping[str, str] = field(default_factory=dict)
     rdzv_conf: Mapping[str, str] = field(default_factory=dict)
+    #: Where the pods' snapshot directories go (default: under ``workdir``).
+    shm_root: Path | None = None
     pods: dict[int, Pod] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,8 +79,9 @@ class LocalJob:
         self._store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         self.port = self._store.port
         for o in range(self.nnodes):
-            shm = self.workdir / f"pod-{o}" / "shm"
+            shm = (self.shm_root or self.workdir) / f"pod-{o}" / "shm"
             shm.mkdir(parents=True, exist_ok=True)
+            (self.workdir / f"pod-{o}").mkdir(exist_ok=True)
             self.pods[o] = Pod(o, shm, self.workdir / f"pod-{o}" / "agent.log")
 
     def command(self) -> list[str]:
@@ -106,6 +109,7 @@ class LocalJob:
             **os.environ,
             "PEER_RECOVERY_ORDINAL": str(ordinal),
             "PEER_RECOVERY_SNAPSHOT_DIR": str(pod.shm),
+            "GLOO_SOCKET_IFNAME": "lo",
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
             "LOGLEVEL": os.environ.get("LOGLEVEL", "INFO"),

@@ -4,7 +4,8 @@ Layout (on the c10d rendezvous store, which outlives workers and rounds)::
 
     peer-recovery/<run_id>/rounds                 counter; rank 0 bumps it once per round
     peer-recovery/<run_id>/load-checkpoint        set by a worker whose transfer failed
-    peer-recovery/<run_id>/round/<n>/agent/<o>    pod o: host, snapshot manifests, its plan
+    peer-recovery/<run_id>/round/<n>/agent/<o>    pod o: host, its snapshot manifests
+    peer-recovery/<run_id>/round/<n>/plan/<o>     pod o: its plan, or null
     peer-recovery/<run_id>/round/<n>/directive    rank 0 agent: load the checkpoint or not
     peer-recovery/<run_id>/round/<n>/worker/<r>   rank r: shard key of its live state, ...
     peer-recovery/<run_id>/round/<n>/pg/...       the recovery process group's bootstrap

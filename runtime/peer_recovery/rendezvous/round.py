@@ -1,10 +1,12 @@
 """What one agent publishes each rendezvous round, and the round's directive.
 
 Once ranks are pinned, every agent publishes, under the round's fresh prefix, its pod's
-snapshot manifests (as ``Holding`` records: rank, step, shard key, bytes) and, when the pod
-holds no snapshot (it was replaced and rejoins), the plan its plan source gives within the
-bound (``plan_timeout``; none in time means the in-band planner decides). Pods that hold
-snapshots do not wait for a plan, so an ordinary restart is never slowed down.
+snapshot manifests (``agent/<o>``: rank, step, shard key, bytes per snapshot), then its
+plan (``plan/<o>``). A pod that holds no snapshot (it was replaced and rejoins) asks its
+plan source, within the bound (``plan_timeout``; none in time means the in-band planner
+decides), but only when some other pod holds a snapshot to recover from. Pods that hold
+snapshots publish no plan without waiting, so an ordinary restart, or a job's first
+start, is never slowed down.
 
 Rank 0's agent also publishes the round's directive: whether a transfer failed in an
 earlier round (a worker left ``load-checkpoint`` in the store; consumed here, once) and the
@@ -33,6 +35,7 @@ __all__ = [
     "ManifestReader",
     "RoundPublisher",
     "directive_key",
+    "plan_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,10 @@ ManifestReader = Callable[[], list[dict[str, Any]]]
 
 def directive_key(prefix: str) -> str:
     return f"{prefix}directive"
+
+
+def plan_key(prefix: str, ordinal: int) -> str:
+    return f"{prefix}plan/{ordinal}"
 
 
 def _positive_int(value: str | None, what: str) -> int | None:
@@ -105,24 +112,32 @@ class RoundPublisher:
         except Exception as exc:  # a broken store must not stop the job: it rejoins empty
             log.warning("peer-recovery: cannot read this pod's snapshot manifests: %s", exc)
             holdings = []
-        plan: PlanEntry | None = None
-        if not holdings:
-            plan = self._plan_source.plan_for(
-                run_id=run_id, target=ordinal, round_no=round_no, timeout=self._plan_timeout
-            )
-            log.info(
-                "peer-recovery: pod %d holds no snapshot; plan: %s",
-                ordinal,
-                plan.to_json() if plan else f"none within {self._plan_timeout:g}s, planned in-band",
-            )
-        record = {
-            "ordinal": ordinal,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "holdings": holdings,
-            "plan": plan.to_json() if plan else None,
-        }
+        record = {"ordinal": ordinal, "host": socket.gethostname(), "pid": os.getpid()}
+        record["holdings"] = holdings
         store.set(exchange.agent_key(prefix, ordinal), exchange.encode(record))
+        plan = (
+            self._plan(store, run_id, round_no, ordinal, nnodes, prefix) if not holdings else None
+        )
+        store.set(plan_key(prefix, ordinal), exchange.encode({"plan": plan and plan.to_json()}))
+
+    def _plan(
+        self, store: Any, run_id: str, round_no: int, ordinal: int, nnodes: int, prefix: str
+    ) -> PlanEntry | None:
+        """A rejoining pod's plan; asked for only when some other pod holds a snapshot."""
+        keys = [exchange.agent_key(prefix, o) for o in range(nnodes)]
+        agents = exchange.read_all(store, keys, self._plan_timeout + 60, "agent records")
+        if not any(a.get("holdings") for a in agents):
+            log.info("peer-recovery: no pod holds a snapshot this round; nothing to plan")
+            return None
+        plan = self._plan_source.plan_for(
+            run_id=run_id, target=ordinal, round_no=round_no, timeout=self._plan_timeout
+        )
+        log.info(
+            "peer-recovery: pod %d holds no snapshot; plan: %s",
+            ordinal,
+            plan.to_json() if plan else f"none within {self._plan_timeout:g}s, planned in-band",
+        )
+        return plan
 
     def _publish_directive(self, store: Any, run_id: str, prefix: str) -> None:
         marker_key = exchange.load_checkpoint_key(run_id)

@@ -1,0 +1,195 @@
+"""The demo's training script: a small transformer with AdamW, data-parallel over gloo.
+
+Run by torchrun in every pod (``-m peer_recovery.demo.train``). It restores through
+:func:`peer_recovery.peer_restore.restore` (local snapshot, peer, or ``None``: load the
+checkpoint), trains, snapshots every few steps, and writes what it did as JSON under
+``--out`` for the driver: ``restore-round<R>-rank<r>.json`` after restoring, and
+``final-rank<r>.json`` at the end, each with a SHA-256 of the model's and optimizer's
+state (bitwise identity across ranks is what the driver checks).
+
+Until the driver releases the job (``<out>/released``), the first run stops at
+``--pause-at`` and waits there to be killed, as a job would be when a pod is lost.
+After a restore it also times the storage path: every rank loading, at once, a
+``torch.save`` file of the same state after it was dropped from the page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from peer_recovery import peer_restore
+from peer_recovery.recovery import PeerRecovery
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int, width: int, layers: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        layer = nn.TransformerEncoderLayer(width, 4, width * 4, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)))
+
+
+def state_hash(model: nn.Module, optim: torch.optim.Optimizer) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, and the scalar leaves."""
+    digest = hashlib.sha256()
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().contiguous().cpu()
+            digest.update(f"{prefix}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                walk(f"{prefix}/{key}", value[key])
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(f"{prefix}/{i}", item)
+        else:
+            digest.update(f"{prefix}={value!r}".encode())
+
+    walk("model", model.state_dict())
+    walk("optim", optim.state_dict())
+    return digest.hexdigest()
+
+
+def train_step(model: nn.Module, optim: torch.optim.Optimizer, step: int, vocab: int) -> float:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(step * 1009 + rank)
+    tokens = torch.randint(0, vocab, (8, 33), generator=gen)
+    logits = model(tokens[:, :-1])
+    loss = nn.functional.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+    optim.zero_grad(set_to_none=False)
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    optim.step()
+    return float(loss)
+
+
+def _write(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.rename(path)
+
+
+def _drop_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def time_storage_load(path: Path) -> float:
+    """All ranks load the same torch.save file at once, cold; the slowest rank's seconds."""
+    if dist.get_rank() == 0:
+        _drop_from_page_cache(path)
+    dist.barrier()
+    started = time.perf_counter()
+    torch.load(path, map_location="cpu", weights_only=True)
+    took = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
+    dist.all_reduce(took, op=dist.ReduceOp.MAX)
+    return float(took)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--pause-at", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--snapshot-every", type=int, default=5)
+    parser.add_argument("--checkpoint-at", type=int, default=10)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=512)
+    args = parser.parse_args()
+    out: Path = args.out
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    rank = dist.get_rank()
+    round_no = int(os.environ.get("PEER_RECOVERY_ROUND", "0"))
+
+    torch.manual_seed(0)
+    model = TinyLM(args.vocab, args.width, args.layers)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    recovery = PeerRecovery.from_env({"model": model, "optim": optim}, async_snapshot=False)
+    checkpoint = out / "checkpoint.pt"
+    meta = out / "checkpoint.json"
+    checkpoint_step = json.loads(meta.read_text())["step"] if meta.exists() else None
+
+    started = time.perf_counter()
+    result = peer_restore.restore(recovery, checkpoint_step)
+    if result is not None:
+        step = result.step
+        report = {
+            "role": result.role.value,
+            "source": result.source,
+            "bytes": result.bytes,
+            "seconds": result.seconds,
+        }
+    elif checkpoint_step is not None:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optim.load_state_dict(saved["optim"])
+        step, report = checkpoint_step, {"role": "checkpoint", "source": str(checkpoint)}
+    else:
+        step, report = 0, {"role": "fresh", "source": "initialisation"}
+    report.update(
+        rank=rank,
+        round=round_no,
+        step=step,
+        total_seconds=time.perf_counter() - started,
+        hash=state_hash(model, optim),
+    )
+    storage = out / "storage.pt"
+    if result is not None and storage.exists():
+        report["storage_seconds"] = time_storage_load(storage)
+        report["storage_bytes"] = storage.stat().st_size
+    _write(out / f"restore-round{round_no}-rank{rank}.json", report)
+
+    while step < args.steps:
+        if step == args.pause_at and not (out / "released").exists():
+            _write(
+                out / f"paused-rank{rank}.json", {"step": step, "hash": state_hash(model, optim)}
+            )
+            while True:  # a pod is about to be lost; torchrun stops this worker
+                time.sleep(0.2)
+        train_step(model, optim, step, args.vocab)
+        step += 1
+        if step % args.snapshot_every == 0:
+            recovery.snapshot(step)
+        if rank == 0 and step == args.checkpoint_at:
+            torch.save({"model": model.state_dict(), "optim": optim.state_dict()}, checkpoint)
+            _write(meta, {"step": step})
+        if rank == 0 and step == args.pause_at and not storage.exists():
+            torch.save({"model": model.state_dict(), "optim": optim.state_dict()}, storage)
+    _write(out / f"final-rank{rank}.json", {"step": step, "hash": state_hash(model, optim)})
+    dist.barrier()
+    recovery.close()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
