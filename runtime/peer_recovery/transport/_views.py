@@ -12,7 +12,7 @@ import zlib
 
 import torch
 
-__all__ = ["byte_view", "checksum", "typed_view"]
+__all__ = ["byte_view", "checksum", "flat_bytes", "typed_view"]
 
 
 def byte_view(t: torch.Tensor) -> torch.Tensor:
@@ -22,6 +22,13 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     size = t.element_size()
     out = torch.empty(0, dtype=torch.uint8, device=t.device)
     return out.set_(t.untyped_storage(), t.storage_offset() * size, (t.numel() * size,))
+
+
+def flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """Cheap 1-D uint8 view of a contiguous non-empty tensor (two view ops, shares storage)."""
+    if t.requires_grad:
+        t = t.detach()
+    return t.view(-1).view(torch.uint8)
 
 
 def typed_view(

@@ -43,7 +43,12 @@ class Described:
 
     tree: Any = None
     payloads: list[torch.Tensor] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
+    paths: list[tuple[Path, str]] = field(default_factory=list)  # key path, shard suffix
+
+    def name(self, index: int) -> str:
+        """Key path of payload ``index``, rendered only when an error needs it."""
+        path, suffix = self.paths[index]
+        return keystr(path) + suffix
 
 
 def _check_tensor(t: torch.Tensor, path: Path) -> torch.Tensor:
@@ -69,7 +74,7 @@ def describe_state(state: Any, max_depth: int = 64) -> Described:
 
     def add(t: torch.Tensor, path: Path, suffix: str = "") -> int:
         out.payloads.append(_check_tensor(t, path))
-        out.names.append(keystr(path) + suffix)
+        out.paths.append((path, suffix))
         return len(out.payloads) - 1
 
     def walk(v: Any, path: Path) -> Any:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from peer_recovery.transport._views import byte_view, checksum, typed_view
+from peer_recovery.transport._views import byte_view, checksum, flat_bytes
 from peer_recovery.transport.errors import IntegrityError, TransferError, TransferTimeout
 from peer_recovery.transport.metadata import TensorSpec
 from peer_recovery.transport.plan import Bucket, Chunk, Message
@@ -118,6 +118,24 @@ def _stage(i: int, n: int, m: Message) -> str:
     return f"data message {i + 1}/{n} ({kind})"
 
 
+def _message_keys(m: Message, name: Callable[[int], str]) -> str:
+    if isinstance(m, Chunk):
+        return name(m.index)
+    first, last = name(m.entries[0][0]), name(m.entries[-1][0])
+    return first if first == last else f"{first}..{last}"
+
+
+def _wait_all(f: _Flight, wire: Wire, n: int, name: Callable[[int], str]) -> None:
+    """Wait for a message's works; errors name the message's key paths (rendered lazily)."""
+    for work, peer in f.works:
+        try:
+            wait_work(work, wire, peer, _stage(f.index, n, f.message))
+        except TransferError as exc:
+            raise type(exc)(
+                exc.detail, peer=exc.peer, stage=exc.stage, key_path=_message_keys(f.message, name)
+            ) from exc.__cause__
+
+
 def _drain_until(inflight: deque[_Flight], finish: Callable[[_Flight], None], depth: int) -> None:
     while len(inflight) > depth:
         finish(inflight.popleft())
@@ -133,12 +151,43 @@ def _acquire(
     return buf
 
 
+def _pack(data: torch.Tensor, sources: list[torch.Tensor]) -> None:
+    """Copy small payloads densely into ``data`` (one batched copy when devices agree)."""
+    with torch.no_grad():
+        views = [flat_bytes(t if t.is_contiguous() else t.contiguous()) for t in sources]
+        if all(v.device == data.device for v in views):
+            torch.cat(views, out=data)
+            return
+        offset = 0
+        for v in views:
+            data[offset : offset + v.numel()].copy_(v)
+            offset += v.numel()
+
+
+def _unpack(
+    data: torch.Tensor, m: Bucket, specs: Sequence[TensorSpec], dests: Sequence[torch.Tensor]
+) -> None:
+    """Copy a bucket's pieces into their destinations (batched for contiguous, same device)."""
+    pieces = data.split([n for _, _, n in m.entries])
+    fast_dst, fast_src = [], []
+    for (idx, _, _), piece in zip(m.entries, pieces, strict=True):
+        dest = dests[idx]
+        if dest.is_contiguous() and dest.device == data.device:
+            fast_dst.append(flat_bytes(dest))
+            fast_src.append(piece)
+        else:  # clone: a piece may not be aligned for the dtype
+            spec = specs[idx]
+            dest.copy_(piece.clone().view(spec.dtype).view(spec.shape))
+    if fast_dst:
+        torch._foreach_copy_(fast_dst, fast_src)
+
+
 def send_messages(
     wire: Wire,
     dsts: Sequence[int],
     payloads: Sequence[torch.Tensor],
     plan: Sequence[Message],
-    names: Sequence[str],
+    name: Callable[[int], str],
 ) -> None:
     """Send every planned message to every destination."""
     staged = lambda m: payloads[m.index].device != wire.device  # noqa: E731
@@ -147,9 +196,7 @@ def send_messages(
     contiguous: dict[int, torch.Tensor] = {}
 
     def finish(f: _Flight) -> None:
-        for work, peer in f.works:
-            key = names[f.message.index] if isinstance(f.message, Chunk) else None
-            wait_work(work, wire, peer, _stage(f.index, len(plan), f.message), key)
+        _wait_all(f, wire, len(plan), name)
         if f.buf is not None:
             pool.release(f.buf)
         wire.advance(f.message.payload_bytes)
@@ -159,10 +206,7 @@ def send_messages(
         if isinstance(m, Bucket):
             buf = _acquire(pool, inflight, finish)
             data = buf[: m.nbytes]
-            with torch.no_grad():
-                for idx, offset, _ in m.entries:
-                    src = payloads[idx]
-                    typed_view(buf, offset, src.dtype, tuple(src.shape)).copy_(src)
+            _pack(data, [payloads[idx] for idx, _, _ in m.entries])
         else:
             src = contiguous.get(m.index)
             if src is None:
@@ -195,7 +239,7 @@ def recv_messages(
     specs: Sequence[TensorSpec],
     dests: Sequence[torch.Tensor],
     plan: Sequence[Message],
-    names: Sequence[str],
+    name: Callable[[int], str],
 ) -> None:
     """Receive every planned message from ``src`` into ``dests`` (one per payload)."""
     landing: dict[int, torch.Tensor] = {}
@@ -218,19 +262,17 @@ def recv_messages(
 
     def finish(f: _Flight) -> None:
         m = f.message
-        stage = _stage(f.index, len(plan), m)
-        key = names[m.index] if isinstance(m, Chunk) else None
-        for work, peer in f.works:
-            wait_work(work, wire, peer, stage, key)
+        _wait_all(f, wire, len(plan), name)
         if f.crc is not None and int(f.crc.item()) != checksum(f.data):
-            if key is None:
-                key = f"{names[m.entries[0][0]]}..{names[m.entries[-1][0]]}"  # type: ignore[union-attr]
-            raise IntegrityError("checksum mismatch", peer=src, stage=stage, key_path=key)
+            raise IntegrityError(
+                "checksum mismatch",
+                peer=src,
+                stage=_stage(f.index, len(plan), m),
+                key_path=_message_keys(m, name),
+            )
         with torch.no_grad():
             if isinstance(m, Bucket):
-                for idx, offset, _ in m.entries:
-                    spec = specs[idx]
-                    dests[idx].copy_(typed_view(f.data, offset, spec.dtype, spec.shape))
+                _unpack(f.data, m, specs, dests)
             else:
                 if f.land is not None:
                     f.land.copy_(f.data)

@@ -70,6 +70,11 @@ __all__ = ["DEFAULT_INTEGRITY", "PGTransport", "TransferStats"]
 # Off by default: benchmarks/transport.py measures the cost above 10% (docs/transport.md).
 DEFAULT_INTEGRITY = False
 _TAG_HEADER, _TAG_META, _TAG_ACK = 1, 2, 3
+_IN_PLACE_TYPES: dict[str, tuple[type, ...]] = {
+    "T": (torch.Tensor, torch.nn.Parameter),
+    "D": (DTensor,),
+    "S": (ShardedTensor,),
+}
 _ACK_CODES: dict[type[TransferError], int] = {
     StepMismatchError: 1,
     MetadataError: 2,
@@ -159,8 +164,7 @@ class PGTransport:
         described = describe_state(state_dict, self._limits.max_depth)
         wire = self._wire()
         specs = [
-            TensorSpec(p.dtype, tuple(p.shape), p.numel() * p.element_size())
-            for p in described.payloads
+            TensorSpec(p.dtype, p.shape, p.numel() * p.element_size()) for p in described.payloads
         ]
         bucket, chunk, small = self._sizes
         try:
@@ -181,7 +185,7 @@ class PGTransport:
             self._check_ack(ack.tolist(), dst, step)
         plan = plan_messages([s.nbytes for s in specs], bucket=bucket, chunk=chunk, small=small)
         wire.total = sum(s.nbytes for s in specs)
-        send_messages(wire, dst_ranks, described.payloads, plan, described.names)
+        send_messages(wire, dst_ranks, described.payloads, plan, described.name)
         self._finish(wire, len(specs), len(plan))
 
     @staticmethod
@@ -238,8 +242,7 @@ class PGTransport:
             chunk=meta.chunk_bytes,
             small=meta.small_bytes,
         )
-        names = _payload_names(meta)
-        recv_messages(wire, src_rank, meta.tensors, dests, plan, names)
+        recv_messages(wire, src_rank, meta.tensors, dests, plan, _payload_names(meta))
         self._finish(wire, len(meta.tensors), len(plan))
         return result
 
@@ -263,32 +266,31 @@ class PGTransport:
             dests[i] = torch.empty(spec.shape, dtype=spec.dtype, device=self._device)
             return dests[i]
 
-        def inplace(i: int, target: torch.Tensor, where: str) -> None:
+        def inplace(i: int, target: torch.Tensor, where: tuple[Any, ...] | str) -> None:
             spec = meta.tensors[i]
-            if target.dtype != spec.dtype or tuple(target.shape) != spec.shape:
+            if target.dtype != spec.dtype or target.shape != spec.shape:
                 raise MetadataError(
                     f"sender announces {spec.dtype} {list(spec.shape)}, in-place target is "
                     f"{target.dtype} {list(target.shape)}",
-                    key_path=where,
+                    key_path=where if isinstance(where, str) else keystr(where),
                 )
             dests[i] = target
 
         def build(path: tuple[Any, ...], leaf: TensorLeaf) -> object:
-            where = keystr(path)
             target = targets.get(path)
             usable = isinstance(target, torch.Tensor) and target.device.type == self._device.type
-            want = {"T": (torch.Tensor, torch.nn.Parameter), "D": (DTensor,), "S": (ShardedTensor,)}
-            if usable and type(target) not in want[leaf.kind]:
+            if usable and type(target) not in _IN_PLACE_TYPES[leaf.kind]:
                 raise MetadataError(
                     f"sender has a {leaf.kind} leaf, in-place target is {type(target).__name__}",
-                    key_path=where,
+                    key_path=keystr(path),
                 )
             if leaf.kind == "T":
                 if usable:
-                    inplace(leaf.indices[0], target, where)
+                    inplace(leaf.indices[0], target, path)
                     return target
                 t = fresh(leaf.indices[0])
                 return torch.nn.Parameter(t, requires_grad=leaf.extra == 2) if leaf.extra else t
+            where = keystr(path)
             if leaf.kind == "D":
                 if usable:
                     if list(target.shape) != leaf.extra.get("shape"):
@@ -309,12 +311,18 @@ class PGTransport:
         return dests, result  # type: ignore[return-value]
 
 
-def _payload_names(meta: Metadata) -> list[str]:
-    names = [""] * len(meta.tensors)
+def _payload_names(meta: Metadata) -> Callable[[int], str]:
+    """Lazily render the key path of a payload (only errors need it)."""
 
-    def name(path: tuple[Any, ...], leaf: TensorLeaf) -> None:
-        for j, i in enumerate(leaf.indices):
-            names[i] = keystr(path) + (f"<shard {j}>" if leaf.kind == "S" else "")
+    def name(index: int) -> str:
+        found: list[str] = []
 
-    map_leaves(meta.tree, name)
-    return names
+        def visit(path: tuple[Any, ...], leaf: TensorLeaf) -> None:
+            if index in leaf.indices:
+                j = leaf.indices.index(index)
+                found.append(keystr(path) + (f"<shard {j}>" if leaf.kind == "S" else ""))
+
+        map_leaves(meta.tree, visit)
+        return found[0] if found else f"<payload {index}>"
+
+    return name

@@ -3,9 +3,9 @@
 Sender and receiver compute the same plan from the same tensor sizes and the three sizes the
 sender announces in the metadata, so no per-message framing travels on the wire:
 
-- a payload of at most ``small`` bytes is copied into a *bucket* (entries aligned to 16
-  bytes so that any dtype can be viewed in place); a bucket is sent when the next small
-  payload would not fit in ``bucket`` bytes, and at the end;
+- a payload of at most ``small`` bytes is copied into a *bucket*, packed densely (no
+  padding, so packing and unpacking are single batched byte copies); a bucket is sent when
+  the next small payload would not fit in ``bucket`` bytes, and at the end;
 - a larger payload is sent straight from (and received straight into) its own memory, in
   *chunks* of at most ``chunk`` bytes, so that progress is reported and integrity checks of
   one chunk overlap with the transfer of the next;
@@ -20,9 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["ALIGN", "Bucket", "Chunk", "Message", "plan_messages"]
-
-ALIGN = 16
+__all__ = ["Bucket", "Chunk", "Message", "plan_messages"]
 
 
 @dataclass(frozen=True)
@@ -34,8 +32,7 @@ class Bucket:
 
     @property
     def payload_bytes(self) -> int:
-        """Bytes of payload, without alignment padding."""
-        return sum(n for _, _, n in self.entries)
+        return self.nbytes
 
 
 @dataclass(frozen=True)
@@ -58,10 +55,6 @@ class Chunk:
 Message = Bucket | Chunk
 
 
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
 def plan_messages(sizes: Sequence[int], *, bucket: int, chunk: int, small: int) -> list[Message]:
     """Split payloads of ``sizes`` bytes into buckets and chunks (see the module docstring)."""
     if bucket <= 0 or chunk <= 0 or small > bucket:
@@ -73,7 +66,7 @@ def plan_messages(sizes: Sequence[int], *, bucket: int, chunk: int, small: int) 
         if size == 0:
             continue
         if size <= small:
-            offset = _align(used)
+            offset = used
             if entries and offset + size > bucket:
                 messages.append(Bucket(used, tuple(entries)))
                 entries, offset = [], 0
