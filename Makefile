@@ -36,8 +36,12 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench:
-	@echo "make bench: the benchmarks arrive with the transport, snapshot and operator work" >&2; exit 2
+# Every benchmark script prints ratios against an anchor measured in the same run.
+# Add yours with `BENCHMARKS += benchmarks/<name>.py`.
+BENCHMARKS := benchmarks/transport.py
+
+bench: venv
+	@set -e; for b in $(BENCHMARKS); do echo "== $$b"; $(PY) $$b; done
 
 tools:
 	@echo "make tools: the control plane's build arrives with the test control plane work" >&2; exit 2
