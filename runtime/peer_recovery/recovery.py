@@ -178,12 +178,15 @@ class PeerRecovery:
         self.stats.last_bytes = pending.manifest.data_bytes
         self.stats.total_stall_seconds += stall
         if self.async_snapshot:
-            if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(1, "peer-recovery-snapshot")
-            self._pending = self._executor.submit(self._commit, pending, True)
+            self._pending = self._background().submit(self._commit, pending, True)
         else:
             self._commit(pending, False)
         return stall
+
+    def _background(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, "peer-recovery-snapshot")
+        return self._executor
 
     def _commit(self, pending: SlotWrite, background: bool) -> None:
         started = time.perf_counter()
@@ -278,6 +281,8 @@ class PeerRecovery:
             return None
         seconds = time.perf_counter() - started
         result = dataclasses.replace(result, seconds=seconds)
+        # Fault the slots in off the training thread, so the next snapshots do not stall.
+        self._pending = self._background().submit(self.store.prefault)
         self.stats.restore_seconds, self.stats.restore_bytes = seconds, result.bytes
         log_restore(result.role.value, result.step, result.source, result.bytes, seconds)
         return result

@@ -20,9 +20,11 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
+import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -139,6 +141,12 @@ class SnapshotStore:
             self._maps[slot] = mapped
         return mapped
 
+    def prefault(self) -> None:
+        """Map both slots and fault their pages in now, so no snapshot stalls on page faults."""
+        for slot in (0, 1):
+            if self.capacity(slot):
+                _populate_write(self._map(slot))
+
     def _fsync_dir(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
         try:
@@ -225,6 +233,7 @@ class SnapshotStore:
                 raise
             finally:
                 os.close(fd)
+        self.prefault()
 
     # -- writing -------------------------------------------------------------------------
     def write_data(
@@ -311,6 +320,22 @@ class SnapshotStore:
         """The replicated state as stored, as CPU tensors (copies unless ``copy=False``)."""
         views = self.tensors(manifest, manifest.replicated)
         return unflatten(manifest.replicated.tree, [v.clone() for v in views] if copy else views)
+
+
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; older kernels answer EINVAL and we skip it
+
+
+def _populate_write(mapped: torch.Tensor) -> None:
+    """Fault a mapping's pages in writable (content unchanged); best effort."""
+    if mapped.numel() == 0 or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(
+            ctypes.c_void_p(mapped.data_ptr()),
+            ctypes.c_size_t(mapped.numel()),
+            _MADV_POPULATE_WRITE,
+        )
 
 
 def _view(buf: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
