@@ -68,6 +68,8 @@ class LocalJob:
     max_restarts: int = 3
     env: Mapping[str, str] = field(default_factory=dict)
     rdzv_conf: Mapping[str, str] = field(default_factory=dict)
+    #: Extra environment per pod ordinal (e.g. a fault injected into one pod).
+    pod_env: Mapping[int, Mapping[str, str]] = field(default_factory=dict)
     #: Where the pods' snapshot directories go (default: under ``workdir``).
     shm_root: Path | None = None
     pods: dict[int, Pod] = field(default_factory=dict)
@@ -114,6 +116,7 @@ class LocalJob:
             "PYTHONUNBUFFERED": "1",
             "LOGLEVEL": os.environ.get("LOGLEVEL", "INFO"),
             **self.env,
+            **self.pod_env.get(ordinal, {}),
         }
         pod.generation += 1
         with pod.log.open("ab") as log:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import time
 from datetime import timedelta
@@ -67,8 +68,10 @@ def state_hash(model: nn.Module, optim: torch.optim.Optimizer) -> str:
     return digest.hexdigest()
 
 
-def train_step(model: nn.Module, optim: torch.optim.Optimizer, step: int, vocab: int) -> float:
-    rank, world = dist.get_rank(), dist.get_world_size()
+def train_step(
+    model: nn.Module, optim: torch.optim.Optimizer, step: int, vocab: int, group: Any
+) -> float:
+    rank, world = dist.get_rank(), dist.get_world_size(group)
     gen = torch.Generator().manual_seed(step * 1009 + rank)
     tokens = torch.randint(0, vocab, (8, 33), generator=gen)
     logits = model(tokens[:, :-1])
@@ -77,7 +80,7 @@ def train_step(model: nn.Module, optim: torch.optim.Optimizer, step: int, vocab:
     loss.backward()
     grads = [p.grad for p in model.parameters()]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=group)
     flat /= world
     offset = 0
     for g in grads:
@@ -124,18 +127,35 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="pods per replica: rank r holds shard r %% shards (a model of its own width)",
+    )
     args = parser.parse_args()
     out: Path = args.out
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"[rank {os.environ.get('RANK', '?')}] %(name)s %(levelname)s %(message)s",
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     round_no = int(os.environ.get("PEER_RECOVERY_ROUND", "0"))
+    shard = rank % args.shards
+    # Every rank creates every replicate group, in the same order (new_group is collective).
+    groups = [dist.new_group(list(range(s, world, args.shards))) for s in range(args.shards)]
 
-    torch.manual_seed(0)
-    model = TinyLM(args.vocab, args.width, args.layers)
+    torch.manual_seed(shard)
+    model = TinyLM(args.vocab, args.width + 8 * shard, args.layers)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    recovery = PeerRecovery.from_env({"model": model, "optim": optim}, async_snapshot=False)
-    checkpoint = out / "checkpoint.pt"
+    recovery = PeerRecovery.from_env(
+        {"model": model, "optim": optim},
+        async_snapshot=False,
+        position={"shard": shard} if args.shards > 1 else None,
+    )
+    checkpoint = out / f"checkpoint-shard{shard}.pt"
     meta = out / "checkpoint.json"
     checkpoint_step = json.loads(meta.read_text())["step"] if meta.exists() else None
 
@@ -143,7 +163,7 @@ def main() -> None:
     result = peer_restore.restore(recovery, checkpoint_step)
     if result is not None:
         step = result.step
-        report = {
+        report: dict[str, Any] = {
             "role": result.role.value,
             "source": result.source,
             "bytes": result.bytes,
@@ -162,9 +182,10 @@ def main() -> None:
         step=step,
         total_seconds=time.perf_counter() - started,
         hash=state_hash(model, optim),
+        shard=shard,
     )
     storage = out / "storage.pt"
-    if result is not None and storage.exists():
+    if result is not None and storage.exists() and args.shards == 1:
         report["storage_seconds"] = time_storage_load(storage)
         report["storage_bytes"] = storage.stat().st_size
     _write(out / f"restore-round{round_no}-rank{rank}.json", report)
@@ -176,16 +197,20 @@ def main() -> None:
             )
             while True:  # a pod is about to be lost; torchrun stops this worker
                 time.sleep(0.2)
-        train_step(model, optim, step, args.vocab)
+        train_step(model, optim, step, args.vocab, groups[shard])
         step += 1
         if step % args.snapshot_every == 0:
             recovery.snapshot(step)
-        if rank == 0 and step == args.checkpoint_at:
-            torch.save({"model": model.state_dict(), "optim": optim.state_dict()}, checkpoint)
-            _write(meta, {"step": step})
-        if rank == 0 and step == args.pause_at and not storage.exists():
+        if step == args.checkpoint_at:
+            if rank < args.shards:  # the first replica writes each shard's checkpoint
+                torch.save({"model": model.state_dict(), "optim": optim.state_dict()}, checkpoint)
+            dist.barrier()
+            if rank == 0:
+                _write(meta, {"step": step})
+        if rank == 0 and step == args.pause_at and args.shards == 1 and not storage.exists():
             torch.save({"model": model.state_dict(), "optim": optim.state_dict()}, storage)
-    _write(out / f"final-rank{rank}.json", {"step": step, "hash": state_hash(model, optim)})
+    final = {"step": step, "hash": state_hash(model, optim), "shard": shard}
+    _write(out / f"final-rank{rank}.json", final)
     dist.barrier()
     recovery.close()
     dist.destroy_process_group()
