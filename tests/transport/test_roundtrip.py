@@ -87,7 +87,6 @@ def _targets() -> dict[str, Any]:
 
 def _sender_state() -> dict[str, Any]:
     g = torch.Generator().manual_seed(1)
-    state = {k: v for k, v in _targets().items()}
     state = {
         "big": torch.randn(64, 64, generator=g),
         "noncontig": torch.randn(64, 48, generator=g),  # contiguous on the sender
@@ -113,7 +112,12 @@ def _in_place(rank: int, world: int) -> list[str]:
         nested = targets["nested"]["opt"][0]
         seen: list[tuple[int, int]] = []
         transport = PGTransport(
-            pg, TIMEOUT, CPU, lambda: targets, progress=lambda d, t: seen.append((d, t)), **sizes
+            pg,
+            TIMEOUT,
+            CPU,
+            lambda t=targets: t,
+            progress=lambda d, t, seen=seen: seen.append((d, t)),
+            **sizes,
         )
         got = transport.recv_checkpoint(0, step=7)
         for key, ptr in ptrs.items():

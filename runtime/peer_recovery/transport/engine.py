@@ -29,7 +29,7 @@ from peer_recovery.transport.errors import IntegrityError, TransferError, Transf
 from peer_recovery.transport.metadata import TensorSpec
 from peer_recovery.transport.plan import Bucket, Chunk, Message
 
-__all__ = ["DATA_TAG", "Wire", "recv_messages", "send_messages", "wait_work"]
+__all__ = ["DATA_TAG", "Wire", "post", "recv_messages", "send_messages", "wait_work"]
 
 DATA_TAG = 16  # message i uses tags DATA_TAG + 2i (data) and DATA_TAG + 2i + 1 (checksum)
 _DEPTH = 3
@@ -55,16 +55,28 @@ class Wire:
             self.progress(self.done, self.total)
 
 
+def _failure(exc: Exception, peer: int, stage: str, key: str | None) -> TransferError:
+    text = str(exc)
+    cls = TransferTimeout if "timed out" in text.lower() else TransferError
+    return cls(
+        f"{text} (the process group must not be reused)", peer=peer, stage=stage, key_path=key
+    )
+
+
+def post(wire: Wire, op: str, tensor: torch.Tensor, peer: int, tag: int, stage: str) -> Any:
+    """Post ``pg.send`` or ``pg.recv``; a broken connection is a TransferError here too."""
+    try:
+        return getattr(wire.pg, op)([tensor], peer, tag)
+    except Exception as exc:
+        raise _failure(exc, peer, stage, None) from exc
+
+
 def wait_work(work: Any, wire: Wire, peer: int, stage: str, key: str | None = None) -> None:
     """Wait for one Work within the timeout, turning failures into transport errors."""
     try:
         finished = work.wait(wire.timeout)
     except Exception as exc:
-        text = str(exc)
-        cls = TransferTimeout if "timed out" in text.lower() else TransferError
-        raise cls(
-            f"{text} (the process group must not be reused)", peer=peer, stage=stage, key_path=key
-        ) from exc
+        raise _failure(exc, peer, stage, key) from exc
     if finished is False:
         raise TransferTimeout(
             f"no completion within {wire.timeout}", peer=peer, stage=stage, key_path=key
@@ -223,10 +235,11 @@ def send_messages(
         tag = DATA_TAG + 2 * i
         if wire.integrity:
             flight.crc = torch.tensor([checksum(data)], dtype=torch.int64, device=wire.device)
+        stage = _stage(i, len(plan), m)
         for dst in dsts:
-            flight.works.append((wire.pg.send([data], dst, tag), dst))
+            flight.works.append((post(wire, "send", data, dst, tag, stage), dst))
             if flight.crc is not None:
-                flight.works.append((wire.pg.send([flight.crc], dst, tag + 1), dst))
+                flight.works.append((post(wire, "send", flight.crc, dst, tag + 1, stage), dst))
             wire.wire_bytes += m.nbytes + (8 if flight.crc is not None else 0)
         inflight.append(flight)
         _drain_until(inflight, finish, _DEPTH)
@@ -298,10 +311,11 @@ def recv_messages(
                 data, land = buf[: m.nbytes], target
         flight = _Flight(i, m, [], data, buf, land=land)
         tag = DATA_TAG + 2 * i
-        flight.works.append((wire.pg.recv([data], src, tag), src))
+        stage = _stage(i, len(plan), m)
+        flight.works.append((post(wire, "recv", data, src, tag, stage), src))
         if wire.integrity:
             flight.crc = torch.zeros(1, dtype=torch.int64, device=wire.device)
-            flight.works.append((wire.pg.recv([flight.crc], src, tag + 1), src))
+            flight.works.append((post(wire, "recv", flight.crc, src, tag + 1, stage), src))
         wire.wire_bytes += m.nbytes
         inflight.append(flight)
         _drain_until(inflight, finish, _DEPTH)
