@@ -1,7 +1,7 @@
 """Peer restore in the worker: read the round, agree, move the bytes, then the vote.
 
-Called by a training script (through :func:`restore`) at start-up, instead of
-``PeerRecovery.restore`` directly. Under the ``peer-recovery`` rendezvous plugin it:
+``PeerRecovery.restore(checkpoint_step)`` calls :func:`restore` when the worker runs under
+the ``peer-recovery`` rendezvous plugin (:func:`in_round`); it then:
 
 1. publishes this rank's live shard key and ``checkpoint_step`` under the round's prefix;
 2. reads what every pod's agent published (snapshot manifests, plans) and every rank's
@@ -12,7 +12,9 @@ Called by a training script (through :func:`restore`) at start-up, instead of
    ``RankPlan`` and a transport; ``restore`` loads, sends or receives, then runs the
    all-or-nothing vote.
 
-Not under the plugin (no round in the environment), it is ``PeerRecovery.restore``.
+Not under the plugin (no round in the environment), it is ``PeerRecovery.restore``. When
+the agreement says "load the checkpoint", every rank returns None without a vote: all
+ranks computed the same agreement from the same published inputs.
 
 A transport failure ends the process with ``EXIT_TRANSFER_FAILED`` (75) after leaving a
 ``load-checkpoint`` marker in the store: the process group is then unusable and receives
@@ -42,7 +44,13 @@ from peer_recovery.rendezvous.round import directive_key, plan_key
 if TYPE_CHECKING:
     from peer_recovery.recovery import PeerRecovery, RestoreResult
 
-__all__ = ["ENV_TRANSFER_TIMEOUT", "EXIT_TRANSFER_FAILED", "RoundContext", "restore"]
+__all__ = [
+    "ENV_TRANSFER_TIMEOUT",
+    "EXIT_TRANSFER_FAILED",
+    "RoundContext",
+    "in_round",
+    "restore",
+]
 
 log = logging.getLogger("peer_recovery.peer_restore")
 
@@ -79,6 +87,11 @@ class RoundContext:
             int(env[exchange.ENV_NNODES]),
             env.get("TORCHELASTIC_RUN_ID", ""),
         )
+
+
+def in_round(env: Mapping[str, str] | None = None) -> bool:
+    """True in a worker started by torchrun under the ``peer-recovery`` rendezvous backend."""
+    return bool((os.environ if env is None else env).get(exchange.ENV_ROUND_PREFIX))
 
 
 def restore(

@@ -233,8 +233,15 @@ class PeerRecovery:
         in the same collectives whatever fails locally, so a failure never turns into a
         hang. ``plan`` and ``transport`` (a ``peer_recovery.transport.PGTransport``) come
         from the agreement step of the peer-restore work; without them all ranks restore
-        locally, at the newest step every rank holds intact.
+        locally, at the newest step every rank holds intact. Under torchrun's
+        ``peer-recovery`` rendezvous backend, a call without them goes through the
+        round's agreement first (``peer_recovery.peer_restore``), which calls back here.
         """
+        if plan is None and transport is None:
+            from peer_recovery import peer_restore
+
+            if peer_restore.in_round():
+                return peer_restore.restore(self, checkpoint_step)
         self.wait()
         started = time.perf_counter()
         pg = self._vote_group()

@@ -1,11 +1,12 @@
 """The demo's training script: a small transformer with AdamW, data-parallel over gloo.
 
 Run by torchrun in every pod (``-m peer_recovery.demo.train``). It restores through
-:func:`peer_recovery.peer_restore.restore` (local snapshot, peer, or ``None``: load the
-checkpoint), trains, snapshots every few steps, and writes what it did as JSON under
-``--out`` for the driver: ``restore-round<R>-rank<r>.json`` after restoring, and
-``final-rank<r>.json`` at the end, each with a SHA-256 of the model's and optimizer's
-state (bitwise identity across ranks is what the driver checks).
+``PeerRecovery.restore`` (local snapshot, peer, or ``None``: load the checkpoint; under
+the ``peer-recovery`` rendezvous backend the ranks agree first), trains, snapshots every
+few steps, and writes what it did as JSON under ``--out`` for the driver:
+``restore-round<R>-rank<r>.json`` after restoring and ``final-rank<r>.json`` at the end,
+each with a SHA-256 of the model's and optimizer's state (bitwise identity across ranks
+is what the driver checks).
 
 Until the driver releases the job (``<out>/released``), the first run stops at
 ``--pause-at`` and waits there to be killed, as a job would be when a pod is lost.
@@ -29,7 +30,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from peer_recovery import peer_restore
 from peer_recovery.recovery import PeerRecovery
 
 
@@ -160,7 +160,7 @@ def main() -> None:
     checkpoint_step = json.loads(meta.read_text())["step"] if meta.exists() else None
 
     started = time.perf_counter()
-    result = peer_restore.restore(recovery, checkpoint_step)
+    result = recovery.restore(checkpoint_step)  # peer-aware under the plugin
     if result is not None:
         step = result.step
         report: dict[str, Any] = {
