@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # pytest exits 5 when it collects no test; make treats that as the failure it is.
-test: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+# The control plane's binaries are built first, and cluster tests fail (not skip) without them.
+test: venv tools
+	PEER_RECOVERY_REQUIRE_CLUSTER=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -38,16 +39,21 @@ lint: venv
 
 # Every benchmark script prints ratios against an anchor measured in the same run.
 # Add yours with `BENCHMARKS += benchmarks/<name>.py`.
-BENCHMARKS := benchmarks/transport.py
+BENCHMARKS := benchmarks/transport.py benchmarks/snapshot.py
 
 bench: venv
 	@set -e; for b in $(BENCHMARKS); do echo "== $$b"; $(PY) $$b; done
 
+# Builds etcd, kube-apiserver/-controller-manager/kubectl, helm and kwok from the pins in
+# tools/versions.env into ~/.cache/peer-recovery/<key>/ and links them as .tools/bin/<name>.
 tools:
-	@echo "make tools: the control plane's build arrives with the test control plane work" >&2; exit 2
+	@tools/build.sh
 
-cluster:
-	@echo "make cluster: arrives with the test control plane work" >&2; exit 2
+# Runs the test control plane in the foreground. Its only stdout line is
+# `export KUBECONFIG=...` (progress goes to stderr); Ctrl-C stops it.
+cluster: venv
+	@tools/build.sh >&2
+	@$(PY) -m tests.controlplane
 
 # 4 torchrun agents on this machine, one pod replaced; its rank recovers from a peer.
 # The last line is `RESULT peer_seconds=... storage_seconds=... bytes=... identical=...`.
