@@ -1,0 +1,426 @@
+"""A real Kubernetes control plane on loopback for tests: etcd, kube-apiserver (TLS, RBAC,
+service-account tokens, an admin client certificate), kube-controller-manager (garbage
+collector, namespace and service-account controllers) and KWOK's controller with fake Ready
+nodes, so pods bound to them (``spec.nodeName``) become Running and Ready.
+
+Invariants: every component listens on a free 127.0.0.1 port and keeps its state and logs
+under one temporary directory; the test PyTorchJob CRD is installed before the controller
+manager starts (so its garbage collector watches PyTorchJobs from the first moment);
+``stop()`` kills every process group and returns only when they are gone; the API server can
+be stopped and started again on the same port against the same etcd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from tests.controlplane._pki import Pki, make_pki
+from tests.controlplane._proc import Component
+from tests.controlplane._support import find_bin_dir, free_ports, poll, write_kubeconfig
+
+if TYPE_CHECKING:
+    import kubernetes.client
+
+__all__ = ["FAKE_NODE_ANNOTATION", "ControlPlane", "KubectlError"]
+
+_HERE = Path(__file__).resolve().parent
+CRD_PATH = _HERE / "pytorchjob-crd.yaml"
+STAGES_PATH = _HERE / "kwok-stages.yaml"
+FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+_START_TIMEOUT_S = 60.0
+_CONTROLLERS = (
+    "garbage-collector-controller",
+    "namespace-controller",
+    "serviceaccount-controller",
+    "root-ca-certificate-publisher-controller",
+)
+
+
+class KubectlError(subprocess.CalledProcessError):
+    """kubectl exited non-zero; the message carries its stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\nstderr: {(self.stderr or '').strip()}"
+
+
+class ControlPlane:
+    """A control plane for tests; ``start()`` it (or use it as a context manager)."""
+
+    def __init__(
+        self,
+        *,
+        nodes: int = 4,
+        zones: int = 2,
+        bin_dir: Path | None = None,
+        work_dir: Path | None = None,
+    ) -> None:
+        if nodes < 1 or zones < 1 or zones > nodes:
+            raise ValueError(f"need 1 <= zones <= nodes, got nodes={nodes} zones={zones}")
+        self.bin_dir = bin_dir or find_bin_dir()
+        self._own_work_dir = work_dir is None
+        self.work_dir = work_dir or Path(tempfile.mkdtemp(prefix="peer-recovery-cp-"))
+        self.log_dir = self.work_dir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.nodes = [f"kwok-node-{i}" for i in range(nodes)]
+        self.zones = {
+            node: f"zone-{chr(ord('a') + i * zones // nodes)}" for i, node in enumerate(self.nodes)
+        }
+        etcd_client, etcd_peer, apiserver, kcm, kwok = free_ports(5)
+        self.server = f"https://127.0.0.1:{apiserver}"
+        self._ports = {"etcd": etcd_client, "etcd-peer": etcd_peer, "kcm": kcm, "kwok": kwok}
+        self.kubeconfig = self.work_dir / "admin.kubeconfig"
+        self.startup_seconds: float | None = None
+        self._pki: Pki | None = None
+        self._components: dict[str, Component] = {}
+        self._sa_kubeconfigs = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> ControlPlane:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start every component and wait until nodes are Ready and the CRD is served."""
+        began = time.monotonic()
+        try:
+            self._start()
+        except BaseException as error:
+            tails = "\n".join(
+                f"--- {c.name} (last lines of {c.log_path}):\n{c.log_tail(20)}"
+                for c in self._components.values()
+            )
+            self.stop(remove_work_dir=False)
+            if isinstance(error, Exception):
+                raise RuntimeError(
+                    f"test control plane failed to start: {error}\n"
+                    f"logs kept in {self.log_dir}\n{tails}"
+                ) from error
+            raise
+        self.startup_seconds = time.monotonic() - began
+
+    def _start(self) -> None:
+        etcd = self._component("etcd", self._etcd_argv())
+        etcd.start()
+        self._pki = pki = make_pki(self.work_dir / "pki")
+        write_kubeconfig(
+            self.kubeconfig,
+            server=self.server,
+            ca_cert=pki.ca_cert,
+            user="admin",
+            client_cert=pki.admin_cert,
+            client_key=pki.admin_key,
+        )
+        write_kubeconfig(
+            self.work_dir / "controller-manager.kubeconfig",
+            server=self.server,
+            ca_cert=pki.ca_cert,
+            user="system:kube-controller-manager",
+            client_cert=pki.controller_manager_cert,
+            client_key=pki.controller_manager_key,
+        )
+        etcd_url = f"http://127.0.0.1:{self._ports['etcd']}/health"
+        poll(
+            "etcd /health", lambda: _http_ok(etcd_url), timeout=_START_TIMEOUT_S, alive=self.exited
+        )
+        self._component("kube-apiserver", self._apiserver_argv())
+        self.start_apiserver()
+        self._install_crd()
+        self._component("kube-controller-manager", self._controller_manager_argv()).start()
+        self._component("kwok", self._kwok_argv()).start()
+        self._create_nodes()
+        kcm_url = f"https://127.0.0.1:{self._ports['kcm']}/healthz"
+        poll(
+            "kube-controller-manager /healthz",
+            lambda: _http_ok(kcm_url, verify=False),
+            timeout=_START_TIMEOUT_S,
+            alive=self.exited,
+        )
+        poll("fake nodes Ready", self._nodes_ready, timeout=_START_TIMEOUT_S, alive=self.exited)
+
+    def stop(self, *, remove_work_dir: bool = True) -> None:
+        """Stop every component (reverse start order); remove the work dir if we made it."""
+        for component in reversed(list(self._components.values())):
+            component.stop()
+        if remove_work_dir and self._own_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def stop_apiserver(self) -> None:
+        """Stop the API server only; etcd and the rest keep running."""
+        self._components["kube-apiserver"].stop()
+
+    def start_apiserver(self) -> None:
+        """(Re)start the API server on its port and wait until /readyz answers ok."""
+        self._components["kube-apiserver"].start()
+        poll(
+            "kube-apiserver /readyz",
+            self._apiserver_ready,
+            timeout=_START_TIMEOUT_S,
+            alive=self.exited,
+        )
+
+    def pids(self) -> dict[str, int]:
+        """Process (and process group) ids of the running components, by name."""
+        return {n: c.pid for n, c in self._components.items() if c.pid is not None and c.running()}
+
+    def components(self) -> dict[str, Component]:
+        """The components by name, for logs and exit status."""
+        return dict(self._components)
+
+    # ---- clients ---------------------------------------------------------------------------
+
+    def kubectl(
+        self,
+        *args: str,
+        kubeconfig: Path | None = None,
+        check: bool = True,
+        input: str | None = None,
+        timeout: float = 60.0,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the real kubectl (admin unless ``kubeconfig`` is given); text in and out."""
+        argv = [
+            str(self.bin_dir / "kubectl"),
+            f"--kubeconfig={kubeconfig or self.kubeconfig}",
+            f"--cache-dir={self.work_dir / 'kubectl-cache'}",
+            *args,
+        ]
+        result = subprocess.run(
+            argv, input=input, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and result.returncode != 0:
+            raise KubectlError(result.returncode, argv, result.stdout, result.stderr)
+        return result
+
+    def api_client(self) -> kubernetes.client.ApiClient:
+        """A new admin ApiClient (client certificate); the caller closes it."""
+        import kubernetes.client
+
+        assert self._pki is not None, "control plane not started"
+        config = kubernetes.client.Configuration()
+        config.host = self.server
+        config.ssl_ca_cert = str(self._pki.ca_cert)
+        config.cert_file = str(self._pki.admin_cert)
+        config.key_file = str(self._pki.admin_key)
+        return kubernetes.client.ApiClient(config)
+
+    def service_account_kubeconfig(
+        self, namespace: str, name: str, *, expiration_seconds: int = 3600
+    ) -> Path:
+        """A kubeconfig acting as ServiceAccount ``namespace/name`` (created if absent), with a
+        token from the TokenRequest API; it has exactly the rights RBAC grants that account."""
+        import kubernetes.client
+        from kubernetes.client.exceptions import ApiException
+
+        assert self._pki is not None, "control plane not started"
+        with self.api_client() as client:
+            core = kubernetes.client.CoreV1Api(client)
+            try:
+                core.create_namespaced_service_account(namespace, {"metadata": {"name": name}})
+            except ApiException as error:
+                if error.status != 409:
+                    raise
+            request = core.create_namespaced_service_account_token(
+                name,
+                namespace,
+                {"spec": {"audiences": None, "expirationSeconds": expiration_seconds}},
+            )
+        self._sa_kubeconfigs += 1
+        path = self.work_dir / f"sa-{namespace}-{name}-{self._sa_kubeconfigs}.kubeconfig"
+        return write_kubeconfig(
+            path,
+            server=self.server,
+            ca_cert=self._pki.ca_cert,
+            user=f"system:serviceaccount:{namespace}:{name}",
+            token=request.status.token,
+            namespace=namespace,
+        )
+
+    @property
+    def ca_cert(self) -> Path:
+        """The cluster CA certificate (PEM)."""
+        assert self._pki is not None, "control plane not started"
+        return self._pki.ca_cert
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _component(self, name: str, argv: list[str]) -> Component:
+        env = None
+        if name == "kwok":  # keep KWOK away from a user's ~/.kwok configuration
+            import os
+
+            env = {**os.environ, "HOME": str(self.work_dir)}
+        component = Component(name, argv, self.log_dir, env=env)
+        self._components[name] = component
+        return component
+
+    def exited(self) -> str | None:
+        """A description of the first component that has exited, or None while all run."""
+        for component in self._components.values():
+            code = component.exit_code()
+            if code is not None:
+                return f"{component.name} exited with status {code}:\n{component.log_tail(20)}"
+        return None
+
+    def _etcd_argv(self) -> list[str]:
+        client = f"http://127.0.0.1:{self._ports['etcd']}"
+        peer = f"http://127.0.0.1:{self._ports['etcd-peer']}"
+        return [
+            str(self.bin_dir / "etcd"),
+            "--name=test",
+            f"--data-dir={self.work_dir / 'etcd'}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=test={peer}",
+            "--unsafe-no-fsync",  # test data; durability across power loss is not needed
+            "--log-level=warn",
+        ]
+
+    def _apiserver_argv(self) -> list[str]:
+        pki = self._pki
+        assert pki is not None
+        port = self.server.rsplit(":", 1)[1]
+        return [
+            str(self.bin_dir / "kube-apiserver"),
+            f"--etcd-servers=http://127.0.0.1:{self._ports['etcd']}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={port}",
+            f"--cert-dir={self.work_dir / 'apiserver-certs'}",
+            f"--tls-cert-file={pki.serving_cert}",
+            f"--tls-private-key-file={pki.serving_key}",
+            f"--client-ca-file={pki.ca_cert}",
+            "--authorization-mode=RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki.sa_pub}",
+            f"--service-account-signing-key-file={pki.sa_key}",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--endpoint-reconciler-type=none",
+            "--profiling=false",
+            "--v=1",
+        ]
+
+    def _controller_manager_argv(self) -> list[str]:
+        pki = self._pki
+        assert pki is not None
+        return [
+            str(self.bin_dir / "kube-controller-manager"),
+            f"--kubeconfig={self.work_dir / 'controller-manager.kubeconfig'}",
+            f"--controllers={','.join(_CONTROLLERS)}",
+            f"--root-ca-file={pki.ca_cert}",
+            "--leader-elect=false",
+            "--use-service-account-credentials=true",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={self._ports['kcm']}",
+            f"--cert-dir={self.work_dir / 'controller-manager-certs'}",
+            "--concurrent-gc-syncs=5",
+            "--profiling=false",
+            "--v=1",
+        ]
+
+    def _kwok_argv(self) -> list[str]:
+        return [
+            str(self.bin_dir / "kwok"),
+            f"--kubeconfig={self.kubeconfig}",
+            f"--config={STAGES_PATH}",
+            f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}=fake",
+            "--node-ip=10.1.0.1",
+            "--cidr=10.244.0.0/16",
+            f"--server-address=127.0.0.1:{self._ports['kwok']}",
+            "--node-lease-duration-seconds=0",
+        ]
+
+    def _apiserver_ready(self) -> bool:
+        pki = self._pki
+        assert pki is not None
+        context = ssl.create_default_context(cafile=str(pki.ca_cert))
+        context.load_cert_chain(str(pki.admin_cert), str(pki.admin_key))
+        return _http_ok(f"{self.server}/readyz", context=context)
+
+    def _install_crd(self) -> None:
+        import kubernetes.client
+        from kubernetes.client.exceptions import ApiException
+
+        crd = yaml.safe_load(CRD_PATH.read_text())
+        with self.api_client() as client:
+            api = kubernetes.client.ApiextensionsV1Api(client)
+            with contextlib.suppress(ApiException):
+                api.create_custom_resource_definition(crd)
+
+            def established() -> bool:
+                status = api.read_custom_resource_definition(crd["metadata"]["name"]).status
+                return any(
+                    c.type == "Established" and c.status == "True"
+                    for c in (status.conditions or [])
+                )
+
+            poll("the PyTorchJob CRD to be Established", established, timeout=_START_TIMEOUT_S)
+            # Served means discoverable: wait until a list through the new resource works.
+            custom = kubernetes.client.CustomObjectsApi(client)
+            poll(
+                "kubeflow.org/v1 pytorchjobs to be served",
+                lambda: (
+                    custom.list_cluster_custom_object("kubeflow.org", "v1", "pytorchjobs")
+                    is not None
+                ),
+                timeout=_START_TIMEOUT_S,
+            )
+
+    def _create_nodes(self) -> None:
+        import kubernetes.client
+
+        with self.api_client() as client:
+            core = kubernetes.client.CoreV1Api(client)
+            for name in self.nodes:
+                core.create_node(_node_manifest(name, self.zones[name]))
+
+    def _nodes_ready(self) -> bool:
+        import kubernetes.client
+
+        with self.api_client() as client:
+            items = kubernetes.client.CoreV1Api(client).list_node().items
+        ready = {
+            n.metadata.name
+            for n in items
+            if any(c.type == "Ready" and c.status == "True" for c in (n.status.conditions or []))
+        }
+        return set(self.nodes) <= ready
+
+
+def _node_manifest(name: str, zone: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {FAKE_NODE_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "topology.kubernetes.io/zone": zone,
+                "type": "kwok",
+            },
+        },
+    }
+
+
+def _http_ok(url: str, *, context: ssl.SSLContext | None = None, verify: bool = True) -> bool:
+    if context is None and url.startswith("https") and not verify:
+        context = ssl._create_unverified_context()  # the controller manager's self-signed cert
+    with urllib.request.urlopen(url, timeout=2, context=context) as response:
+        return response.status == 200
