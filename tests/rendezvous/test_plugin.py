@@ -97,3 +97,21 @@ def test_a_missing_ordinal_is_a_clear_error() -> None:
     )
     assert result.returncode != 0
     assert "cannot tell this pod's ordinal" in result.stderr
+
+
+def test_two_agents_claiming_one_ordinal_both_fail_clearly(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    job = LocalJob(
+        tmp_path / "job",
+        [str(WORKER), str(out)],
+        nnodes=2,
+        run_id="twice",
+        pod_env={1: {"PEER_RECOVERY_ORDINAL": "0"}},
+    )
+    with job:
+        job.start()
+        codes = job.wait(180)
+    assert all(code != 0 for code in codes.values()), codes
+    assert job.logs().count("two agents claim one pod ordinal: ordinal 0 claimed by") >= 2
+    assert not list(out.glob("round*.json"))  # no worker ever started

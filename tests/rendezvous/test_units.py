@@ -1,0 +1,216 @@
+"""The plugin's parts without torchrun: ordinals, launch checks, plan sources, the exchange."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from peer_recovery.api import Mode, PlannedBy
+from peer_recovery.plan_sources import LocalPlanSource, PlanEntry, PlanSourceError
+from peer_recovery.rendezvous import exchange
+from peer_recovery.rendezvous.identity import ordinal_from_env
+from peer_recovery.rendezvous.launch import LaunchConfigError, check_launch, launch_problems
+from peer_recovery.rendezvous.round import RoundPublisher, directive_key, plan_key
+
+# --- identity ---------------------------------------------------------------------------
+
+
+def test_the_ordinal_comes_from_the_first_variable_set_in_precedence_order() -> None:
+    assert ordinal_from_env({"RANK": "2", "PET_NODE_RANK": "1"}, 4) == (1, "PET_NODE_RANK")
+    assert ordinal_from_env({"RANK": "3"}, 4) == (3, "RANK")
+    assert ordinal_from_env({"PEER_RECOVERY_REPLICA_INDEX": "0"}, 4) == (
+        0,
+        "PEER_RECOVERY_REPLICA_INDEX",
+    )
+    assert ordinal_from_env({"PEER_RECOVERY_ORDINAL": "2", "RANK": "0"}, 4)[0] == 2
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "cannot tell this pod's ordinal"),
+        ({"RANK": "two"}, "RANK='two' is not an integer"),
+        ({"RANK": "4"}, "RANK=4 is out of range for a job of 4 nodes"),
+        ({"RANK": "-1"}, "out of range"),
+    ],
+)
+def test_a_missing_or_bad_ordinal_is_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ordinal_from_env(env, 4)
+
+
+# --- launch checks ----------------------------------------------------------------------
+
+
+def test_launch_settings_that_work() -> None:
+    assert launch_problems(run_id="job", min_nodes=4, max_nodes=4, max_restarts=3) == []
+    # Not under torchrun (max_restarts unknown): the other checks still apply.
+    assert launch_problems(run_id="job", min_nodes=2, max_nodes=2, max_restarts=None) == []
+
+
+def test_every_unmet_launch_requirement_is_listed_at_once() -> None:
+    with pytest.raises(LaunchConfigError) as caught:
+        check_launch(run_id="none", min_nodes=1, max_nodes=4, max_restarts=0)
+    text = str(caught.value)
+    assert "--max-restarts is 0" in text and "--rdzv-id is not set" in text
+    assert "--nnodes is 1:4" in text
+
+
+# --- plan sources -----------------------------------------------------------------------
+
+
+def test_a_plan_file_gives_each_target_its_entry(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(
+        json.dumps(
+            {
+                "plans": [
+                    {"target": 2, "source": 1},
+                    {"target": 3, "source": 0, "plannedBy": "runtime"},
+                ]
+            }
+        )
+    )
+    source = LocalPlanSource(path)
+    assert source.plan_for(run_id="j", target=2, round_no=1, timeout=0) == PlanEntry(
+        2, 1, Mode.PEER, PlannedBy.OPERATOR
+    )
+    assert (
+        source.plan_for(run_id="j", target=3, round_no=1, timeout=0).planned_by is PlannedBy.RUNTIME
+    )
+    assert source.plan_for(run_id="j", target=0, round_no=1, timeout=0) is None
+
+
+def test_a_plan_file_written_late_is_read_within_the_bound(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    script = f'import time, pathlib; time.sleep(0.5); pathlib.Path({str(path)!r}).write_text(\'{{"plans": [{{"target": 1, "source": 0}}]}}\')'
+    writer = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        entry = LocalPlanSource(path).plan_for(run_id="j", target=1, round_no=1, timeout=30)
+    finally:
+        writer.wait(timeout=30)
+    assert entry is not None and entry.source == 0
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ("not json", "not valid JSON"),
+        ('{"plan": []}', "expected"),
+        ('{"plans": [{"target": "2", "source": 1}]}', "'target' must be a pod ordinal"),
+        ('{"plans": [{"target": 2}]}', "a Peer plan needs 'source'"),
+        ('{"plans": [{"target": 2, "source": 2}]}', "cannot be its own source"),
+        ('{"plans": [{"target": 2, "source": 1, "mode": "Sideways"}]}', "Sideways"),
+        (
+            '{"plans": [{"target": 2, "source": 1, "mode": "Local"}]}',
+            "a Local plan has no 'source'",
+        ),
+    ],
+)
+def test_a_malformed_plan_file_is_refused_with_what_was_wrong(
+    tmp_path: Path, document: str, message: str
+) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(document)
+    with pytest.raises(PlanSourceError, match=message) as caught:
+        LocalPlanSource(path).plan_for(run_id="j", target=2, round_no=1, timeout=0)
+    assert str(path) in str(caught.value)
+
+
+# --- the exchange -----------------------------------------------------------------------
+
+
+def test_values_from_the_store_are_json_objects_within_a_cap() -> None:
+    assert exchange.decode(exchange.encode({"a": 1}), "x") == {"a": 1}
+    with pytest.raises(exchange.ExchangeError, match="not valid JSON"):
+        exchange.decode(b"\x80\x04pickle", "agent 1")
+    with pytest.raises(exchange.ExchangeError, match="expected a JSON object"):
+        exchange.decode(b"[1]", "agent 1")
+    with pytest.raises(exchange.ExchangeError, match="exceeds"):
+        exchange.decode(b" " * (exchange.MAX_VALUE_BYTES + 1), "agent 1")
+
+
+@pytest.fixture
+def store():
+    from torch.distributed import TCPStore
+
+    server = TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10)
+    )
+    yield server
+
+
+class _CountingSource:
+    def __init__(self, entry: PlanEntry | None) -> None:
+        self.entry, self.calls = entry, 0
+
+    def plan_for(
+        self, *, run_id: str, target: int, round_no: int, timeout: float
+    ) -> PlanEntry | None:
+        self.calls += 1
+        return self.entry
+
+
+def test_a_round_publishes_holdings_plans_and_consumes_a_load_checkpoint_marker(store) -> None:
+    run, prefix = "job", exchange.round_prefix("job", 7)
+    held = [{"rank": 1, "step": 5, "shard_key": "k", "nbytes": 10}]
+    entry = PlanEntry(0, 1, Mode.PEER, PlannedBy.OPERATOR)
+    source = _CountingSource(entry)
+    store.set(
+        exchange.load_checkpoint_key(run), exchange.encode({"reason": "round 6: rank 0 failed"})
+    )
+    # Pod 1 holds a snapshot: it publishes without asking for a plan.
+    RoundPublisher(lambda: held, source).publish(store, run, 7, 1, 2)
+    assert source.calls == 0
+    # Pod 0 (rank 0's agent) rejoins empty: it asks, and publishes the directive once.
+    RoundPublisher(lambda: [], source, plan_timeout=0.1).publish(store, run, 7, 0, 2)
+    assert source.calls == 1
+    agent1 = exchange.decode(store.get(exchange.agent_key(prefix, 1)), "a")
+    assert agent1["holdings"] == held and agent1["ordinal"] == 1
+    assert exchange.decode(store.get(plan_key(prefix, 0)), "p")["plan"] == entry.to_json()
+    assert exchange.decode(store.get(plan_key(prefix, 1)), "p")["plan"] is None
+    directive = exchange.decode(store.get(directive_key(prefix)), "d")
+    assert directive["load_checkpoint"] == "round 6: rank 0 failed"
+    assert not store.check([exchange.load_checkpoint_key(run)])  # consumed
+
+
+def test_no_pod_waits_for_a_plan_when_no_pod_holds_a_snapshot(store) -> None:
+    # A job's first start: both pods rejoin empty, concurrently, as agents do.
+    from torch.distributed import TCPStore
+
+    source = _CountingSource(None)
+    clients = [TCPStore("127.0.0.1", store.port, is_master=False) for _ in range(2)]
+    publishers = [
+        threading.Thread(
+            target=RoundPublisher(lambda: [], source, plan_timeout=30).publish,
+            args=(clients[ordinal], "job", 1, ordinal, 2),
+        )
+        for ordinal in (0, 1)
+    ]
+    started = time.monotonic()
+    for thread in publishers:
+        thread.start()
+    for thread in publishers:
+        thread.join(timeout=60)
+    assert source.calls == 0 and time.monotonic() - started < 30
+    prefix = exchange.round_prefix("job", 1)
+    assert all(exchange.decode(store.get(plan_key(prefix, o)), "p")["plan"] is None for o in (0, 1))
+
+
+def test_importing_the_entry_point_is_cheap() -> None:
+    code = (
+        "import sys, peer_recovery.rendezvous as r; r.handler_creator();"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'kubernetes', 'kopf'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
