@@ -51,7 +51,8 @@ tools:
 
 # Runs the test control plane in the foreground. Its only stdout line is
 # `export KUBECONFIG=...` (progress goes to stderr); Ctrl-C stops it.
-cluster: venv
+cluster:
+	@$(MAKE) --no-print-directory venv >&2
 	@tools/build.sh >&2
 	@$(PY) -m tests.controlplane
 

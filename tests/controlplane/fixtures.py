@@ -26,7 +26,7 @@ from tests.controlplane.cluster import ControlPlane
 __all__ = ["control_plane", "control_plane_options", "namespace", "require_bin_dir"]
 
 REQUIRE_ENV = "PEER_RECOVERY_REQUIRE_CLUSTER"
-ARTIFACTS = REPO_ROOT / ".artifacts" / "control-plane"
+ARTIFACTS_ENV = "PEER_RECOVERY_ARTIFACTS"  # overrides .artifacts/ (the repository's)
 
 
 class _KeepLogsOnFailure:
@@ -40,7 +40,8 @@ class _KeepLogsOnFailure:
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
         report = yield
         if report.failed and "control_plane" in getattr(item, "fixturenames", ()):
-            dest = ARTIFACTS / re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid)[-120:]
+            root = Path(os.environ.get(ARTIFACTS_ENV, REPO_ROOT / ".artifacts"))
+            dest = root / "control-plane" / re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid)[-120:]
             shutil.copytree(self.plane.log_dir, dest, dirs_exist_ok=True)
             tails = "\n".join(
                 f"--- {name}:\n{component.log_tail(15)}"

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+from pathlib import Path
 
 import kubernetes.client
 import pytest
@@ -14,7 +16,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tests.controlplane import ControlPlane
 from tests.controlplane._proc import group_alive
-from tests.controlplane._support import poll
+from tests.controlplane._support import REPO_ROOT, poll
 from tests.controlplane.fixtures import require_bin_dir
 from tests.controlplane.pytorchjob import (
     GROUP,
@@ -181,3 +183,43 @@ def test_stop_leaves_no_process_alive() -> None:
     port = int(plane.server.rsplit(":", 1)[1])
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def _pins() -> dict[str, str]:
+    lines = (REPO_ROOT / "tools" / "versions.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_binaries_report_the_pinned_versions(control_plane: ControlPlane) -> None:
+    pins = _pins()
+    versions = json.loads(control_plane.kubectl("version", "-o", "json").stdout)
+    assert versions["clientVersion"]["gitVersion"] == pins["K8S_VERSION"]
+    assert versions["serverVersion"]["gitVersion"] == pins["K8S_VERSION"]
+    helm = subprocess.run(
+        [str(control_plane.bin_dir / "helm"), "version", "--short"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert helm.stdout.startswith(pins["HELM_VERSION"])
+
+
+def test_helm_installs_a_chart_and_sees_the_cluster_version(
+    control_plane: ControlPlane, namespace: str, tmp_path: Path
+) -> None:
+    chart = tmp_path / "probe"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: probe\nversion: 0.1.0\n")
+    (chart / "templates" / "cm.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: probe\n"
+        "data:\n  kubeVersion: {{ .Capabilities.KubeVersion.Version | quote }}\n"
+    )
+    subprocess.run(
+        [str(control_plane.bin_dir / "helm"), "install", "probe", str(chart), "-n", namespace,
+         f"--kubeconfig={control_plane.kubeconfig}", "--wait", "--timeout=60s"],
+        capture_output=True, text=True, timeout=120, check=True,
+        env={**os.environ, "HELM_CACHE_HOME": str(tmp_path / "cache"),
+             "HELM_CONFIG_HOME": str(tmp_path / "config"), "HELM_DATA_HOME": str(tmp_path / "data")},
+    )  # fmt: skip
+    data = json.loads(
+        control_plane.kubectl("get", "configmap", "probe", "-n", namespace, "-o", "json").stdout
+    )["data"]
+    assert data["kubeVersion"] == _pins()["K8S_VERSION"]

@@ -133,3 +133,34 @@ def test_kubeconfig_embeds_credentials(tmp_path: Path) -> None:
     assert config["clusters"][0]["cluster"]["certificate-authority-data"] == "Q0E="
     with pytest.raises(ValueError, match="client certificate or a token"):
         write_kubeconfig(tmp_path / "k2", server="s", ca_cert=ca, user="u")
+
+
+_FAILS_ON_CLUSTER = """
+import pytest
+
+@pytest.mark.cluster
+def test_fails(control_plane):
+    control_plane.kubectl("get", "nodes")
+    assert False, "deliberate"
+"""
+
+
+@pytest.mark.cluster
+def test_a_failing_cluster_test_keeps_the_component_logs(tmp_path: Path) -> None:
+    from tests.controlplane.fixtures import require_bin_dir
+
+    require_bin_dir()
+    test_file = tmp_path / "test_fails_on_cluster.py"
+    test_file.write_text(_FAILS_ON_CLUSTER)
+    env = {**os.environ, "PEER_RECOVERY_ARTIFACTS": str(tmp_path / "artifacts")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "tests.controlplane.fixtures", "-q",
+         "-p", "no:cacheprovider", "-o", "addopts=", str(test_file)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "control plane logs" in result.stdout
+    (kept,) = (tmp_path / "artifacts" / "control-plane").iterdir()
+    names = {p.name for p in kept.iterdir()}
+    assert {"etcd.log", "kube-apiserver.log", "kube-controller-manager.log", "kwok.log"} <= names
+    assert "kube-apiserver" in (kept / "kube-apiserver.log").read_text()
