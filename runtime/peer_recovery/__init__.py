@@ -19,6 +19,11 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "PeerRecovery": "peer_recovery.recovery",
     "RankPlan": "peer_recovery.recovery",
     "RestoreResult": "peer_recovery.recovery",
+    # Peer restore under torchrun's peer-recovery rendezvous backend.
+    "EXIT_TRANSFER_FAILED": "peer_recovery.peer_restore",
+    "LocalPlanSource": "peer_recovery.plan_sources",
+    "PlanEntry": "peer_recovery.plan_sources",
+    "PlanSource": "peer_recovery.plan_sources",
     # The contract shared with the operator (torch-free).
     "Assignment": "peer_recovery.planning",
     "Phase": "peer_recovery.api",

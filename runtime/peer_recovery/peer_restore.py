@@ -228,7 +228,8 @@ def _transport(
         pg_store, members.index(recovery.rank), len(members), timedelta(seconds=timeout)
     )
     progress = _fault_progress(env)
-    inner = PGTransport(pg, timeout, "cpu", state_dict=recovery.template, progress=progress)
+    device = _state_device(recovery)
+    inner = PGTransport(pg, timeout, device, state_dict=recovery.template, progress=progress)
     marker = exchange.load_checkpoint_key(ctx.run_id)
 
     def fail(error: BaseException) -> None:
@@ -244,6 +245,17 @@ def _transport(
             os._exit(EXIT_TRANSFER_FAILED)
 
     return _RecoveryTransport(inner, list(members), pg, fail, recovery.template)
+
+
+def _state_device(recovery: PeerRecovery) -> Any:
+    """Where the registered model lives (fresh received tensors go there); CPU by default."""
+    import torch
+
+    for obj in recovery.state.objects.values():
+        if isinstance(obj, torch.nn.Module):
+            for tensor in (*obj.parameters(), *obj.buffers()):
+                return tensor.device
+    return torch.device("cpu")
 
 
 def _fault_progress(env: Mapping[str, str]) -> Callable[[int, int], None] | None:
