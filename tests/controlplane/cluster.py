@@ -13,6 +13,7 @@ be stopped and started again on the same port against the same etcd.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import ssl
 import subprocess
@@ -20,10 +21,18 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import yaml
 
+from tests.controlplane._commands import (
+    FAKE_NODE_ANNOTATION,
+    apiserver_argv,
+    controller_manager_argv,
+    etcd_argv,
+    kwok_argv,
+    node_manifest,
+)
 from tests.controlplane._pki import Pki, make_pki
 from tests.controlplane._proc import Component
 from tests.controlplane._support import find_bin_dir, free_ports, poll, write_kubeconfig
@@ -36,14 +45,7 @@ __all__ = ["FAKE_NODE_ANNOTATION", "ControlPlane", "KubectlError"]
 _HERE = Path(__file__).resolve().parent
 CRD_PATH = _HERE / "pytorchjob-crd.yaml"
 STAGES_PATH = _HERE / "kwok-stages.yaml"
-FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 _START_TIMEOUT_S = 60.0
-_CONTROLLERS = (
-    "garbage-collector-controller",
-    "namespace-controller",
-    "serviceaccount-controller",
-    "root-ca-certificate-publisher-controller",
-)
 
 
 class KubectlError(subprocess.CalledProcessError):
@@ -77,7 +79,13 @@ class ControlPlane:
         }
         etcd_client, etcd_peer, apiserver, kcm, kwok = free_ports(5)
         self.server = f"https://127.0.0.1:{apiserver}"
-        self._ports = {"etcd": etcd_client, "etcd-peer": etcd_peer, "kcm": kcm, "kwok": kwok}
+        self._ports = {
+            "etcd": etcd_client,
+            "etcd-peer": etcd_peer,
+            "apiserver": apiserver,
+            "kcm": kcm,
+            "kwok": kwok,
+        }
         self.kubeconfig = self.work_dir / "admin.kubeconfig"
         self.startup_seconds: float | None = None
         self._pki: Pki | None = None
@@ -113,7 +121,7 @@ class ControlPlane:
         self.startup_seconds = time.monotonic() - began
 
     def _start(self) -> None:
-        etcd = self._component("etcd", self._etcd_argv())
+        etcd = self._component("etcd", etcd_argv(self.bin_dir, self.work_dir, self._ports))
         etcd.start()
         self._pki = pki = make_pki(self.work_dir / "pki")
         write_kubeconfig(
@@ -136,11 +144,18 @@ class ControlPlane:
         poll(
             "etcd /health", lambda: _http_ok(etcd_url), timeout=_START_TIMEOUT_S, alive=self.exited
         )
-        self._component("kube-apiserver", self._apiserver_argv())
+        self._component(
+            "kube-apiserver", apiserver_argv(self.bin_dir, self.work_dir, self._ports, pki)
+        )
         self.start_apiserver()
         self._install_crd()
-        self._component("kube-controller-manager", self._controller_manager_argv()).start()
-        self._component("kwok", self._kwok_argv()).start()
+        self._component(
+            "kube-controller-manager",
+            controller_manager_argv(self.bin_dir, self.work_dir, self._ports, pki),
+        ).start()
+        self._component(
+            "kwok", kwok_argv(self.bin_dir, self.kubeconfig, STAGES_PATH, self._ports)
+        ).start()
         self._create_nodes()
         kcm_url = f"https://127.0.0.1:{self._ports['kcm']}/healthz"
         poll(
@@ -259,8 +274,6 @@ class ControlPlane:
     def _component(self, name: str, argv: list[str]) -> Component:
         env = None
         if name == "kwok":  # keep KWOK away from a user's ~/.kwok configuration
-            import os
-
             env = {**os.environ, "HOME": str(self.work_dir)}
         component = Component(name, argv, self.log_dir, env=env)
         self._components[name] = component
@@ -273,76 +286,6 @@ class ControlPlane:
             if code is not None:
                 return f"{component.name} exited with status {code}:\n{component.log_tail(20)}"
         return None
-
-    def _etcd_argv(self) -> list[str]:
-        client = f"http://127.0.0.1:{self._ports['etcd']}"
-        peer = f"http://127.0.0.1:{self._ports['etcd-peer']}"
-        return [
-            str(self.bin_dir / "etcd"),
-            "--name=test",
-            f"--data-dir={self.work_dir / 'etcd'}",
-            f"--listen-client-urls={client}",
-            f"--advertise-client-urls={client}",
-            f"--listen-peer-urls={peer}",
-            f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=test={peer}",
-            "--unsafe-no-fsync",  # test data; durability across power loss is not needed
-            "--log-level=warn",
-        ]
-
-    def _apiserver_argv(self) -> list[str]:
-        pki = self._pki
-        assert pki is not None
-        port = self.server.rsplit(":", 1)[1]
-        return [
-            str(self.bin_dir / "kube-apiserver"),
-            f"--etcd-servers=http://127.0.0.1:{self._ports['etcd']}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={port}",
-            f"--cert-dir={self.work_dir / 'apiserver-certs'}",
-            f"--tls-cert-file={pki.serving_cert}",
-            f"--tls-private-key-file={pki.serving_key}",
-            f"--client-ca-file={pki.ca_cert}",
-            "--authorization-mode=RBAC",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={pki.sa_pub}",
-            f"--service-account-signing-key-file={pki.sa_key}",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            "--endpoint-reconciler-type=none",
-            "--profiling=false",
-            "--v=1",
-        ]
-
-    def _controller_manager_argv(self) -> list[str]:
-        pki = self._pki
-        assert pki is not None
-        return [
-            str(self.bin_dir / "kube-controller-manager"),
-            f"--kubeconfig={self.work_dir / 'controller-manager.kubeconfig'}",
-            f"--controllers={','.join(_CONTROLLERS)}",
-            f"--root-ca-file={pki.ca_cert}",
-            "--leader-elect=false",
-            "--use-service-account-credentials=true",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={self._ports['kcm']}",
-            f"--cert-dir={self.work_dir / 'controller-manager-certs'}",
-            "--concurrent-gc-syncs=5",
-            "--profiling=false",
-            "--v=1",
-        ]
-
-    def _kwok_argv(self) -> list[str]:
-        return [
-            str(self.bin_dir / "kwok"),
-            f"--kubeconfig={self.kubeconfig}",
-            f"--config={STAGES_PATH}",
-            f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}=fake",
-            "--node-ip=10.1.0.1",
-            "--cidr=10.244.0.0/16",
-            f"--server-address=127.0.0.1:{self._ports['kwok']}",
-            "--node-lease-duration-seconds=0",
-        ]
 
     def _apiserver_ready(self) -> bool:
         pki = self._pki
@@ -386,7 +329,7 @@ class ControlPlane:
         with self.api_client() as client:
             core = kubernetes.client.CoreV1Api(client)
             for name in self.nodes:
-                core.create_node(_node_manifest(name, self.zones[name]))
+                core.create_node(node_manifest(name, self.zones[name]))
 
     def _nodes_ready(self) -> bool:
         import kubernetes.client
@@ -399,24 +342,6 @@ class ControlPlane:
             if any(c.type == "Ready" and c.status == "True" for c in (n.status.conditions or []))
         }
         return set(self.nodes) <= ready
-
-
-def _node_manifest(name: str, zone: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {
-            "name": name,
-            "annotations": {FAKE_NODE_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
-            "labels": {
-                "kubernetes.io/hostname": name,
-                "kubernetes.io/os": "linux",
-                "kubernetes.io/arch": "amd64",
-                "topology.kubernetes.io/zone": zone,
-                "type": "kwok",
-            },
-        },
-    }
 
 
 def _http_ok(url: str, *, context: ssl.SSLContext | None = None, verify: bool = True) -> bool:
