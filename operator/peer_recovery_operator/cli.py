@@ -101,6 +101,9 @@ def _configure_logging(config: OperatorConfig) -> None:
 
     log_format = kopf.LogFormat.JSON if config.log_format == "json" else kopf.LogFormat.FULL
     kopf.configure(verbose=config.verbose, log_format=log_format)
+    if not config.verbose:  # kopf logs every handled event at INFO: thousands per minute
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
 

@@ -42,6 +42,12 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
         settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf")
         tasks.append(asyncio.get_running_loop().create_task(_sweeper(engine)))
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # A registry of our own gets none of kopf's default login handlers: use the same
+        # credentials as our client ($KUBECONFIG, else in-cluster).
+        return kopf.login_via_client(**kwargs)
+
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
         for task in tasks:
