@@ -12,7 +12,7 @@ after a warm-up, the median of ``--repeats`` transfers of:
 Workloads: large tensors (``--large-mb``, default 1024 MB in 64 MB tensors), 20,000 small
 tensors of 1-64 KB, and a GPT-2-small-shaped model (124M parameters) with AdamW state.
 Times are taken on the receiver, from a barrier to the last byte in place. Peak RSS is the
-growth of each side's resident set over the state it already held, sampled during the runs.
+growth of each side's resident set over what it held before (kernel peak counter).
 
     python benchmarks/transport.py [--repeats 5] [--large-mb 1024] [--only small,model]
 """
@@ -20,12 +20,12 @@ growth of each side's resident set over the state it already held, sampled durin
 from __future__ import annotations
 
 import argparse
+import ctypes
 import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -115,103 +115,104 @@ def _zeros_like(state: Any) -> Any:
 
 
 class _RssPeak:
-    """Samples this process's RSS in a thread; ``peak`` is the max growth over the start."""
+    """Peak resident set growth of this process over a block, from the kernel's own counter.
+
+    On entry, freed heap is returned to the kernel (``malloc_trim``) and the peak counter
+    (VmHWM) is reset through ``/proc/self/clear_refs``; on exit, ``peak`` is VmHWM minus the
+    resident set at entry.
+    """
 
     def __init__(self) -> None:
-        self._page = os.sysconf("SC_PAGE_SIZE")
         self.base = self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
+    @staticmethod
+    def _status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{field} not in /proc/self/status")
 
     def __enter__(self) -> _RssPeak:
-        self.base = self.peak = self.rss()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self.base = self._status("VmRSS")
         return self
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self.rss())
-
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join()
-        self.peak = max(self.peak, self.rss()) - self.base
+        self.peak = self._status("VmHWM") - self.base
+
+
+def _methods(rank: int, pg: Any, work: dict[str, Any], inplace: bool) -> dict[str, Any]:
+    """The four ways to move one workload, as zero-argument callables for this side."""
+    import torch
+    from torch.distributed.checkpoint._pg_transport import PGTransport as Upstream
+
+    from peer_recovery.transport import PGTransport as Ours
+
+    cpu = torch.device("cpu")
+    if rank == 0:
+        state, flat = work["state"], work["flat"]
+        return {
+            "ceiling": lambda: pg.send([flat], 1, 99).wait(),
+            "upstream": lambda: Upstream(pg, TIMEOUT, cpu).send_checkpoint([1], state),
+            "ours": lambda: Ours(pg, TIMEOUT, cpu).send_checkpoint([1], state),
+            "ours+crc": lambda: Ours(pg, TIMEOUT, cpu, integrity=True).send_checkpoint([1], state),
+        }
+    targets, reused, total = work["targets"], work["reused"], work["total"]
+    fn = (lambda: targets) if inplace else None
+
+    def ceiling() -> None:
+        buf = reused if inplace else torch.empty(total, dtype=torch.uint8)
+        pg.recv([buf], 0, 99).wait()
+
+    return {
+        "ceiling": ceiling,
+        "upstream": lambda: Upstream(pg, TIMEOUT, cpu, fn).recv_checkpoint(0),
+        "ours": lambda: Ours(pg, TIMEOUT, cpu, fn).recv_checkpoint(0),
+        "ours+crc": lambda: Ours(pg, TIMEOUT, cpu, fn, integrity=True).recv_checkpoint(0),
+    }
+
+
+def _prepare(rank: int, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The sender's state and flat buffer, or the receiver's in-place targets and buffer."""
+    import torch
+
+    state = WORKLOADS[name](args)
+    total = sum(t.numel() * t.element_size() for t in _tensors(state))
+    if rank == 0:
+        return {"state": state, "flat": torch.empty(total, dtype=torch.uint8), "total": total}
+    targets = _zeros_like(state)  # same shapes as the sender's; values differ
+    del state
+    return {"targets": targets, "reused": torch.zeros(total, dtype=torch.uint8), "total": total}
 
 
 def _worker(rank: int, store: str, args: argparse.Namespace, out: Any) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch
     import torch.distributed as dist
-    from torch.distributed.checkpoint._pg_transport import PGTransport as Upstream
-
-    from peer_recovery.transport import PGTransport as Ours
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     pg = dist.group.WORLD
-    cpu = torch.device("cpu")
     rows = []
     for name in args.only:
-        state = WORKLOADS[name](args) if rank == 0 else None
-        # The receiver needs the same shapes for in-place targets: the sender's state is
-        # deterministic except values, so it rebuilds it and zeroes it.
-        if rank == 1:
-            targets = _zeros_like(WORKLOADS[name](args))
-            total = sum(t.numel() * t.element_size() for t in _tensors(targets))
-        else:
-            total = sum(t.numel() * t.element_size() for t in _tensors(state))
-            flat = torch.empty(total, dtype=torch.uint8)
-        reused = torch.empty(total, dtype=torch.uint8) if rank == 1 else None
-        if reused is not None:
-            reused.zero_()
+        work = _prepare(rank, name, args)
         for mode in ("fresh", "in place"):
-            inplace = mode == "in place"
-            fn = (lambda t=targets: t) if rank == 1 and inplace else None
-            methods: dict[str, Callable[[], object]] = {}
-            if rank == 0:
-                methods = {
-                    "ceiling": lambda: pg.send([flat], 1, 99).wait(),
-                    "upstream": lambda: Upstream(pg, TIMEOUT, cpu).send_checkpoint([1], state),
-                    "ours": lambda: Ours(pg, TIMEOUT, cpu).send_checkpoint([1], state),
-                    "ours+crc": lambda: Ours(pg, TIMEOUT, cpu, integrity=True).send_checkpoint(
-                        [1], state
-                    ),
-                }
-            else:
-
-                def ceiling() -> None:
-                    buf = reused if inplace else torch.empty(total, dtype=torch.uint8)
-                    pg.recv([buf], 0, 99).wait()
-
-                methods = {
-                    "ceiling": ceiling,
-                    "upstream": lambda: Upstream(pg, TIMEOUT, cpu, fn).recv_checkpoint(0),
-                    "ours": lambda: Ours(pg, TIMEOUT, cpu, fn).recv_checkpoint(0),
-                    "ours+crc": lambda: Ours(pg, TIMEOUT, cpu, fn, integrity=True).recv_checkpoint(
-                        0
-                    ),
-                }
-            for method, run in methods.items():
+            for method, run in _methods(rank, pg, work, mode == "in place").items():
                 times = []
                 with _RssPeak() as rss:
-                    for rep in range(args.warmup + args.repeats):
+                    for _ in range(args.warmup + args.repeats):
                         dist.barrier()
                         t0 = time.perf_counter()
                         result = run()
-                        dt = time.perf_counter() - t0
+                        times.append(time.perf_counter() - t0)
                         del result
-                        if rep >= args.warmup:
-                            times.append(dt)
-                rows.append((name, mode, method, total, statistics.median(times), rss.peak))
+                times = times[args.warmup :]
+                rows.append((name, mode, method, work["total"], statistics.median(times), rss.peak))
                 print(f"  rank {rank}: {name}/{mode}/{method} done", file=sys.stderr, flush=True)
-        del state
+        del work
     out.put((rank, rows))
     dist.barrier()
     dist.destroy_process_group()

@@ -32,7 +32,8 @@ from peer_recovery.transport.plan import Bucket, Chunk, Message
 __all__ = ["DATA_TAG", "Wire", "post", "recv_messages", "send_messages", "wait_work"]
 
 DATA_TAG = 16  # message i uses tags DATA_TAG + 2i (data) and DATA_TAG + 2i + 1 (checksum)
-_DEPTH = 3
+_DEPTH = 3  # messages in flight
+_BUFFERS = 2  # reusable bucket/staging buffers per transfer
 
 
 @dataclass
@@ -105,13 +106,19 @@ class _Pool:
         self._free.append(buf)
 
 
-def _pool_for(plan: Sequence[Message], staged: Callable[[Chunk], bool], wire: Wire) -> _Pool:
+def _pool_for(
+    plan: Sequence[Message],
+    staged: Callable[[Chunk], bool],
+    wire: Wire,
+    tensors: Sequence[torch.Tensor],
+) -> _Pool:
+    """Two buffers of the largest bucket or staged chunk; pinned when GPU memory is staged."""
     size = max(
         (m.nbytes for m in plan if isinstance(m, Bucket) or staged(m)),  # type: ignore[arg-type]
         default=0,
     )
-    pin = wire.device.type == "cpu" and torch.cuda.is_available()
-    return _Pool(2, size, wire.device, pin)
+    pin = wire.device.type == "cpu" and any(t.device.type == "cuda" for t in tensors)
+    return _Pool(_BUFFERS, size, wire.device, pin)
 
 
 @dataclass
@@ -203,7 +210,7 @@ def send_messages(
 ) -> None:
     """Send every planned message to every destination."""
     staged = lambda m: payloads[m.index].device != wire.device  # noqa: E731
-    pool = _pool_for(plan, staged, wire)
+    pool = _pool_for(plan, staged, wire, payloads)
     inflight: deque[_Flight] = deque()
     contiguous: dict[int, torch.Tensor] = {}
 
@@ -270,7 +277,7 @@ def recv_messages(
         return land
 
     staged = lambda m: dests[m.index].device != wire.device  # noqa: E731
-    pool = _pool_for(plan, staged, wire)
+    pool = _pool_for(plan, staged, wire, dests)
     inflight: deque[_Flight] = deque()
 
     def finish(f: _Flight) -> None:

@@ -1,0 +1,156 @@
+"""Pure parts of the transport, without processes: planning, metadata codec, views."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import OrderedDict
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peer_recovery.transport import Limits, MetadataError
+from peer_recovery.transport._views import byte_view, flat_bytes, typed_view
+from peer_recovery.transport.describe import describe_state, index_targets, map_leaves
+from peer_recovery.transport.metadata import (
+    Header,
+    TensorLeaf,
+    TensorSpec,
+    decode_metadata,
+    encode_metadata,
+    metadata_crc,
+    pack_header,
+    unpack_header,
+)
+from peer_recovery.transport.plan import Bucket, Chunk, plan_messages
+from tests.transport._cases import DTYPES, assert_same, random_tensor, tensor_bytes
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 5000), max_size=60),
+    bucket=st.integers(1, 200).map(lambda n: n * 16),
+    chunk=st.integers(1, 200).map(lambda n: n * 16),
+    small_frac=st.floats(0, 1),
+)
+def test_plan_covers_every_byte_exactly_once(
+    sizes: list[int], bucket: int, chunk: int, small_frac: float
+) -> None:
+    small = int(bucket * small_frac)
+    plan = plan_messages(sizes, bucket=bucket, chunk=chunk, small=small)
+    covered: dict[int, list[tuple[int, int]]] = {i: [] for i in range(len(sizes))}
+    for m in plan:
+        if isinstance(m, Bucket):
+            assert 0 < m.nbytes <= bucket and m.payload_bytes == m.nbytes
+            offset = 0
+            for idx, off, n in m.entries:
+                assert off == offset and n == sizes[idx] <= small  # dense, small ones only
+                covered[idx].append((0, n))
+                offset += n
+            assert offset == m.nbytes
+        else:
+            assert isinstance(m, Chunk) and 0 < m.nbytes <= chunk and sizes[m.index] > small
+            covered[m.index].append((m.start, m.end))
+    for idx, size in enumerate(sizes):
+        spans = covered[idx]
+        assert sum(e - s for s, e in spans) == size
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))  # in order, no gaps
+
+
+def test_plan_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError, match="bad plan sizes"):
+        plan_messages([1], bucket=16, chunk=16, small=32)
+
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**100), 2**100),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.binary(max_size=20),
+    st.sampled_from([torch.float32, torch.bfloat16, torch.float8_e5m2, torch.qint8]),
+)
+keys = st.one_of(st.text(max_size=8), st.integers(-5, 5), st.booleans(), st.none())
+trees = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.lists(inner, max_size=4).map(tuple),
+        st.dictionaries(keys, inner, max_size=4),
+        st.dictionaries(keys, inner, max_size=4).map(OrderedDict),
+    ),
+    max_leaves=30,
+)
+
+
+def _round_trip(state: Any) -> Any:
+    described = describe_state(state)
+    specs = [TensorSpec(p.dtype, p.shape, p.numel() * p.element_size()) for p in described.payloads]
+    raw = encode_metadata(described.tree, specs, bucket=4096, chunk=4096, small=512)
+    header = unpack_header(pack_header(Header(3, True, len(raw), metadata_crc(raw))), Limits())
+    assert header.step == 3 and header.integrity
+    meta = decode_metadata(raw, header, Limits())
+    assert [(s.dtype, tuple(s.shape)) for s in meta.tensors] == [
+        (s.dtype, tuple(s.shape)) for s in specs
+    ]
+    return map_leaves(meta.tree, lambda path, leaf: described.payloads[leaf.indices[0]])
+
+
+@settings(max_examples=300, deadline=None)
+@given(trees)
+def test_containers_and_scalars_round_trip_exactly(state: Any) -> None:
+    assert_same(_round_trip(state), state)
+
+
+def test_tensor_leaves_keep_their_place_and_kind() -> None:
+    state = {"a": [torch.ones(2), {"p": torch.nn.Parameter(torch.zeros(3))}], "s": torch.Size([2])}
+    described = describe_state(state)
+    assert described.tree[2][0] == ["l", [["T", 0, 0], ["d", [["s", "p"]], [["T", 1, 2]]]]]
+    assert described.name(1) == "['a'][1]['p']"
+    got = _round_trip(state)
+    assert got["a"][1]["p"] is state["a"][1]["p"] and type(got["s"]) is torch.Size
+
+
+def test_index_targets_finds_leaves_by_key_path() -> None:
+    w = torch.ones(1)
+    found = index_targets({"m": {"w": w}, "l": [None, (1, w)]})
+    assert found[("m", "w")] is w and found[("l", 1, 1)] is w and found[("l", 0)] is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_byte_and_typed_views_share_storage_for_every_dtype(dtype: torch.dtype) -> None:
+    base = random_tensor((4, 6), dtype, 7)
+    view = base[1:3]
+    raw = byte_view(view)
+    assert raw.numel() == view.numel() * dtype.itemsize
+    assert bytes(raw.numpy()) == tensor_bytes(view)
+    assert flat_bytes(view).data_ptr() == view.data_ptr()
+    again = typed_view(byte_view(base), 6 * dtype.itemsize, dtype, (2, 6))
+    assert again.data_ptr() == view.data_ptr() and tensor_bytes(again) == tensor_bytes(view)
+    with pytest.raises(ValueError, match="contiguous"):
+        byte_view(base.t())
+
+
+def test_float_edge_values_are_bit_exact() -> None:
+    values = [math.inf, -math.inf, math.nan, -0.0, 5e-324, 1.7976931348623157e308]
+    got = _round_trip(values)
+    assert [v.hex() for v in got] == [v.hex() for v in values]
+
+
+def test_decoder_caps_the_tensor_count_and_total() -> None:
+    specs = [TensorSpec(torch.float32, (4,), 16)] * 3
+    raw = encode_metadata(
+        ["l", [["T", i, 0] for i in range(3)]], specs, bucket=64, chunk=64, small=16
+    )
+    header = Header(None, False, len(raw), metadata_crc(raw))
+    with pytest.raises(MetadataError, match="more than 2 tensors"):
+        decode_metadata(raw, header, Limits(max_tensors=2))
+    with pytest.raises(MetadataError, match="cap of 40 bytes"):
+        decode_metadata(raw, header, Limits(max_total_bytes=40))
+    assert len(decode_metadata(raw, header, Limits()).tensors) == 3
+    leaf = decode_metadata(raw, header, Limits()).tree[0]
+    assert leaf == TensorLeaf("T", (0,), 0)
