@@ -15,6 +15,7 @@ types and keys otherwise):
 - A view sends only the elements it covers; received tensors are contiguous (upstream
   keeps the sender's strides and storage offset, sending the whole storage).
 - ``nn.Parameter`` leaves work and come back as parameters (upstream raises).
+- A ``torch.Size`` leaf comes back as ``torch.Size`` (upstream's pytree returns a tuple).
 - In-place targets must match dtype and shape exactly; in-place leaves are returned as the
   receiver's own objects (same ``data_ptr``). ShardedTensor can be received in place.
 - Fresh (not in place) tensors come back on the transport's device (upstream copies them
