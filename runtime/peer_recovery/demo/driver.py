@@ -69,13 +69,21 @@ class Outcome:
         return self.restores[max(self.restores)]
 
 
-def _wait_for(paths: list[Path], job: LocalJob, timeout: float, what: str) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
+def _wait_for(
+    paths: list[Path], job: LocalJob, timeout: float, what: str, say=None
+) -> list[dict[str, Any]]:
+    started = time.monotonic()
+    next_note = started + 10
     while not all(p.exists() for p in paths):
         dead = [o for o, pod in job.pods.items() if pod.process and pod.process.poll() is not None]
-        if dead or time.monotonic() > deadline:
+        now = time.monotonic()
+        if dead or now > started + timeout:
             why = f"agents {dead} exited" if dead else f"not done after {timeout:.0f}s"
             raise RuntimeError(f"{what}: {why}; agent logs:\n{job.logs()[-8000:]}")
+        if say is not None and now >= next_note:
+            done = sum(p.exists() for p in paths)
+            say(f"  {what}: {done} of {len(paths)} ranks there after {now - started:.0f}s")
+            next_note = now + 10
         time.sleep(0.1)
     return [json.loads(p.read_text()) for p in paths]
 
@@ -104,7 +112,11 @@ def run_scenario(workdir: Path, shm_root: Path, scenario: Scenario, *, say=_say)
         say(f"starting {n} torchrun agents (pods 0-{n - 1}), rdzv peer-recovery, gloo")
         job.start()
         paused = _wait_for(
-            [out / f"paused-rank{r}.json" for r in range(n)], job, scenario.timeout, "first run"
+            [out / f"paused-rank{r}.json" for r in range(n)],
+            job,
+            scenario.timeout,
+            "training to the pause",
+            say,
         )
         say(f"all ranks trained to step {paused[0]['step']} and snapshotted into /dev/shm")
         if scenario.plans is not None:
@@ -119,7 +131,11 @@ def run_scenario(workdir: Path, shm_root: Path, scenario: Scenario, *, say=_say)
         for o in scenario.replaced:
             job.start_pod(o)
         final = _wait_for(
-            [out / f"final-rank{r}.json" for r in range(n)], job, scenario.timeout, "resume"
+            [out / f"final-rank{r}.json" for r in range(n)],
+            job,
+            scenario.timeout,
+            "restart, restore and train on",
+            say,
         )
         codes = job.wait(120)
         logs = job.logs()
