@@ -214,3 +214,58 @@ def test_importing_the_entry_point_is_cheap() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# --- forwarding -------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for c10d's handler: records which of its methods the wrapper called."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.settings = "c10d settings"
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def method(*args, **kwargs):
+            self.calls.append(name)
+            return f"{name} result"
+
+        return method
+
+    @property
+    def use_agent_store(self) -> bool:
+        self.calls.append("use_agent_store")
+        return False
+
+
+def test_every_handler_method_but_the_backend_name_is_forwarded(store) -> None:
+    from torch.distributed.elastic.rendezvous import RendezvousHandler
+
+    from peer_recovery.rendezvous.handler import PeerRecoveryRendezvousHandler
+
+    inner = _Recorder()
+    handler = PeerRecoveryRendezvousHandler(
+        inner,
+        base_store=store,
+        endpoint=("127.0.0.1", 1),
+        ordinal=0,
+        ordinal_from="RANK",
+        local_addr=None,
+    )
+    assert handler.get_backend() == "peer-recovery"
+    forwarded = {"is_closed", "set_closed", "num_nodes_waiting", "get_run_id", "shutdown"}
+    for name in sorted(forwarded):
+        result = getattr(handler, name)()
+        assert result == (None if name == "set_closed" else f"{name} result")
+    assert handler.use_agent_store is False
+    assert handler.settings == "c10d settings"  # anything else c10d's handler offers
+    assert inner.calls == [*sorted(forwarded), "use_agent_store"]
+    # Every abstract method torch declares is covered (a new one would show up here).
+    assert set(RendezvousHandler.__abstractmethods__) <= forwarded | {
+        "get_backend",
+        "next_rendezvous",
+    }
