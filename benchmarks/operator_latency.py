@@ -48,17 +48,25 @@ class PlannedWatch:
         self._cond = threading.Condition()
         self._watch = watch.Watch()
         self._custom = CustomObjectsApi(client)
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        while not self._stopped:
+            try:
+                self._stream()
+            except Exception:  # the server ends watches now and then: watch again
+                time.sleep(0.05)
+
+    def _stream(self) -> None:
         stream = self._watch.stream(
             self._custom.list_namespaced_custom_object,
             api.GROUP,
             api.VERSION,
             NAMESPACE,
             api.PLURAL,
-            timeout_seconds=3600,
+            timeout_seconds=300,
         )
         for event in stream:
             obj = event["object"]
@@ -76,6 +84,7 @@ class PlannedWatch:
             return self.seen[uid]
 
     def stop(self) -> None:
+        self._stopped = True
         self._watch.stop()
 
 
@@ -175,8 +184,33 @@ def wait_all_ready(client: Any, job: str, count: int, timeout: float = 300) -> N
     wait_for(f"{count} pods of {job} Ready", ready, timeout=timeout)
 
 
+def pod_events(operator: OperatorProcess) -> float:
+    for line in operator.metrics_text().splitlines():
+        if line.startswith('peer_recovery_watch_events_total{resource="pods"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def wait_quiet(operator: OperatorProcess, timeout: float = 300) -> float:
+    """Wait until the operator has handled every pod event so far; return how long it took."""
+    began, last, still = time.monotonic(), -1.0, 0
+    while time.monotonic() - began < timeout:
+        count = pod_events(operator)
+        still = still + 1 if count == last else 0
+        if still >= 5:
+            return time.monotonic() - began
+        last = count
+        time.sleep(0.2)
+    raise TimeoutError("the operator kept receiving pod events")
+
+
 def latency(
-    client: Any, watch: PlannedWatch, nodes: list[str], size: int, samples: int
+    client: Any,
+    watch: PlannedWatch,
+    operator: OperatorProcess,
+    nodes: list[str],
+    size: int,
+    samples: int,
 ) -> list[float]:
     from kubernetes.client import CoreV1Api
 
@@ -184,7 +218,10 @@ def latency(
     job = pj.create_job(client, NAMESPACE, name, workers=size - 1, annotations=ENABLED, pods=False)
     create_pods_fast(client, job, nodes)
     wait_all_ready(client, name, size)
-    time.sleep(2)  # let the operator's watch catch up with the initial pods
+    absorbed = wait_quiet(operator)  # steady state: the creation burst has been handled
+    print(
+        f"  {size} pods: creation burst absorbed {absorbed:.1f}s after all were Ready", flush=True
+    )
     core = CoreV1Api(client)
     results = []
     for i in range(samples):
@@ -253,14 +290,11 @@ def main(argv: list[str] | None = None) -> int:
             idle_rss = rss_kib(operator.proc.pid, "VmRSS")  # type: ignore[union-attr]
             rows = []
             for size in sizes:
-                values = latency(client, watch, nodes, size, samples)
+                values = latency(client, watch, operator, nodes, size, samples)
                 rows.append((size, statistics.median(values), percentile(values, 0.99)))
-                print(
-                    f"  {size} pods: p50 {rows[-1][1] * 1e3:.0f} ms, p99 {rows[-1][2] * 1e3:.0f} ms",
-                    flush=True,
-                )
+                print(f"  {size} pods, ms:", " ".join(f"{v * 1e3:.0f}" for v in values), flush=True)
             load_rss_pods(client, nodes, rss_pods)
-            time.sleep(10)  # the watch delivers them; the operator settles
+            wait_quiet(operator)
             assert operator.healthy()
             peak = rss_kib(operator.proc.pid, "VmHWM")  # type: ignore[union-attr]
         finally:

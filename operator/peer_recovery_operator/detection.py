@@ -7,14 +7,18 @@ Two questions, both answered from plain records (:mod:`peer_recovery_operator.vi
   ``PodReplaced`` (``Peer`` mode: the new pod's memory is empty); a rising restart count on
   the same UID is ``ContainerRestarted``, in ``Local`` mode when the pod mounts ``/dev/shm``
   from a memory emptyDir (the snapshot survived the container) and ``Peer`` mode otherwise.
-- :func:`detect_missed_replacement` is the catch-up rule for a slot this process has never
-  seen (it just started, or the job was opted in later). A pod is a replacement made while
-  nobody watched when it was created more than ``grace`` after the oldest other pod of its
-  job, and no PeerRecovery exists for its UID. Originals are created together by the
-  training-operator, so they fall inside the grace; handled replacements have their record,
-  so they are never planned twice. Container restarts that happened while the operator was
-  down are not caught up: the current restart count becomes the baseline (the runtime's
-  in-band fallback still recovers those, with ``plannedBy: runtime``).
+- :func:`detect_missed_replacement` is the catch-up rule for a pod that already existed
+  when this process started (it arrives in the watch's initial listing) in a slot this
+  process has never seen. The job's original pods are created in one burst by the
+  training-operator: sorting the creation times of the job's other pods, the burst runs
+  from the oldest for as long as each next pod follows the previous one within ``grace``.
+  A pod created more than ``grace`` after the end of that burst, with no PeerRecovery for
+  its UID, is a replacement made while nobody watched. Handled replacements have their
+  record, so they are never planned twice. Pods first seen through a live ``ADDED`` event
+  were created while the operator watched, so they are originals (or new slots), never
+  caught up. Container restarts that happened while the operator was down are not caught
+  up: the current restart count becomes the baseline (the runtime's in-band fallback still
+  recovers those, with ``plannedBy: runtime``).
 
 Invariants: a terminating pod, or an event older than what is known (a stale event for an
 old UID after the new one was seen), never yields a detection.
@@ -29,7 +33,14 @@ from datetime import datetime, timedelta
 from peer_recovery import api
 from peer_recovery_operator.views import PodView
 
-__all__ = ["Detection", "KnownPod", "detect_change", "detect_missed_replacement", "mode_for"]
+__all__ = [
+    "Detection",
+    "KnownPod",
+    "burst_end",
+    "detect_change",
+    "detect_missed_replacement",
+    "mode_for",
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -103,17 +114,30 @@ def detect_missed_replacement(
     """The catch-up rule for a slot first seen by this process (see the module docstring)."""
     if current.terminating or current.uid in set(recorded_uids):
         return None
-    oldest = min(others_created, default=None)
-    if oldest is None or current.created - oldest <= grace:
+    end = burst_end(others_created, grace)
+    if end is None or current.created - end <= grace:
         return None
-    late = (current.created - oldest).total_seconds()
+    late = (current.created - end).total_seconds()
     return Detection(
         target=current,
         reason=api.Reason.POD_REPLACED,
         mode=api.Mode.PEER,
         why=(
-            f"pod {current.name} was created {late:.0f}s after its job's oldest pod "
+            f"pod {current.name} was created {late:.0f}s after its job's other pods "
             f"(grace {grace.total_seconds():.0f}s) and has no PeerRecovery: "
             "replaced while the operator was not watching"
         ),
     )
+
+
+def burst_end(created: Iterable[datetime], grace: timedelta) -> datetime | None:
+    """The creation time of the last pod of the job's initial creation burst."""
+    ordered = sorted(created)
+    if not ordered:
+        return None
+    end = ordered[0]
+    for moment in ordered[1:]:
+        if moment - end > grace:
+            break
+        end = moment
+    return end

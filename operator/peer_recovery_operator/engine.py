@@ -83,13 +83,14 @@ class Engine:
         self._recorder = Recorder(cluster, self.metrics, clock)
         self._work: dict[JobKey, _JobWork] = {}
         self._running: dict[JobKey, asyncio.Task[None]] = {}
-        self._parked: dict[JobKey, tuple[float, set[Slot]]] = {}
+        self._parked: dict[JobKey, tuple[float, set[tuple[Slot, bool]]]] = {}
         self._lookups: dict[JobKey, asyncio.Task[None]] = {}
         self._warned: set[str] = set()
 
     # --- watch events ---------------------------------------------------------------------
 
     def pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        self.metrics.watch_events.labels("pods").inc()
         job_name = job_name_of_pod(body)
         if job_name is None:
             return  # not a training pod (the label selector normally keeps these away)
@@ -108,7 +109,8 @@ class Engine:
         key = (pod.namespace, pod.job)
         job = self.state.jobs.get(key)
         if previous is None:
-            self._first_sight(key, pod)
+            # Only pods from kopf's initial listing (type None) predate this process.
+            self._first_sight(key, pod, listed=event_type is None)
             return
         detection = detect_change(KnownPod.of(previous), pod)
         if detection is not None and job is not None and job.enabled:
@@ -116,6 +118,7 @@ class Engine:
             self._enqueue(key).detections.append((detection, time.monotonic()))
 
     def job_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        self.metrics.watch_events.labels("pytorchjobs").inc()
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
         if event_type == "DELETED":
@@ -131,10 +134,10 @@ class Engine:
             self._warn(f"job:{job.uid}:{job.problem}", "annotation", job.problem, body)
         self.state.jobs[key] = job
         _, parked = self._parked.pop(key, (0.0, set()))
-        for slot in parked:
+        for slot, listed in parked:
             pod = self.state.pod_in(slot)
             if pod is not None:
-                self._first_sight(key, pod)
+                self._first_sight(key, pod, listed=listed)
 
     def node_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         name = str((body.get("metadata") or {}).get("name", ""))
@@ -177,14 +180,14 @@ class Engine:
 
     # --- first sight and the catch-up rule ------------------------------------------------
 
-    def _first_sight(self, key: JobKey, pod: Any) -> None:
+    def _first_sight(self, key: JobKey, pod: Any, *, listed: bool) -> None:
         job = self.state.jobs.get(key)
         if job is None:
             _since, slots = self._parked.setdefault(key, (time.monotonic(), set()))
-            slots.add(pod.slot)
+            slots.add((pod.slot, listed))
             return
         grace = timedelta(seconds=self.config.catch_up_grace)
-        if job.enabled and not pod.terminating and pod.created - job.created > grace:
+        if listed and job.enabled and not pod.terminating and pod.created - job.created > grace:
             self._enqueue(key).candidates[pod.uid] = pod  # verified against the API in a round
 
     # --- the lifecycle sweep --------------------------------------------------------------

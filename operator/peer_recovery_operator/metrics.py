@@ -7,7 +7,8 @@
 - ``peer_recovery_lifecycle_actions_total{action}``: re-plans, supersessions, give-ups;
 - ``peer_recovery_planning_seconds``: from seeing the pod change to the recovery's status
   being written (the operator's share of the reaction latency);
-- ``peer_recovery_input_warnings_total{kind}``: malformed objects reported.
+- ``peer_recovery_input_warnings_total{kind}``: malformed objects reported;
+- ``peer_recovery_watch_events_total{resource}``: watch events handled.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class Metrics:
             "peer_recovery_planning_seconds",
             "Seconds from seeing a pod change to writing its PeerRecovery's status.",
             buckets=_BUCKETS,
+            registry=r,
+        )
+        self.watch_events = Counter(
+            "peer_recovery_watch_events",
+            "Watch events handled, by resource (pods, pytorchjobs, nodes, peerrecoveries).",
+            ["resource"],
             registry=r,
         )
         self.input_warnings = Counter(

@@ -322,3 +322,15 @@ def test_a_late_event_about_the_replaced_uid_is_not_a_replacement() -> None:
         assert [r["spec"]["target"]["podUID"] for r in fake.recoveries.values()] == ["new"]
 
     run(scenario)
+
+
+def test_pods_first_seen_live_are_never_caught_up() -> None:
+    async def scenario() -> None:
+        engine, fake, _ = make()
+        engine.job_event("ADDED", job_body(created=0))
+        for pod in job_pod_bodies(created=500):  # created while the operator watched
+            engine.pod_event("ADDED", pod)
+        await settle(engine)
+        assert fake.recoveries == {} and "list_job_pods" not in fake.calls
+
+    run(scenario)

@@ -171,3 +171,12 @@ def test_config_precedence_and_errors() -> None:
         from_sources({}, {})
     with pytest.raises(ConfigError, match="--metrics-address"):
         OperatorConfig(all_namespaces=True, metrics_address="nope")
+
+
+def test_catch_up_measures_lateness_from_the_end_of_the_creation_burst() -> None:
+    grace = timedelta(seconds=10)
+    burst = [T0 + timedelta(seconds=s) for s in (0, 8, 16, 24, 32)]  # slow, steady creation
+    pod = pod_view(pod_body(uid="p", created=40))
+    assert detect_missed_replacement(pod, burst, grace=grace, recorded_uids=()) is None
+    late = pod_view(pod_body(uid="q", created=60))
+    assert detect_missed_replacement(late, burst, grace=grace, recorded_uids=()) is not None
