@@ -36,6 +36,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from peer_recovery.agreement import Action, Agreement, Holding, PodReport, RankReport, agree
+from peer_recovery.kube import outcome as _outcome  # what the agent reports (cluster)
 from peer_recovery.plan_sources import PlanEntry
 from peer_recovery.rendezvous import exchange
 from peer_recovery.rendezvous.manifests import canonical_key
@@ -113,8 +114,14 @@ def restore(
         agreement = _agree(recovery, store, ctx, checkpoint_step, timeout)
     except (exchange.ExchangeError, ValueError) as error:
         log.warning("peer-recovery: rank %d: no agreement this round: %s", recovery.rank, error)
+        why = f"no agreement: {error}"
+        _outcome.publish_agreed(
+            store, ctx.prefix, recovery.rank, None, per_pod=1, reason=why, env=env
+        )
         return None
     log.info("peer-recovery: round %d: %s", ctx.round_no, agreement.reason)
+    per_pod = max(1, recovery.world_size // max(1, ctx.nnodes))
+    _outcome.publish_agreed(store, ctx.prefix, recovery.rank, agreement, per_pod=per_pod, env=env)
     if not agreement.ok:
         log.warning("peer-recovery: restore falls back to the checkpoint: %s", agreement.reason)
         return None
@@ -131,7 +138,9 @@ def restore(
     if recovery.rank in agreement.movers:
         transfer_timeout = float(env.get(ENV_TRANSFER_TIMEOUT) or DEFAULT_TRANSFER_TIMEOUT_S)
         transport = _transport(recovery, store, ctx, agreement.movers, transfer_timeout, env)
-    return recovery.restore(checkpoint_step, plan=plan, transport=transport)
+    result = recovery.restore(checkpoint_step, plan=plan, transport=transport)
+    _outcome.publish_result(store, ctx.prefix, recovery.rank, result, env=env)
+    return result
 
 
 def _live_shard_key(recovery: PeerRecovery) -> str:

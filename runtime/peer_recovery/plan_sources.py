@@ -154,4 +154,7 @@ def plan_source_from_config(config: Mapping[str, Any], env: Mapping[str, str]) -
     path = config.get("plan_file") or env.get(ENV_PLAN_FILE)
     if path:
         return LocalPlanSource(path)
-    return NoPlanSource()
+    from peer_recovery.kube.setup import cluster_plan_source  # in a pod: the operator's plans
+
+    cluster = cluster_plan_source(config, env)
+    return cluster if cluster is not None else NoPlanSource()

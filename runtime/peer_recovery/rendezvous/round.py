@@ -119,6 +119,9 @@ class RoundPublisher:
             self._plan(store, run_id, round_no, ordinal, nnodes, prefix) if not holdings else None
         )
         store.set(plan_key(prefix, ordinal), exchange.encode({"plan": plan and plan.to_json()}))
+        observer = getattr(self._plan_source, "round_published", None)
+        if observer is not None:  # the cluster integration's status reporter (peer_recovery.kube)
+            observer(store, run_id, round_no, ordinal, nnodes)
 
     def _plan(
         self, store: Any, run_id: str, round_no: int, ordinal: int, nnodes: int, prefix: str

@@ -1,0 +1,366 @@
+"""``peer-recovery doctor``: the checks, as pure functions of facts about a pod (no I/O).
+
+Each check returns a :class:`Check`: passed, failed or skipped, what was seen, and the fix.
+The facts come either from a manifest (:func:`facts_from_manifest`: a Pod, or each replica
+template of a PyTorchJob) or from inside a running pod (``peer_recovery.cli`` gathers them:
+environment, ``/dev/shm``'s mount, the ServiceAccount token, a SelfSubjectAccessReview per
+right, the torchrun command line). What recovery needs (DESIGN.md):
+
+- the pod's identity through the downward API: ``POD_NAME``, ``POD_UID``, ``POD_NAMESPACE``;
+- ``/dev/shm`` from a memory-backed emptyDir big enough for two snapshots;
+- a ServiceAccount token whose account may get/list/watch/create PeerRecoveries and patch
+  their status (the chart's runtime Role);
+- torchrun with ``--rdzv-backend=peer-recovery``, ``--max-restarts`` >= 1, an explicit
+  ``--rdzv-id`` and a fixed ``--nnodes`` (the plugin's own launch checks, reused).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from peer_recovery.job_annotations import AnnotationError, parse_job_annotations
+from peer_recovery.kube.identity import IDENTITY_ENV
+from peer_recovery.rendezvous.launch import launch_problems
+from peer_recovery.snapshots.sizing import format_bytes
+
+__all__ = [
+    "RUNTIME_RIGHTS",
+    "Check",
+    "PodFacts",
+    "Shm",
+    "check_identity",
+    "check_permissions",
+    "check_shm",
+    "check_token",
+    "check_torchrun",
+    "facts_from_manifest",
+    "parse_quantity",
+    "run_checks",
+]
+
+#: (verb, resource, subresource) the runtime needs in its namespace.
+RUNTIME_RIGHTS: Final = (
+    ("get", "peerrecoveries", ""),
+    ("list", "peerrecoveries", ""),
+    ("watch", "peerrecoveries", ""),
+    ("create", "peerrecoveries", ""),
+    ("patch", "peerrecoveries", "status"),
+)
+#: The container runtime's own /dev/shm when no emptyDir is mounted there.
+DEFAULT_SHM_BYTES: Final = 64 * 1024**2
+_BACKEND: Final = "peer-recovery"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    #: True passed, False failed, None skipped.
+    ok: bool | None
+    detail: str
+    fix: str = ""
+
+
+@dataclass(frozen=True)
+class Shm:
+    """What backs /dev/shm: ``memory`` (True for a memory emptyDir / tmpfs), its size."""
+
+    mounted: bool
+    memory: bool = False
+    size_bytes: int | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class PodFacts:
+    """Everything the checks look at, for one pod (or one replica template)."""
+
+    where: str
+    #: env var -> its value, or ``fieldRef:<path>`` when it comes from the downward API.
+    env: Mapping[str, str]
+    shm: Shm
+    #: Whether a ServiceAccount token is (or will be) mounted, and which account.
+    token: bool
+    service_account: str
+    #: The container's command line (command + args); None when not known.
+    argv: Sequence[str] | None
+    #: The job's annotations, when checking a PyTorchJob.
+    job_annotations: Mapping[str, str] | None = None
+    #: (verb, resource, subresource) -> allowed, from SelfSubjectAccessReviews (in a pod).
+    rights: Mapping[tuple[str, str, str], bool] | None = None
+    #: Why the rights could not be asked for (in a pod), if they could not.
+    rights_error: str = ""
+
+
+# --- quantities -----------------------------------------------------------------------------
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?(?:[eE][0-9]+)?)([KMGTPE]i?|[kmu]|)$")
+_SUFFIX = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+           "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+           "Ei": 2**60, "m": 10**-3, "u": 10**-6}  # fmt: skip
+
+
+def parse_quantity(text: str | int) -> int:
+    """A Kubernetes quantity ("8Gi", "500M", "1e9", 1024) in bytes; ValueError names it."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    match = _QUANTITY.match(str(text).strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a quantity (e.g. 512Mi, 8Gi, 2G, 1000000)")
+    return int(float(match[1]) * _SUFFIX[match[2]])
+
+
+# --- the checks -----------------------------------------------------------------------------
+
+
+def check_identity(facts: PodFacts) -> Check:
+    missing, literal = [], []
+    for name, path in IDENTITY_ENV.items():
+        value = facts.env.get(name)
+        if not value:
+            missing.append(name)
+        elif value.startswith("fieldRef:") and value != f"fieldRef:{path}":
+            literal.append(f"{name} comes from {value[9:]}, not {path}")
+    if missing or literal:
+        fix = "add to the container's env: " + ", ".join(
+            f"{{name: {n}, valueFrom: {{fieldRef: {{fieldPath: {IDENTITY_ENV[n]}}}}}}}"
+            for n in IDENTITY_ENV
+            if n in missing or any(x.startswith(n) for x in literal)
+        )
+        what = "; ".join(([f"missing {', '.join(missing)}"] if missing else []) + literal)
+        return Check("pod identity (downward API)", False, what, fix)
+    shown = ", ".join(f"{n}={facts.env[n]}" for n in IDENTITY_ENV)
+    return Check("pod identity (downward API)", True, shown)
+
+
+def check_shm(facts: PodFacts, state_bytes: int | None) -> Check:
+    name = "/dev/shm for snapshots"
+    shm = facts.shm
+    need = None if state_bytes is None else 2 * state_bytes
+    fix_size = format_bytes(need) if need else "twice the state size"
+    fix = (
+        "mount an emptyDir with medium: Memory and sizeLimit >= "
+        f"{fix_size} at /dev/shm (two snapshot slots; pass --state-bytes to size it)"
+    )
+    if not shm.mounted or not shm.memory:
+        seen = "nothing is mounted at /dev/shm" if not shm.mounted else f"/dev/shm is {shm.source}"
+        return Check(name, False, f"{seen}: snapshots would not survive a worker restart "
+                     "in memory", fix)  # fmt: skip
+    if shm.size_bytes is None:
+        return Check(name, False, f"{shm.source} has no sizeLimit: its size is unknown and "
+                     "the container runtime's 64 MiB default may apply", fix)  # fmt: skip
+    size = format_bytes(shm.size_bytes)
+    if need is not None and shm.size_bytes < need:
+        return Check(name, False, f"{shm.source} holds {size}; two snapshots of "
+                     f"{format_bytes(state_bytes or 0)} need {format_bytes(need)}", fix)  # fmt: skip
+    if need is None and shm.size_bytes <= DEFAULT_SHM_BYTES:
+        return Check(name, False, f"{shm.source} holds only {size}", fix)
+    enough = f", enough for two snapshots of {format_bytes(state_bytes or 0)}" if need else ""
+    return Check(name, True, f"{shm.source}, {size}{enough}")
+
+
+def check_token(facts: PodFacts) -> Check:
+    name = "ServiceAccount token"
+    fix = ("run the pod as the ServiceAccount the chart's runtime Role is bound to "
+           "(serviceAccountName: <runtime.serviceAccountName>) with its token mounted")  # fmt: skip
+    if not facts.token:
+        return Check(name, False, "no ServiceAccount token is mounted "
+                     "(automountServiceAccountToken: false)", fix)  # fmt: skip
+    if facts.service_account in ("", "default"):
+        return Check(name, False, "the pod runs as the namespace's 'default' ServiceAccount, "
+                     "which the runtime Role is not bound to", fix)  # fmt: skip
+    return Check(name, True, f"token of ServiceAccount {facts.service_account!r}")
+
+
+def check_permissions(facts: PodFacts) -> Check:
+    name = "ServiceAccount permissions"
+    if facts.rights_error:
+        return Check(name, False, f"could not ask the API server: {facts.rights_error}",
+                     "check the token and that the API server is reachable from the pod")  # fmt: skip
+    if facts.rights is None:
+        return Check(name, None, "not checked against a manifest; run `peer-recovery doctor` "
+                     "inside the pod to ask the API server (SelfSubjectAccessReview)")  # fmt: skip
+    denied = [f"{v} {r}{'/' + s if s else ''}" for (v, r, s) in RUNTIME_RIGHTS
+              if not facts.rights.get((v, r, s))]  # fmt: skip
+    if denied:
+        return Check(name, False, f"denied: {', '.join(denied)}",
+                     "install the chart's runtime Role for this namespace "
+                     "(runtime.serviceAccountName, runtime.namespaces)")  # fmt: skip
+    return Check(name, True, "get/list/watch/create peerrecoveries, patch peerrecoveries/status")
+
+
+def _torchrun_args(argv: Sequence[str]) -> list[str] | None:
+    """The arguments after ``torchrun`` / ``-m torch.distributed.run``, or None."""
+    tokens = list(argv)
+    for i, token in enumerate(tokens):  # a shell line: split it and look inside
+        if (" " in token) and ("torchrun" in token or "torch.distributed.run" in token):
+            return _torchrun_args(tokens[:i] + shlex.split(token) + tokens[i + 1 :])
+    for i, token in enumerate(tokens):
+        if token.rsplit("/", 1)[-1] == "torchrun":
+            return tokens[i + 1 :]
+        if token == "torch.distributed.run" and i > 0 and tokens[i - 1] == "-m":
+            return tokens[i + 1 :]
+    return None
+
+
+#: torchrun's flags that take no value (every other flag takes one).
+_BOOLEAN_FLAGS: Final = frozenset(
+    {"--standalone", "-m", "--module", "--no-python", "--no_python", "--run-path", "--run_path"}
+)
+
+
+def _own_args(args: Sequence[str]) -> list[str]:
+    """torchrun's own arguments: up to the training script (whose flags are not torchrun's)."""
+    i = 0
+    while i < len(args) and args[i].startswith("-"):
+        i += 1 if ("=" in args[i] or args[i] in _BOOLEAN_FLAGS) else 2
+    return list(args[: min(i, len(args))])
+
+
+def _flag(args: Sequence[str], env: Mapping[str, str], name: str) -> str | None:
+    """A torchrun flag's value (either spelling, ``--f=v`` or ``--f v``), else ``PET_<F>``."""
+    spellings = {f"--{name}", f"--{name.replace('-', '_')}"}
+    own = _own_args(args)
+    found: str | None = None
+    for i, token in enumerate(own):
+        key, eq, value = token.partition("=")
+        if key in spellings:
+            found = value if eq else (own[i + 1] if i + 1 < len(own) else "")
+    if found is None:
+        found = env.get("PET_" + name.upper().replace("-", "_"))
+        if found is not None and found.startswith("fieldRef:"):
+            found = None
+    return found
+
+
+def check_torchrun(facts: PodFacts) -> Check:
+    name = "torchrun flags"
+    if facts.argv is None:
+        return Check(name, None, "no command line known; pass --command '<the pod's command>'")
+    args = _torchrun_args(facts.argv)
+    if args is None:
+        return Check(name, False, f"the command does not run torchrun: {' '.join(facts.argv)[:200]}",
+                     "run the script with torchrun --rdzv-backend=peer-recovery ...")  # fmt: skip
+    problems: list[str] = []
+    backend = _flag(args, facts.env, "rdzv-backend")
+    if backend != _BACKEND:
+        problems.append(
+            f"--rdzv-backend is {backend or 'unset (static)'}; use --rdzv-backend={_BACKEND}"
+        )
+    raw_restarts = _flag(args, facts.env, "max-restarts")
+    try:
+        restarts = int(raw_restarts) if raw_restarts is not None else 0
+    except ValueError:
+        restarts = 0
+        problems.append(f"--max-restarts={raw_restarts!r} is not a number")
+    nnodes = _flag(args, facts.env, "nnodes") or "1"
+    low, _, high = nnodes.partition(":")
+    try:
+        min_nodes, max_nodes = int(low), int(high or low)
+    except ValueError:
+        min_nodes, max_nodes = 0, -1
+        problems.append(f"--nnodes={nnodes!r} is not N or N:N")
+    run_id = _flag(args, facts.env, "rdzv-id") or "none"
+    problems += launch_problems(run_id=run_id, min_nodes=min_nodes, max_nodes=max_nodes,
+                                max_restarts=restarts)  # fmt: skip
+    if problems:
+        return Check(name, False, "; ".join(problems),
+                     f"torchrun --rdzv-backend={_BACKEND} --rdzv-id=<job name> "
+                     "--nnodes=<N> --max-restarts=3 ...")  # fmt: skip
+    return Check(name, True, f"--rdzv-backend={backend} --rdzv-id={run_id} --nnodes={nnodes} "
+                 f"--max-restarts={restarts}")  # fmt: skip
+
+
+def check_job_annotation(annotations: Mapping[str, str]) -> Check:
+    name = "job opted in"
+    try:
+        settings = parse_job_annotations(annotations)
+    except AnnotationError as error:
+        return Check(name, False, str(error), 'annotate the job: peer-recovery: "enabled"')
+    if not settings.enabled:
+        return Check(name, False, "the PyTorchJob lacks the annotation peer-recovery: enabled",
+                     'annotate the job: peer-recovery: "enabled"')  # fmt: skip
+    return Check(name, True, f"peer-recovery: enabled, pods per replica {settings.replication}")
+
+
+def run_checks(facts: PodFacts, *, state_bytes: int | None = None) -> list[Check]:
+    checks = []
+    if facts.job_annotations is not None:
+        checks.append(check_job_annotation(facts.job_annotations))
+    checks += [
+        check_identity(facts),
+        check_shm(facts, state_bytes),
+        check_token(facts),
+        check_permissions(facts),
+        check_torchrun(facts),
+    ]
+    return checks
+
+
+# --- facts from a manifest ------------------------------------------------------------------
+
+
+def facts_from_manifest(doc: Mapping[str, Any]) -> list[PodFacts]:
+    """One :class:`PodFacts` per pod template: a Pod, or each replica of a PyTorchJob.
+    ValueError names what the manifest lacks."""
+    kind = doc.get("kind")
+    if kind == "Pod":
+        name = (doc.get("metadata") or {}).get("name", "?")
+        return [_pod_facts(f"Pod {name}", doc.get("spec") or {}, None)]
+    if kind == "PyTorchJob":
+        meta = doc.get("metadata") or {}
+        specs = (doc.get("spec") or {}).get("pytorchReplicaSpecs") or {}
+        if not specs:
+            raise ValueError("the PyTorchJob has no spec.pytorchReplicaSpecs")
+        annotations = meta.get("annotations") or {}
+        return [
+            _pod_facts(
+                f"PyTorchJob {meta.get('name', '?')} {rtype}",
+                ((replica or {}).get("template") or {}).get("spec") or {},
+                annotations,
+            )
+            for rtype, replica in sorted(specs.items())
+        ]
+    raise ValueError(f"expected a Pod or a PyTorchJob, got kind {kind!r}")
+
+
+def _pod_facts(where: str, spec: Mapping[str, Any], annotations: Any) -> PodFacts:
+    containers = spec.get("containers") or []
+    if not containers:
+        raise ValueError(f"{where}: the pod template has no containers")
+    container = next((c for c in containers if c.get("name") == "pytorch"), containers[0])
+    env: dict[str, str] = {}
+    for item in container.get("env") or ():
+        ref = ((item.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+        env[item.get("name", "")] = f"fieldRef:{ref}" if ref else str(item.get("value", ""))
+    volumes = {v.get("name"): v for v in spec.get("volumes") or ()}
+    mount = next((m for m in container.get("volumeMounts") or () if m.get("mountPath") in
+                  ("/dev/shm", "/dev/shm/")), None)  # fmt: skip
+    if mount is None:
+        shm = Shm(mounted=False)
+    else:
+        volume = volumes.get(mount.get("name")) or {}
+        empty = volume.get("emptyDir")
+        if empty is None:
+            shm = Shm(True, False, None, f"volume {mount.get('name')!r}, not an emptyDir")
+        elif (empty or {}).get("medium") != "Memory":
+            shm = Shm(
+                True, False, None, f"emptyDir {mount.get('name')!r} on disk (no medium: Memory)"
+            )
+        else:
+            limit = (empty or {}).get("sizeLimit")
+            shm = Shm(True, True, None if limit is None else parse_quantity(limit),
+                      f"memory emptyDir {mount.get('name')!r}")  # fmt: skip
+    argv = [*(container.get("command") or ()), *(container.get("args") or ())] or None
+    return PodFacts(
+        where=where,
+        env=env,
+        shm=shm,
+        token=spec.get("automountServiceAccountToken", True) is not False,
+        service_account=str(spec.get("serviceAccountName") or ""),
+        argv=argv,
+        job_annotations=annotations,
+    )

@@ -1,0 +1,147 @@
+"""Writing a PeerRecovery's status as the runtime: validated, preconditioned, idempotent.
+
+Every move is checked against the phase of the version just read
+(:func:`peer_recovery.api.check_transition`, actor ``runtime``, planner from
+``spec.plannedBy``) and written with that version's ``resourceVersion``; a 409 re-reads and
+re-validates, so an operator re-plan and a runtime report never overwrite each other. A
+move to the phase the object already has is skipped, and a refused move (e.g. the object
+went terminal meanwhile) ends the sequence with a log line, so applying the same moves
+again after a failure is safe. That is what lets :func:`deliver` retry a whole report,
+bounded, until an unreachable API server is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any, Final, TypeVar
+
+from peer_recovery import api
+from peer_recovery.bodies import build_status
+from peer_recovery.kube.client import ApiError, Conflict, RecoveryApi, Unreachable
+from peer_recovery.kube.report import Move
+
+__all__ = ["apply_moves", "create_or_get", "deliver"]
+
+log = logging.getLogger("peer_recovery.kube.status")
+
+_CONFLICT_RETRIES: Final = 5
+T = TypeVar("T")
+
+
+def create_or_get(api_: RecoveryApi, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Create ``body``; when its (deterministic) name exists already, return that object."""
+    created = api_.create_recovery(namespace, body)
+    if created is not None:
+        log.info("peer-recovery: created PeerRecovery %s", body["metadata"]["name"])
+        return created
+    existing = api_.get_recovery(namespace, body["metadata"]["name"])
+    if existing is None:
+        raise Conflict(f"PeerRecovery {body['metadata']['name']} exists and vanished")
+    return existing
+
+
+def _status(current: Mapping[str, Any], move: Move, now: datetime) -> dict[str, Any]:
+    attempt = int((current.get("spec") or {}).get("attempt", 1))
+    status = build_status(
+        move.phase,
+        attempt=attempt,
+        message=move.message[:1024],
+        step=move.step,
+        bytes_moved=move.bytes,
+        duration_seconds=move.duration_seconds,
+    )
+    kept = [
+        c
+        for c in (current.get("status") or {}).get("conditions") or ()
+        if c.get("type") != move.phase.value
+    ]
+    kept.append(
+        {
+            "type": move.phase.value,
+            "status": "True",
+            "reason": move.reason,
+            "message": move.message[:1024],
+            "lastTransitionTime": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+    )
+    status["conditions"] = kept
+    return status
+
+
+def apply_moves(
+    api_: RecoveryApi,
+    namespace: str,
+    name: str,
+    moves: Sequence[Move],
+    *,
+    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+) -> dict[str, Any] | None:
+    """Make ``moves`` in order on PeerRecovery ``name``; returns the last version written or
+    read, None if the object is gone. Unreachable/ApiError propagate (the caller retries)."""
+    current: dict[str, Any] | None = None
+    for move in moves:
+        for _ in range(_CONFLICT_RETRIES):
+            current = api_.get_recovery(namespace, name)
+            if current is None:
+                log.warning("peer-recovery: PeerRecovery %s/%s is gone", namespace, name)
+                return None
+            phase = api.phase_of(current)
+            if phase is move.phase and move.phase is not api.Phase.STREAMING:
+                break  # made already (a retry after a lost answer)
+            if phase is move.phase:
+                break  # Streaming once is enough; progress updates are not needed
+            planned_by = (current.get("spec") or {}).get("plannedBy", "operator")
+            decision = api.check_transition(
+                phase, move.phase, api.Actor.RUNTIME, planned_by=planned_by
+            )
+            if not decision.allowed:
+                log.info("peer-recovery: not moving %s: %s", name, decision.reason)
+                return current
+            status = _status(current, move, clock())
+            try:
+                current = api_.patch_recovery_status(
+                    namespace, name, status, current["metadata"]["resourceVersion"]
+                )
+            except Conflict:
+                continue  # changed under us: re-read and re-validate
+            log.info("peer-recovery: %s -> %s: %s", name, move.phase.value, move.message)
+            break
+        else:
+            log.warning(
+                "peer-recovery: gave up moving %s after %d conflicts", name, _CONFLICT_RETRIES
+            )
+            return current
+    return current
+
+
+def deliver(
+    attempt: Callable[[], T],
+    *,
+    deadline: float,
+    what: str,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T | None:
+    """Run ``attempt`` until it succeeds, retrying while the API server is unreachable, with
+    backoff, until ``deadline`` (monotonic). Logs why it gave up; never raises."""
+    delay = 0.5
+    while True:
+        try:
+            return attempt()
+        except Unreachable as error:
+            if time.monotonic() + delay > deadline:
+                log.error("peer-recovery: could not write %s: the API server stayed unreachable "
+                          "until the retry bound: %s", what, error)  # fmt: skip
+                return None
+            log.warning("peer-recovery: %s: the API server is unreachable (%s); retrying in "
+                        "%.1fs", what, error, delay)  # fmt: skip
+        except ApiError as error:
+            log.error("peer-recovery: could not write %s: %s", what, error)
+            return None
+        except Exception as error:  # a bug must not take the agent down
+            log.exception("peer-recovery: could not write %s: %s", what, error)
+            return None
+        sleep(delay)
+        delay = min(delay * 2, 5.0)
