@@ -226,14 +226,23 @@ def latency(
     results = []
     for i in range(samples):
         pod = pj.pod_name(name, "worker", (i * 7) % (size - 1))
-        old = pj._read_pod(client, NAMESPACE, pod)
-        assert old is not None
-        core.delete_namespaced_pod(pod, NAMESPACE, grace_period_seconds=0)
-        pj.wait_pod_gone(client, NAMESPACE, pod, old["metadata"]["uid"])
-        created = core.create_namespaced_pod(NAMESPACE, pj._recreatable(old))
-        began = time.monotonic()
-        results.append(watch.wait(created.metadata.uid) - began)
-        pj.wait_pod_ready(client, NAMESPACE, pod, uid=created.metadata.uid)
+        template = pj._read_pod(client, NAMESPACE, pod)
+        assert template is not None
+        old_uid = template["metadata"]["uid"]
+        core.delete_namespaced_pod(pod, NAMESPACE)
+        for _ in range(3):
+            pj.wait_pod_gone(client, NAMESPACE, pod, old_uid)
+            created = core.create_namespaced_pod(NAMESPACE, pj._recreatable(template))
+            began = time.monotonic()
+            results.append(watch.wait(created.metadata.uid) - began)
+            try:
+                pj.wait_pod_ready(client, NAMESPACE, pod, uid=created.metadata.uid, timeout=20)
+                break
+            except TimeoutError:
+                # KWOK's delete stage for the old pod can land on the new one (same name);
+                # the sample stands, and the slot is refilled before the next one.
+                print(f"  note: {pod} vanished after its replacement; recreating", flush=True)
+                old_uid = created.metadata.uid
     return results
 
 
