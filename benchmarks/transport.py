@@ -1,7 +1,8 @@
 """Benchmark: peer_recovery's PGTransport vs PyTorch's PGTransport vs a raw gloo send.
 
 Two processes on loopback over gloo, one run. For each workload and receive mode it measures,
-after a warm-up, the median of ``--repeats`` transfers of:
+after a warm-up, the median of ``--repeats`` transfers of (run round-robin, so that load
+from elsewhere on the machine hits each alike):
 
 - ceiling: one flat-buffer ``pg.send`` of the same number of bytes, into a fresh buffer
   (mode "fresh") or a reused one (mode "in place");
@@ -200,18 +201,24 @@ def _worker(rank: int, store: str, args: argparse.Namespace, out: Any) -> None:
     for name in args.only:
         work = _prepare(rank, name, args)
         for mode in ("fresh", "in place"):
-            for method, run in _methods(rank, pg, work, mode == "in place").items():
-                times = []
-                with _RssPeak() as rss:
-                    for _ in range(args.warmup + args.repeats):
+            methods = _methods(rank, pg, work, mode == "in place")
+            times: dict[str, list[float]] = {m: [] for m in methods}
+            peaks = dict.fromkeys(methods, 0)
+            # Round-robin over the methods, so that load from elsewhere on the machine hits
+            # every method alike.
+            for _ in range(args.warmup + args.repeats):
+                for method, run in methods.items():
+                    with _RssPeak() as rss:
                         dist.barrier()
                         t0 = time.perf_counter()
                         result = run()
-                        times.append(time.perf_counter() - t0)
+                        times[method].append(time.perf_counter() - t0)
                         del result
-                times = times[args.warmup :]
-                rows.append((name, mode, method, work["total"], statistics.median(times), rss.peak))
-                print(f"  rank {rank}: {name}/{mode}/{method} done", file=sys.stderr, flush=True)
+                    peaks[method] = max(peaks[method], rss.peak)
+            for method in methods:
+                median = statistics.median(times[method][args.warmup :])
+                rows.append((name, mode, method, work["total"], median, peaks[method]))
+            print(f"  rank {rank}: {name}/{mode} done", file=sys.stderr, flush=True)
         del work
     out.put((rank, rows))
     dist.barrier()
