@@ -27,7 +27,7 @@ import enum
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -38,12 +38,13 @@ import torch.distributed as dist
 from peer_recovery.shard_key import ShardKey
 from peer_recovery.snapshots import settings
 from peer_recovery.snapshots.live import LiveState, Stateful, flat_digest
+from peer_recovery.snapshots.local_restore import agree_on_step, load_private, usable_snapshots
 from peer_recovery.snapshots.manifest import Manifest
 from peer_recovery.snapshots.metrics import SnapshotStats, log_restore, log_snapshot
 from peer_recovery.snapshots.sizing import SizingError
 from peer_recovery.snapshots.store import SlotWrite, SnapshotStore, plan_sections
 from peer_recovery.snapshots.tree import Flat, flatten
-from peer_recovery.vote import Ballot, all_agree, newest_common_step, vote
+from peer_recovery.vote import Ballot, vote
 
 __all__ = ["PeerRecovery", "RankPlan", "RestoreResult", "Role"]
 
@@ -245,18 +246,21 @@ class PeerRecovery:
         self.wait()
         started = time.perf_counter()
         pg = self._vote_group()
-        self._loaded, self._undo = False, None
+        self._loaded, self._undo, self._fresh_flat = False, None, None
         failure: str | None = None
         sizing_error: SizingError | None = None
         usable: list[tuple[Manifest, Flat]] = []
+        reasons: list[str] = []
         result: RestoreResult | None = None
         try:
-            flat, key, fresh_flat, fresh_key = self._live()
+            live, fresh = self._live()
             # Size and preallocate first, so a too-small store fails at start-up on any path.
             private = self.private.flat() if self.private.objects else None
-            self.store.ensure_capacity(plan_sections(flat, private)[2])
+            self.store.ensure_capacity(plan_sections(live[0], private)[2])
             if plan is None or plan.role is not Role.RECEIVE:
-                usable = self._usable(flat, key, fresh_flat, fresh_key, checkpoint_step)
+                usable, reasons = usable_snapshots(
+                    self.store, self.rank, live, fresh, checkpoint_step
+                )
         except SizingError as error:
             sizing_error, failure = error, str(error)
         except Exception as error:
@@ -264,7 +268,8 @@ class PeerRecovery:
             failure = f"{type(error).__name__}: {error}"
         try:
             if plan is None:
-                step, why = self._agree_local(pg, [m for m, _ in usable])
+                manifests = [m for m, _ in usable]
+                step, why = agree_on_step(pg, self.store, self.rank, manifests, reasons)
                 failure = failure or why
                 if failure is None and step is not None:
                     result = self._load_local(step, usable, None, transport)
@@ -309,88 +314,15 @@ class PeerRecovery:
             )
         return self._pg
 
-    def _live(self) -> tuple[Flat, ShardKey, Flat | None, ShardKey | None]:
+    def _live(self) -> tuple[tuple[Flat, ShardKey], tuple[Flat, ShardKey] | None]:
         """The live state with never-stepped optimizers given state (and, if any, without)."""
         before = self.state.flat()
-        self._undo = self.state.materialize()
-        self._fresh_flat = before if self._undo is not None else None
+        self._undo = self.state.materialize(zero=False)  # every byte is loaded, or undone
         if self._undo is None:
-            return before, self.shard_key(before), None, None
+            return (before, self.shard_key(before)), None
+        self._fresh_flat = before
         after = self.state.flat()
-        return after, self.shard_key(after), before, self.shard_key(before)
-
-    def _usable(
-        self,
-        flat: Flat,
-        key: ShardKey,
-        fresh_flat: Flat | None,
-        fresh_key: ShardKey | None,
-        checkpoint_step: int | None,
-    ) -> list[tuple[Manifest, Flat]]:
-        """This rank's snapshots that may be restored, each with the live state to load into.
-
-        A snapshot whose shard key matches neither the live state nor (for a never-stepped
-        optimizer) the live state before its state was created is removed: it can never be
-        restored into this job again.
-        """
-        manifests, problems = self.store.scan()
-        self._reasons = list(problems)
-        usable: list[tuple[Manifest, Flat]] = []
-        for manifest in manifests:
-            if manifest.shard_key == key:
-                live = flat
-            elif (
-                fresh_key is not None and fresh_flat is not None and manifest.shard_key == fresh_key
-            ):
-                live = fresh_flat
-            else:
-                why = key.mismatch(manifest.shard_key)
-                self._reasons.append(
-                    f"slot {manifest.slot} (step {manifest.step}) is another shard: {why}"
-                )
-                self.store.remove_slot(manifest.slot)
-                continue
-            if checkpoint_step is not None and manifest.step < checkpoint_step:
-                self._reasons.append(
-                    f"slot {manifest.slot} holds step {manifest.step}, older than the "
-                    f"checkpoint's step {checkpoint_step}"
-                )
-                continue
-            usable.append((manifest, live))
-        for reason in self._reasons:
-            log.warning("peer-recovery: rank %d: %s", self.rank, reason)
-        if not usable and not self._reasons:
-            self._reasons.append(f"no snapshot in {self.store.directory}")
-        return usable
-
-    def _agree_local(
-        self, pg: dist.ProcessGroup | None, manifests: Sequence[Manifest]
-    ) -> tuple[int | None, str | None]:
-        """The newest step all ranks hold whose bytes pass their checksum on every rank.
-
-        A slot failing its checksum is skipped and the ranks agree again (at most twice:
-        there are two slots), so all ranks always take part in the same collectives.
-        """
-        excluded: set[int] = set()
-        problems: list[str] = list(getattr(self, "_reasons", []))
-        for _ in range(2):
-            step = newest_common_step(pg, [m.step for m in manifests if m.step not in excluded])
-            if step is None:
-                break
-            manifest = next((m for m in manifests if m.step == step), None)
-            try:
-                problem = None if manifest is None else self.store.verify(manifest)
-            except OSError as error:
-                problem = f"slot {manifest.slot if manifest else '?'} unreadable: {error}"
-            if problem is not None:
-                excluded.add(step)
-                problems.append(problem)
-                log.warning("peer-recovery: rank %d: %s; skipping it", self.rank, problem)
-            if all_agree(pg, problem is None):
-                return step, None
-        mine = sorted((m.step for m in manifests if m.step not in excluded), reverse=True)
-        problems.append(f"no step held intact by every rank (this rank holds {mine})")
-        return None, "; ".join(problems)
+        return (after, self.shard_key(after)), (before, self.shard_key(before))
 
     def _load_local(
         self, step: int, usable: list[tuple[Manifest, Flat]], plan: RankPlan | None, transport: Any
@@ -412,32 +344,13 @@ class PeerRecovery:
         nbytes = self.state.load(
             live, manifest.replicated, self.store.tensors(manifest, manifest.replicated)
         )
-        private_ok = self._load_private(manifest)
+        private_ok = load_private(self.private, self.store, manifest, self.rank)
         if plan is not None and plan.send_to:
             self._send(plan, transport, manifest)
         role = plan.role if plan is not None else Role.LOCAL
         return RestoreResult(
             role, manifest.step, f"local slot {manifest.slot}", nbytes, 0.0, private_ok
         )
-
-    def _load_private(self, manifest: Manifest) -> bool:
-        """Rank-private state: loaded when stored and still of the same shape, else skipped."""
-        if not self.private.objects:
-            return False
-        if manifest.private is None:
-            log.info(
-                "peer-recovery: rank %d: no rank-private state stored; re-derive it", self.rank
-            )
-            return False
-        live = self.private.flat()
-        if flat_digest(live) != manifest.private.digest():
-            log.warning(
-                "peer-recovery: rank %d: stored rank-private state has another shape; skipped",
-                self.rank,
-            )
-            return False
-        self.private.load(live, manifest.private, self.store.tensors(manifest, manifest.private))
-        return True
 
     def _send(self, plan: RankPlan, transport: Any, manifest: Manifest) -> None:
         """Stream the stored state (views on the slot, no copy) to the plan's receivers."""

@@ -62,9 +62,14 @@ class LiveState:
             o for o in self.objects.values() if isinstance(o, torch.optim.Optimizer) and not o.state
         ]
 
-    def materialize(self) -> Callable[[], None] | None:
-        """Give every never-stepped optimizer its state; return one undo for all, or None."""
-        undos = [u for u in (materialize(o) for o in self.fresh_optimizers()) if u is not None]
+    def materialize(self, *, zero: bool = True) -> Callable[[], None] | None:
+        """Give every never-stepped optimizer its state; return one undo for all, or None.
+
+        ``zero=False``: the created tensors may be left uninitialised (``optim_state``), for
+        a restore that overwrites all of them or undoes.
+        """
+        fresh = self.fresh_optimizers()
+        undos = [u for u in (materialize(o, zero=zero) for o in fresh) if u is not None]
         if not undos:
             return None
 
