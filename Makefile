@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help test lint bench tools cluster demo venv clean
+.PHONY: help test lint bench tools cluster demo venv clean manifests
 
 help:
 	@echo "make demo     run the main job locally: peer recovery of a replaced rank (no cluster)"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench    benchmarks, printed as ratios against their anchors"
 	@echo "make tools    build the test control plane's binaries from Go modules"
 	@echo "make cluster  run the test control plane in the foreground"
+	@echo "make manifests  re-render manifests/install.yaml from the chart (default values)"
 
 venv: $(STAMP)
 
@@ -60,6 +61,10 @@ cluster:
 # The last line is `RESULT peer_seconds=... storage_seconds=... bytes=... identical=...`.
 demo: venv
 	OMP_NUM_THREADS=1 $(PY) -m peer_recovery.demo
+
+# manifests/install.yaml is the chart rendered with default values; a test fails on drift.
+manifests: tools
+	@manifests/render.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
