@@ -41,6 +41,8 @@ lint: venv
 # Every benchmark script prints ratios against an anchor measured in the same run.
 # Add yours with `BENCHMARKS += benchmarks/<name>.py`.
 BENCHMARKS := benchmarks/transport.py benchmarks/snapshot.py
+# Needs the control plane (`make tools`).
+BENCHMARKS += benchmarks/operator_latency.py
 
 bench: venv
 	@set -e; for b in $(BENCHMARKS); do echo "== $$b"; $(PY) $$b; done
