@@ -203,7 +203,8 @@ class ClusterAgent:
             pods={o: who.pod for o, who in identities.items()},
         )
         # Streaming now, one try: a slow or absent API server must not hold up the results.
-        self._write(pr, ordinal, rejoining, identities, deadline=time.monotonic())
+        self._write(pr, ordinal, rejoining, identities, deadline=time.monotonic(),
+                    then="it is written with the final status", level=logging.WARNING)  # fmt: skip
         results = None
         if all(a.ok for a in agreed):
             keys = [result_key(prefix, ordinal, r) for r in range(local_world)]
@@ -222,6 +223,7 @@ class ClusterAgent:
         identities: Mapping[int, PodIdentity],
         *,
         deadline: float,
+        **how: Any,
     ) -> None:
         to_make = moves(pr)
         if not to_make:
@@ -253,7 +255,7 @@ class ClusterAgent:
             rest = [m for m in to_make if m.phase is not first.phase]
             apply_moves(client, me.namespace, name, [first, *rest])
 
-        deliver(attempt, deadline=deadline, what=f"the status of round {pr.round_no}")
+        deliver(attempt, deadline=deadline, what=f"the status of round {pr.round_no}", **how)
 
 
 def _identities(store: Any, prefix: str, nnodes: int) -> dict[int, PodIdentity]:

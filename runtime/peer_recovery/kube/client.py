@@ -7,9 +7,9 @@ pulls it in. Every call has a short timeout and no client-side retries: callers 
 retry policy (the plan source polls within its bound, the status writer backs off), so an
 unreachable or slow API server costs at most one timeout per call.
 
-Errors are mapped to three kinds: :class:`Unreachable` (connection refused or reset,
-timeouts, 5xx: try again later), :class:`Conflict` (409: re-read and re-validate) and
-:class:`ApiError` (anything else, e.g. 403: retrying will not help).
+Errors are mapped to kinds: :class:`Unreachable` (connection refused or reset, timeouts,
+5xx, 429: try again later), :class:`Conflict` (409: re-read and re-validate),
+:class:`Forbidden` (401/403) and :class:`ApiError` (anything else: retrying will not help).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ __all__ = [
     "ENV_KUBECONFIG",
     "ApiError",
     "Conflict",
+    "Forbidden",
     "KubeRecoveryApi",
     "RecoveryApi",
     "Unreachable",
@@ -41,6 +42,11 @@ class ApiError(RuntimeError):
 
 class Unreachable(ApiError):
     """The API server did not answer, or answered 5xx: worth retrying later."""
+
+
+class Forbidden(ApiError):
+    """401/403: refused. Permanent, except just after the API server restarted, when its
+    authorizer may not have loaded RBAC yet."""
 
 
 class Conflict(ApiError):
@@ -88,6 +94,7 @@ class KubeRecoveryApi:
             where = f"kubeconfig {path}" if path else "in-cluster config (ServiceAccount token)"
             raise ApiError(f"cannot load {where}: {error}") from None
         configuration.retries = 0
+        self._host = configuration.host
         self._client = client.ApiClient(configuration)
         self._custom = client.CustomObjectsApi(self._client)
         self._authz = client.AuthorizationV1Api(self._client)
@@ -107,11 +114,15 @@ class KubeRecoveryApi:
                 return None
             if error.status == 409:
                 raise Conflict(_reason(error)) from None
+            if error.status in (401, 403):
+                raise Forbidden(f"{error.status} {_reason(error)}") from None
             if error.status is None or error.status >= 500 or error.status == 429:
                 raise Unreachable(f"{error.status} {_reason(error)}") from None
             raise ApiError(f"{error.status} {_reason(error)}") from None
         except (urllib3.exceptions.HTTPError, OSError) as error:
-            raise Unreachable(f"{type(error).__name__}: {error}") from None
+            cause = getattr(error, "reason", None) or error  # MaxRetryError wraps the cause
+            text = str(cause).split(">: ", 1)[-1]  # drop urllib3's "<connection object>: "
+            raise Unreachable(f"{self._host}: {text}") from None
         return json.loads(response.data)
 
     def list_recoveries(

@@ -20,7 +20,7 @@ from typing import Any, Final, TypeVar
 
 from peer_recovery import api
 from peer_recovery.bodies import build_status
-from peer_recovery.kube.client import ApiError, Conflict, RecoveryApi, Unreachable
+from peer_recovery.kube.client import ApiError, Conflict, Forbidden, RecoveryApi, Unreachable
 from peer_recovery.kube.report import Move
 
 __all__ = ["apply_moves", "create_or_get", "deliver"]
@@ -89,10 +89,8 @@ def apply_moves(
                 log.warning("peer-recovery: PeerRecovery %s/%s is gone", namespace, name)
                 return None
             phase = api.phase_of(current)
-            if phase is move.phase and move.phase is not api.Phase.STREAMING:
-                break  # made already (a retry after a lost answer)
             if phase is move.phase:
-                break  # Streaming once is enough; progress updates are not needed
+                break  # made already (a retry after a lost answer); no progress updates
             planned_by = (current.get("spec") or {}).get("plannedBy", "operator")
             decision = api.check_transition(
                 phase, move.phase, api.Actor.RUNTIME, planned_by=planned_by
@@ -122,18 +120,34 @@ def deliver(
     *,
     deadline: float,
     what: str,
+    then: str = "gave up at the retry bound (PEER_RECOVERY_STATUS_RETRY_S)",
+    level: int = logging.ERROR,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T | None:
     """Run ``attempt`` until it succeeds, retrying while the API server is unreachable, with
-    backoff, until ``deadline`` (monotonic). Logs why it gave up; never raises."""
+    backoff, until ``deadline`` (monotonic); a refusal (403) only right after an outage. Logs why it gave up (``then`` says what follows,
+    at ``level``); never raises."""
     delay = 0.5
+    outage = False
     while True:
         try:
             return attempt()
-        except Unreachable as error:
+        except Forbidden as error:
+            if not outage:
+                log.error("peer-recovery: could not write %s: %s", what, error)
+                return None
+            # Just back from an outage, the API server's authorizer may not have loaded RBAC
+            # yet: a refusal then is retried like the outage itself.
             if time.monotonic() + delay > deadline:
-                log.error("peer-recovery: could not write %s: the API server stayed unreachable "
-                          "until the retry bound: %s", what, error)  # fmt: skip
+                log.log(level, "peer-recovery: could not write %s: %s; %s", what, error, then)
+                return None
+            log.warning("peer-recovery: %s: refused right after an outage (%s); retrying in "
+                        "%.1fs", what, error, delay)  # fmt: skip
+        except Unreachable as error:
+            outage = True
+            if time.monotonic() + delay > deadline:
+                log.log(level, "peer-recovery: could not write %s, the API server is "
+                        "unreachable (%s); %s", what, error, then)  # fmt: skip
                 return None
             log.warning("peer-recovery: %s: the API server is unreachable (%s); retrying in "
                         "%.1fs", what, error, delay)  # fmt: skip
