@@ -1,0 +1,101 @@
+"""Runs a user-guide recipe as torchrun's training script, with a test's eyes and hands.
+
+``python -m tests.packaging._recipe_runner RECIPE.py [ARGS...]`` runs the recipe unchanged
+(``runpy``, as ``__main__``) after wrapping three ``PeerRecovery`` methods:
+
+- ``restore`` appends a line to ``restores-rank<R>.jsonl`` (role, step, source,
+  private_restored; role null when it returned ``None``);
+- ``snapshot`` at step ``$RECIPE_PAUSE_AT`` writes ``paused-rank<R>.json`` (with a hash of
+  the registered state) and, until ``<out>/released`` exists, waits there to be killed, as
+  a job would be when a pod is lost;
+- ``close`` writes ``final-rank<R>.json`` with the step and hash of the registered state.
+
+``$RECIPE_OUT`` is the output directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peer_recovery.recovery import PeerRecovery
+
+OUT = Path(os.environ["RECIPE_OUT"])
+PAUSE_AT = int(os.environ.get("RECIPE_PAUSE_AT", "-1"))
+RANK = int(os.environ.get("RANK", "0"))
+
+
+def state_hash(recovery: PeerRecovery) -> str:
+    """SHA-256 of every tensor (local shards of DTensors) and scalar of the replicated state."""
+    digest = hashlib.sha256()
+
+    def walk(prefix: str, value: Any) -> None:
+        if hasattr(value, "to_local"):
+            value = value.to_local()
+        if isinstance(value, torch.Tensor):
+            t = value.detach().contiguous().cpu()
+            digest.update(f"{prefix}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                walk(f"{prefix}/{key}", value[key])
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(f"{prefix}/{i}", item)
+        else:
+            digest.update(f"{prefix}={value!r}".encode())
+
+    for name, obj in sorted(recovery.state.objects.items()):
+        walk(name, obj.state_dict())
+    return digest.hexdigest()
+
+
+def write(name: str, value: dict[str, Any]) -> None:
+    tmp = OUT / f"{name}.tmp"
+    tmp.write_text(json.dumps(value))
+    tmp.rename(OUT / name)
+
+
+_restore, _snapshot, _close = PeerRecovery.restore, PeerRecovery.snapshot, PeerRecovery.close
+
+
+def restore(self: PeerRecovery, *args: Any, **kwargs: Any) -> Any:
+    result = _restore(self, *args, **kwargs)
+    report: dict[str, Any] = {"role": None}
+    if result is not None:
+        report = {"role": result.role.value, "step": result.step, "source": result.source,
+                  "private_restored": result.private_restored}  # fmt: skip
+    with (OUT / f"restores-rank{RANK}.jsonl").open("a") as lines:
+        lines.write(json.dumps(report) + "\n")
+    return result
+
+
+def snapshot(self: PeerRecovery, step: int) -> float:
+    stall = _snapshot(self, step)
+    if step == PAUSE_AT and not (OUT / "released").exists():
+        self.wait()
+        write(f"paused-rank{RANK}.json", {"step": step, "hash": state_hash(self)})
+        while True:  # a pod is about to be lost; torchrun stops this worker
+            time.sleep(0.2)
+    return stall
+
+
+def close(self: PeerRecovery, *args: Any, **kwargs: Any) -> None:
+    write(f"final-rank{RANK}.json", {"step": self.stats.last_step, "hash": state_hash(self)})
+    _close(self, *args, **kwargs)
+
+
+PeerRecovery.restore, PeerRecovery.snapshot, PeerRecovery.close = restore, snapshot, close  # type: ignore[method-assign]
+
+if __name__ == "__main__":
+    recipe = sys.argv[1]
+    sys.argv = sys.argv[1:]
+    runpy.run_path(recipe, run_name="__main__")
