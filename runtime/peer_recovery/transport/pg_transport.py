@@ -293,7 +293,10 @@ class PGTransport:
 
         def fresh(i: int) -> torch.Tensor:
             spec = meta.tensors[i]
-            dests[i] = torch.empty(spec.shape, dtype=spec.dtype, device=self._device)
+            try:
+                dests[i] = torch.empty(spec.shape, dtype=spec.dtype, device=self._device)
+            except (RuntimeError, MemoryError) as exc:  # out of memory: refuse, do not hang
+                raise MetadataError(f"cannot allocate {spec.nbytes} bytes: {exc}") from None
             return dests[i]
 
         def inplace(i: int, target: torch.Tensor, where: tuple[Any, ...] | str) -> None:
