@@ -115,12 +115,16 @@ def run(args: argparse.Namespace, shm: Path, disk: Path) -> None:
     restores = []
     for seed in range(args.repeat):
         fresh = build(args.layers, args.device, seed + 1)
+        restored = PeerRecovery(dict(zip(state, fresh, strict=True)), directory=str(shm))
         started = time.perf_counter()
-        result = PeerRecovery(dict(zip(state, fresh, strict=True)), directory=str(shm)).restore()
+        result = restored.restore()
         sync(args.device)
         restores.append(time.perf_counter() - started)
         assert result is not None and result.step == last_step
-        del fresh
+        # The background prefault of the slots (for the next snapshots) must not overlap the
+        # next measurement; the files stay for the next restore.
+        restored.close(remove=False)
+        del fresh, restored
 
     # Anchor: torch.save (+fsync) to local disk, torch.load cold + load_state_dict.
     path = disk / "checkpoint.pt"
@@ -150,7 +154,8 @@ def run(args: argparse.Namespace, shm: Path, disk: Path) -> None:
     print(
         f"state: {params / 1e6:.1f}M parameters + AdamW state on {args.device}, "
         f"{nbytes / 2**30:.2f} GiB per snapshot; medians of {args.repeat}; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     rows = [
         ("snapshot stall (async: copy only)", med(stalls), med(saves), "torch.save+fsync"),
