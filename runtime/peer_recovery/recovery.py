@@ -42,7 +42,7 @@ from peer_recovery.snapshots.local_restore import agree_on_step, load_private, u
 from peer_recovery.snapshots.manifest import Manifest
 from peer_recovery.snapshots.metrics import SnapshotStats, log_restore, log_snapshot
 from peer_recovery.snapshots.sizing import SizingError
-from peer_recovery.snapshots.store import SlotWrite, SnapshotStore, plan_sections
+from peer_recovery.snapshots.store import SlotWrite, SnapshotStore, all_cpus, plan_sections
 from peer_recovery.snapshots.tree import Flat, flatten
 from peer_recovery.vote import Ballot, vote
 
@@ -191,7 +191,7 @@ class PeerRecovery:
 
     def _commit(self, pending: SlotWrite, background: bool) -> None:
         started = time.perf_counter()
-        manifest = self.store.commit(pending)
+        manifest = self.store.commit(pending, threads=1 if background else all_cpus())
         self.stats.last_commit_seconds = time.perf_counter() - started
         self.stats.snapshots += 1
         log_snapshot(self.stats, manifest.slot, background)

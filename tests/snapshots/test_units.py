@@ -102,6 +102,19 @@ def test_writes_alternate_slots_and_invalidate_before_overwriting(tmp_path: Path
     assert [m.step for m in found] == [2] and problems == []
 
 
+def test_checksums_in_threads_equal_one_thread_and_catch_a_flipped_bit(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path, rank=0)
+    flat = flatten({"t": torch.arange(3 << 20, dtype=torch.float32)})  # 12 MiB
+    pending = store.write_data(1, ShardKey(1, (), "0" * 64), flat, None)
+    chunk = 1 << 20  # 12 chunks, so threads really split them
+    one = store._checksums(pending.manifest.slot, pending.manifest.data_bytes, chunk, 1)
+    assert store._checksums(pending.manifest.slot, pending.manifest.data_bytes, chunk, 4) == one
+    manifest = store.commit(pending, threads=4)
+    assert store.verify(manifest) is None
+    store._map(manifest.slot)[(5 << 20) + 7] ^= 1  # one bit, inside the tensor
+    assert "failed its checksum" in (store.verify(manifest) or "")
+
+
 def test_sizing_decision_names_the_shortfall() -> None:
     gib = 1 << 30
     ok, line = sizing.decide(sizing.Sizing(4 * gib, 0, 3 * gib, None, None), "/dev/shm/x")
