@@ -1,0 +1,193 @@
+"""The chart with the real helm, no cluster: lint, what it renders with default and other
+values (checked as objects, not text), values the schema refuses (each message names the
+value), and manifests/install.yaml kept in step with the chart."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.controlplane.fixtures import require_bin_dir
+from tests.packaging.chart_support import CHART, REPO, by_kind, helm, one, render
+
+
+@pytest.fixture(scope="module")
+def bin_dir() -> Path:
+    return require_bin_dir()
+
+
+def test_lint_strict(bin_dir: Path) -> None:
+    result = helm(bin_dir, "lint", "--strict", str(CHART), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_values_are_all_documented_and_the_schema_is_closed() -> None:
+    """Every leaf key of values.yaml has a comment starting with its dotted key; every
+    object in the schema refuses unknown keys (maps of labels say what their values are)."""
+    text = (CHART / "values.yaml").read_text()
+
+    def leaves(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, dict) and node and prefix.rstrip(".") != "operator.resources":
+            return [k for key, v in node.items() for k in leaves(v, f"{prefix}{key}.")]
+        return [prefix.rstrip(".")]
+
+    for key in leaves(yaml.safe_load(text), ""):
+        assert f"# {key} -- " in text, f"values.yaml: {key} has no comment starting with its key"
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def closed(node: dict[str, Any], where: str) -> None:
+        if node.get("type") == "object" or "properties" in node:
+            assert "additionalProperties" in node, f"{where} accepts unknown keys"
+            assert (
+                node["additionalProperties"] is False
+                or where.endswith(("nodeSelector", "labels", "global"))
+                or "type" in node["additionalProperties"]
+            ), where
+        for key, child in node.get("properties", {}).items():
+            closed(child, f"{where}.{key}")
+        if isinstance(node.get("items"), dict):
+            closed(node["items"], f"{where}[]")
+
+    schema["properties"]["global"]["additionalProperties"] = True  # Helm's own, left open
+    closed(schema, "values")
+
+
+def test_default_values_render_a_locked_down_operator(bin_dir: Path) -> None:
+    objects = render(bin_dir)
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
+                     "Deployment", "Service", "ServiceAccount"]  # fmt: skip
+    deployment = one(objects, "Deployment")
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    selector = spec["selector"]["matchLabels"]
+    assert selector == {"app.kubernetes.io/name": "peer-recovery",
+                        "app.kubernetes.io/instance": "rel"}  # fmt: skip
+    assert "app.kubernetes.io/version" in deployment["metadata"]["labels"]
+    assert spec["template"]["metadata"]["labels"] == selector
+    assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 65532,
+                                      "runAsGroup": 65532,
+                                      "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    resources = container["resources"]
+    assert resources["requests"]["cpu"] and resources["requests"]["memory"]
+    assert resources["limits"]["memory"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"liveness": 8080, "metrics": 9090}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
+    args = container["args"]
+    assert "--all-namespaces" in args
+    assert "--liveness=http://0.0.0.0:8080/healthz" in args
+    assert "--metrics-address=0.0.0.0:9090" in args
+    service = one(objects, "Service")
+    assert service["spec"]["selector"] == selector
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    for o in objects:
+        if o["kind"] in ("Deployment", "Service", "ServiceAccount"):
+            assert o["metadata"]["namespace"] == "ops", o["kind"]
+
+
+def test_other_values_render_what_they_say(bin_dir: Path) -> None:
+    objects = render(
+        bin_dir,
+        "watchNamespaces={team-a,team-b}",
+        "serviceAccount.name=pr-operator",
+        "operator.runAsUser=null",
+        "operator.nodeSelector.pool=system",
+        "operator.imagePullSecrets={regcred}",
+        "operator.image=registry.example.com/pr:dev",
+        "operator.metricsPort=9100",
+        "metrics.service.port=8443",
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.serviceMonitor.labels.release=prom",
+        "runtime.serviceAccountName=trainer",
+        "runtime.namespaces={team-a}",
+    )
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example.com/pr:dev"
+    assert "--namespace=team-a" in container["args"] and "--namespace=team-b" in container["args"]
+    assert "--all-namespaces" not in container["args"]
+    assert "--metrics-address=0.0.0.0:9100" in container["args"]
+    assert pod["serviceAccountName"] == "pr-operator"
+    assert "runAsUser" not in pod["securityContext"]
+    assert pod["nodeSelector"] == {"pool": "system"}
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    bindings = {
+        (b["metadata"]["namespace"], b["roleRef"]["kind"]) for b in by_kind(objects, "RoleBinding")
+    }
+    assert bindings == {("team-a", "ClusterRole"), ("team-b", "ClusterRole"), ("team-a", "Role")}
+    assert len(by_kind(objects, "ClusterRoleBinding")) == 1  # nodes/CRDs only, cluster-wide
+    assert one(objects, "Role")["metadata"]["namespace"] == "team-a"
+    assert one(objects, "Service")["spec"]["ports"][0]["port"] == 8443
+    monitor = one(objects, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    selected = monitor["spec"]["selector"]["matchLabels"]
+    assert selected.items() <= one(objects, "Service")["metadata"]["labels"].items()
+
+
+def test_switches_turn_objects_off(bin_dir: Path) -> None:
+    objects = render(
+        bin_dir, "rbac.create=false", "serviceAccount.create=false",
+        "serviceAccount.name=existing", "metrics.service.enabled=false",
+    )  # fmt: skip
+    assert [o["kind"] for o in objects] == ["Deployment"]
+    assert (
+        one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("operator.maxAttempts=0", "at '/operator/maxAttempts': minimum: got 0, want 1"),
+        ("operator.logFormat=xml", "at '/operator/logFormat'"),
+        ("operator.replicas=2", "at '/operator': additional properties 'replicas' not allowed"),
+        ("watchNamespace=team-a", "additional properties 'watchNamespace' not allowed"),
+        ("watchNamespaces={Team_A}", "at '/watchNamespaces/0'"),
+        ("operator.metricsPort=70000", "at '/operator/metricsPort'"),
+        ("operator.planDeadline=0", "at '/operator/planDeadline'"),
+        ("rbac.create=yes", "at '/rbac/create'"),
+        ("metrics.serviceMonitor.interval=soon", "at '/metrics/serviceMonitor/interval'"),
+        ("operator.resources.limits.memory=lots", "at '/operator/resources/limits/memory'"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_value(bin_dir: Path, value: str, message: str) -> None:
+    result = helm(bin_dir, "template", "rel", str(CHART), "--set", value, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_service_monitor_without_the_service_is_refused(bin_dir: Path) -> None:
+    result = helm(bin_dir, "template", "rel", str(CHART), "--set",
+                  "metrics.serviceMonitor.enabled=true", "--set", "metrics.service.enabled=false",
+                  check=False)  # fmt: skip
+    assert result.returncode != 0 and "needs metrics.service.enabled" in result.stderr
+
+
+def test_install_manifest_is_the_chart_rendered_with_defaults(bin_dir: Path) -> None:
+    fresh = subprocess.run(
+        [str(REPO / "manifests" / "render.sh"), "-"], capture_output=True, text=True,
+        env={"HELM": str(bin_dir / "helm"), "PATH": "/usr/bin:/bin"}, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    committed = (REPO / "manifests" / "install.yaml").read_text()
+    assert committed == fresh, "manifests/install.yaml is stale: run `make manifests`"
+    objects = [d for d in yaml.safe_load_all(committed) if d]
+    kinds = {o["kind"] for o in objects}
+    assert {"Namespace", "CustomResourceDefinition", "Deployment", "ClusterRole"} <= kinds
+    namespaced = [o for o in objects if o["kind"] in ("Deployment", "Service", "ServiceAccount")]
+    assert {o["metadata"]["namespace"] for o in namespaced} == {"peer-recovery"}
