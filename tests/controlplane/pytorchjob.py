@@ -325,7 +325,14 @@ def replace_pod(
     old = _read_pod(api_client, namespace, pod_name)
     if old is None:
         raise LookupError(f"pod {namespace}/{pod_name} does not exist; nothing to replace")
-    CoreV1Api(api_client).delete_namespaced_pod(pod_name, namespace)
-    wait_pod_gone(api_client, namespace, pod_name, old["metadata"]["uid"], timeout=timeout)
+    from kubernetes.client import V1DeleteOptions, V1Preconditions
+
+    # Delete at once (grace 0) and only this uid. A graceful delete would leave the pod
+    # Terminating for KWOK's delete stage, and KWOK deletes by name: a delete it queued for
+    # the old pod could then remove the replacement created under the same name.
+    old_uid = old["metadata"]["uid"]
+    options = V1DeleteOptions(grace_period_seconds=0, preconditions=V1Preconditions(uid=old_uid))
+    CoreV1Api(api_client).delete_namespaced_pod(pod_name, namespace, body=options)
+    wait_pod_gone(api_client, namespace, pod_name, old_uid, timeout=timeout)
     created = CoreV1Api(api_client).create_namespaced_pod(namespace, _recreatable(old))
     return api_client.sanitize_for_serialization(created)
