@@ -44,7 +44,7 @@ BENCHMARKS := benchmarks/transport.py benchmarks/snapshot.py
 # Needs the control plane (`make tools`).
 BENCHMARKS += benchmarks/operator_latency.py
 
-bench: venv
+bench: venv tools
 	@set -e; for b in $(BENCHMARKS); do echo "== $$b"; $(PY) $$b; done
 
 # Builds etcd, kube-apiserver/-controller-manager/kubectl, helm and kwok from the pins in
