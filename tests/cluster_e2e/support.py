@@ -189,3 +189,30 @@ def _ordinal(pod: dict[str, Any]) -> int:
             if env["name"] == "PET_NODE_RANK":
                 return int(env["value"])
     raise AssertionError(f"pod {pod['metadata']['name']} has no PET_NODE_RANK")
+
+
+def wait_controllers_settled(client: Any, timeout: float = 180) -> None:
+    """After an API server restart, wait until the controller manager works again (its
+    ServiceAccount controller fills a new namespace), so later tests find it working."""
+    import uuid
+
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    core = CoreV1Api(client)
+    name = f"settle-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": name}})
+
+    def has_default() -> bool:
+        try:
+            return core.read_namespaced_service_account("default", name) is not None
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+
+    try:
+        wait_for("the controller manager after the API server restart", has_default,
+                 timeout=timeout)  # fmt: skip
+    finally:
+        core.delete_namespace(name)

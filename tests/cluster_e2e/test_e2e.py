@@ -25,6 +25,7 @@ from tests.cluster_e2e.support import (
     job_events,
     recovery_for,
     render_runtime_rbac,
+    wait_controllers_settled,
     wait_for,
 )
 from tests.operator.cluster_support import CRD, OperatorProcess, render_rbac
@@ -218,6 +219,7 @@ def test_api_server_down_recovers_in_band_and_writes_status_once_back(
         if stopped:
             control_plane.start_apiserver()
         job.close()
+        wait_controllers_settled(client)
     assert all(code == 0 for code in codes.values()), codes
     healthy = {p["hash"] for r, p in enumerate(paused) if r != REPLACED}
     assert {r["hash"] for r in restored} == healthy and len(healthy) == 1

@@ -101,7 +101,7 @@ class ClusterAgent:
         self._threads: list[threading.Thread] = []
         self._round_over: threading.Event | None = None
         self._exiting = threading.Event()
-        atexit.register(self.flush)
+        self._flush_registered = False
 
     @classmethod
     def from_env(cls, identity: PodIdentity, source: KubePlanSource, env: Mapping[str, str]):
@@ -122,6 +122,7 @@ class ClusterAgent:
             store.set(identity_key(prefix, ordinal), exchange.encode(self.identity.to_json()))
         except Exception as error:  # never stop the job for reporting
             log.warning("peer-recovery: cannot publish this pod's identity: %s", error)
+        self._register_flush()
         over = threading.Event()
         with self._lock:
             if self._round_over is not None:
@@ -136,6 +137,19 @@ class ClusterAgent:
             )
             self._threads.append(thread)
         thread.start()
+
+    def _register_flush(self) -> None:
+        """Register :meth:`flush` at exit once, *after* the client is made: the kubernetes
+        client deletes the CA file it wrote from a kubeconfig in its own ``atexit`` hook,
+        and hooks run last-registered first, so the flush must come later to run first."""
+        if self._flush_registered:
+            return
+        self._flush_registered = True
+        try:
+            self.plan_source.client()  # loads the config only; no request is made
+        except Exception as error:
+            log.warning("peer-recovery: cannot load the Kubernetes client config: %s", error)
+        atexit.register(self.flush)
 
     def flush(self) -> None:
         """At exit: end the waits, then give pending writes until their retry bound."""
