@@ -2,7 +2,8 @@
 
 The state is a GPT-2-small-shaped model (124M parameters, fp32, embeddings tied so each
 tensor is stored once) with AdamW state and a scheduler, about 1.5 GB. The anchor, measured
-in the same run on the same state, is what a script does without peer-recovery:
+in the same run on the same state (alternating with ours, so that both see the same load on a
+shared machine), is what a script does without peer-recovery:
 ``torch.save`` to local disk (plus fsync, as a checkpoint must be durable) and, after a
 restart, ``torch.load`` of that file after it has been dropped from the page cache
 (``posix_fadvise(DONTNEED)``) followed by ``load_state_dict``. Ratios are anchor / ours.
@@ -84,70 +85,78 @@ def main() -> None:
         shutil.rmtree(disk, ignore_errors=True)
 
 
+def restore_ours(
+    state: dict[str, Any], shm: Path, args: argparse.Namespace, seed: int, step: int
+) -> float:
+    """Restore into freshly built objects (what a restarted worker does); seconds."""
+    fresh = build(args.layers, args.device, seed + 1)
+    restored = PeerRecovery(dict(zip(state, fresh, strict=True)), directory=str(shm))
+    started = time.perf_counter()
+    result = restored.restore()
+    sync(args.device)
+    seconds = time.perf_counter() - started
+    assert result is not None and result.step == step
+    # The background prefault of the slots (for the next snapshots) must not overlap the
+    # next measurement; the files stay for the next restore.
+    restored.close(remove=False)
+    return seconds
+
+
+def save_anchor(state: dict[str, Any], path: Path) -> float:
+    """torch.save (+fsync, as a checkpoint must be durable) to local disk; seconds."""
+    started = time.perf_counter()
+    torch.save({name: obj.state_dict() for name, obj in state.items()}, path)
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+    return time.perf_counter() - started
+
+
+def load_anchor(state: dict[str, Any], path: Path, args: argparse.Namespace, seed: int) -> float:
+    """torch.load from disk (dropped from the page cache) + load_state_dict; seconds."""
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # cold: from the disk, not the cache
+    os.close(fd)
+    fresh = build(args.layers, args.device, seed + 1)
+    started = time.perf_counter()
+    loaded = torch.load(path, map_location=args.device, weights_only=True)
+    for obj, (name, sd) in zip(fresh, loaded.items(), strict=True):
+        assert name in state
+        obj.load_state_dict(sd)
+    sync(args.device)
+    return time.perf_counter() - started
+
+
 def run(args: argparse.Namespace, shm: Path, disk: Path) -> None:
     model, optim, sched = build(args.layers, args.device, 0)
     one_step(model, optim, sched)
     params = sum(p.numel() for p in model.parameters())
     state = {"model": model, "optim": optim, "sched": sched}
 
-    # Ours: async (training blocked for the copy only) and sync (copy + checksums + manifest).
+    # Ours and the anchor alternate, so that on a shared machine both see the same load.
+    path = disk / "checkpoint.pt"
     recovery = PeerRecovery(state, directory=str(shm), async_snapshot=True)
     recovery.snapshot(0)  # first snapshot: preallocation and first touch of the slot pages
     recovery.wait()
     first_stall = recovery.stats.last_stall_seconds
-    stalls, commits = [], []
+    stalls, commits, saves = [], [], []
     for step in range(1, args.repeat + 1):
         one_step(model, optim, sched)
         sync(args.device)
-        stalls.append(recovery.snapshot(step))
+        stalls.append(recovery.snapshot(step))  # async: training blocked for the copy only
         recovery.wait()
         commits.append(recovery.stats.last_commit_seconds)
+        saves.append(save_anchor(state, path))
     nbytes = recovery.stats.last_bytes
     recovery.async_snapshot = False
     sync_totals = []
     for step in range(args.repeat + 1, 2 * args.repeat + 1):
         started = time.perf_counter()
-        recovery.snapshot(step)
+        recovery.snapshot(step)  # sync: copy + checksums + manifest
         sync_totals.append(time.perf_counter() - started)
-    last_step = 2 * args.repeat
-
-    # Ours: restore into freshly built objects (what a restarted worker does).
-    restores = []
+    restores, loads = [], []
     for seed in range(args.repeat):
-        fresh = build(args.layers, args.device, seed + 1)
-        restored = PeerRecovery(dict(zip(state, fresh, strict=True)), directory=str(shm))
-        started = time.perf_counter()
-        result = restored.restore()
-        sync(args.device)
-        restores.append(time.perf_counter() - started)
-        assert result is not None and result.step == last_step
-        # The background prefault of the slots (for the next snapshots) must not overlap the
-        # next measurement; the files stay for the next restore.
-        restored.close(remove=False)
-        del fresh, restored
-
-    # Anchor: torch.save (+fsync) to local disk, torch.load cold + load_state_dict.
-    path = disk / "checkpoint.pt"
-    saves, loads = [], []
-    for _ in range(args.repeat):
-        started = time.perf_counter()
-        torch.save({name: obj.state_dict() for name, obj in state.items()}, path)
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-        saves.append(time.perf_counter() - started)
-    for seed in range(args.repeat):
-        fd = os.open(path, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # cold: from the disk, not the cache
-        os.close(fd)
-        fresh = build(args.layers, args.device, seed + 1)
-        started = time.perf_counter()
-        loaded = torch.load(path, map_location=args.device, weights_only=True)
-        for obj, (name, sd) in zip(fresh, loaded.items(), strict=True):
-            assert name in state
-            obj.load_state_dict(sd)
-        sync(args.device)
-        loads.append(time.perf_counter() - started)
-        del fresh, loaded
+        restores.append(restore_ours(state, shm, args, seed, 2 * args.repeat))
+        loads.append(load_anchor(state, path, args, seed))
     recovery.close()
 
     med = statistics.median
@@ -179,6 +188,11 @@ def run(args: argparse.Namespace, shm: Path, disk: Path) -> None:
         f"first snapshot stall (page first touch): {first_stall:.3f} s; "
         f"background commit (crc32 of {nbytes / 2**30:.2f} GiB + manifest): {med(commits):.3f} s "
         f"= {nbytes / med(commits) / 1e9:.1f} GB/s"
+    )
+    runs = {"stall": stalls, "save": saves, "restore": restores, "load": loads}
+    print(
+        "each run, s: "
+        + "; ".join(f"{k} " + " ".join(f"{v:.2f}" for v in vs) for k, vs in runs.items())
     )
 
 
