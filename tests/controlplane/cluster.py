@@ -157,14 +157,7 @@ class ControlPlane:
             "kwok", kwok_argv(self.bin_dir, self.kubeconfig, STAGES_PATH, self._ports)
         ).start()
         self._create_nodes()
-        kcm_url = f"https://127.0.0.1:{self._ports['kcm']}/healthz"
-        poll(
-            "kube-controller-manager /healthz",
-            lambda: _http_ok(kcm_url, verify=False),
-            timeout=_START_TIMEOUT_S,
-            alive=self.exited,
-        )
-        poll("fake nodes Ready", self._nodes_ready, timeout=_START_TIMEOUT_S, alive=self.exited)
+        self._wait_controllers_ready()
 
     def stop(self, *, remove_work_dir: bool = True) -> None:
         """Stop every component (reverse start order); remove the work dir if we made it."""
@@ -178,7 +171,19 @@ class ControlPlane:
         self._components["kube-apiserver"].stop()
 
     def start_apiserver(self) -> None:
-        """(Re)start the API server on its port and wait until /readyz answers ok."""
+        """(Re)start the API server on its port and wait until /readyz answers ok.
+
+        On a restart, the controller manager and KWOK are restarted with it: after an outage
+        their watches back off for tens of seconds, and a test that follows would wait for a
+        namespace's ServiceAccount or a pod's status that nobody is yet there to write.
+        """
+        dependents = [
+            self._components[name]
+            for name in ("kube-controller-manager", "kwok")
+            if name in self._components
+        ]
+        for component in dependents:
+            component.stop()
         self._components["kube-apiserver"].start()
         poll(
             "kube-apiserver /readyz",
@@ -186,6 +191,20 @@ class ControlPlane:
             timeout=_START_TIMEOUT_S,
             alive=self.exited,
         )
+        if dependents:
+            for component in dependents:
+                component.start()
+            self._wait_controllers_ready()
+
+    def _wait_controllers_ready(self) -> None:
+        kcm_url = f"https://127.0.0.1:{self._ports['kcm']}/healthz"
+        poll(
+            "kube-controller-manager /healthz",
+            lambda: _http_ok(kcm_url, verify=False),
+            timeout=_START_TIMEOUT_S,
+            alive=self.exited,
+        )
+        poll("fake nodes Ready", self._nodes_ready, timeout=_START_TIMEOUT_S, alive=self.exited)
 
     def pids(self) -> dict[str, int]:
         """Process (and process group) ids of the running components, by name."""
