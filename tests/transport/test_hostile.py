@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from peer_recovery.transport import IntegrityError, Limits, MetadataError, PGTransport
 from peer_recovery.transport.metadata import (
+    FORMAT_VERSION,
     Header,
     decode_metadata,
     metadata_crc,
@@ -36,7 +37,7 @@ class _Evil:
 
 def _doc(**over: Any) -> bytes:
     doc = {
-        "v": 1,
+        "v": FORMAT_VERSION,
         "bucket": 4096,
         "chunk": 4096,
         "small": 512,

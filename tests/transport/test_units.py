@@ -25,32 +25,41 @@ from peer_recovery.transport.metadata import (
     pack_header,
     unpack_header,
 )
-from peer_recovery.transport.plan import Bucket, Chunk, plan_messages
+from peer_recovery.transport.plan import Bucket, Chunk, bucket_runs, plan_messages
 from tests.transport._cases import DTYPES, assert_same, random_tensor, tensor_bytes
 
 
 @settings(max_examples=200, deadline=None)
 @given(
-    sizes=st.lists(st.integers(0, 5000), max_size=60),
+    items=st.lists(st.tuples(st.integers(0, 1250), st.sampled_from([1, 2, 4, 8, 16])), max_size=60),
     bucket=st.integers(1, 200).map(lambda n: n * 16),
     chunk=st.integers(1, 200).map(lambda n: n * 16),
     small_frac=st.floats(0, 1),
 )
 def test_plan_covers_every_byte_exactly_once(
-    sizes: list[int], bucket: int, chunk: int, small_frac: float
+    items: list[tuple[int, int]], bucket: int, chunk: int, small_frac: float
 ) -> None:
+    sizes = [count * align for count, align in items]  # payload sizes are whole elements
+    aligns = [align for _, align in items]
     small = int(bucket * small_frac)
-    plan = plan_messages(sizes, bucket=bucket, chunk=chunk, small=small)
+    plan = plan_messages(sizes, bucket=bucket, chunk=chunk, small=small, aligns=aligns)
     covered: dict[int, list[tuple[int, int]]] = {i: [] for i in range(len(sizes))}
     for m in plan:
         if isinstance(m, Bucket):
-            assert 0 < m.nbytes <= bucket and m.payload_bytes == m.nbytes
-            offset = 0
+            assert 0 < m.nbytes <= bucket
+            assert m.payload_bytes == sum(n for _, _, n in m.entries)
+            end = 0
             for idx, off, n in m.entries:
-                assert off == offset and n == sizes[idx] <= small  # dense, small ones only
+                assert n == sizes[idx] <= small  # small ones only
+                assert off % aligns[idx] == 0 and end <= off < end + aligns[idx]  # least pad
                 covered[idx].append((0, n))
-                offset += n
-            assert offset == m.nbytes
+                end = off + n
+            assert end == m.nbytes
+            runs = bucket_runs(m, aligns)  # runs of one key are dense and cover the bucket
+            assert [i for r in runs for i in r.indices] == [i for i, _, _ in m.entries]
+            for r in runs:
+                assert r.end - r.start == sum(sizes[i] for i in r.indices)
+                assert {aligns[i] for i in r.indices} == {r.key}
         else:
             assert isinstance(m, Chunk) and 0 < m.nbytes <= chunk and sizes[m.index] > small
             covered[m.index].append((m.start, m.end))
@@ -58,6 +67,20 @@ def test_plan_covers_every_byte_exactly_once(
         spans = covered[idx]
         assert sum(e - s for s, e in spans) == size
         assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))  # in order, no gaps
+
+
+def test_plan_aligns_each_payload_to_its_item_size() -> None:
+    # 3 bytes of uint8, then float64: 5 bytes of padding; then another uint8 follows densely.
+    plan = plan_messages([3, 16, 1], bucket=64, chunk=64, small=32, aligns=[1, 8, 1])
+    assert plan == [Bucket(25, ((0, 0, 3), (1, 8, 16), (2, 24, 1)))]
+    assert plan[0].payload_bytes == 20
+    assert [tuple(r) for r in bucket_runs(plan[0], ["u8", "f64", "u8"])] == [
+        (0, 3, "u8", [0]),
+        (8, 24, "f64", [1]),
+        (24, 25, "u8", [2]),
+    ]
+    with pytest.raises(ValueError, match="alignments"):
+        plan_messages([3, 16], bucket=64, chunk=64, small=32, aligns=[1])
 
 
 def test_plan_rejects_bad_sizes() -> None:

@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch._C._nn import unflatten_dense_tensors
 
-from peer_recovery.transport._views import byte_view, checksum, flat_bytes
+from peer_recovery.transport._views import byte_view, checksum
 from peer_recovery.transport.errors import IntegrityError, TransferError, TransferTimeout
 from peer_recovery.transport.metadata import TensorSpec
-from peer_recovery.transport.plan import Bucket, Chunk, Message
+from peer_recovery.transport.plan import Bucket, Chunk, Message, bucket_runs
 
 __all__ = ["DATA_TAG", "Wire", "post", "recv_messages", "send_messages", "wait_work"]
 
@@ -108,16 +109,17 @@ class _Pool:
 
 def _pool_for(
     plan: Sequence[Message],
-    staged: Callable[[Chunk], bool],
+    staged: Callable[[int, Message], bool],
     wire: Wire,
     tensors: Sequence[torch.Tensor],
 ) -> _Pool:
-    """Two buffers of the largest bucket or staged chunk; pinned when GPU memory is staged."""
-    size = max(
-        (m.nbytes for m in plan if isinstance(m, Bucket) or staged(m)),  # type: ignore[arg-type]
-        default=0,
+    """Two buffers of the largest message that goes through one; pinned for GPU memory."""
+    size = max((m.nbytes for i, m in enumerate(plan) if staged(i, m)), default=0)
+    pin = (
+        wire.device.type == "cpu"
+        and torch.cuda.is_initialized()  # no CUDA tensor can exist otherwise
+        and any(t.device.type == "cuda" for t in tensors)
     )
-    pin = wire.device.type == "cpu" and any(t.device.type == "cuda" for t in tensors)
     return _Pool(_BUFFERS, size, wire.device, pin)
 
 
@@ -170,46 +172,48 @@ def _acquire(
     return buf
 
 
-def _pack(data: torch.Tensor, sources: list[torch.Tensor]) -> None:
-    """Copy small payloads densely into ``data`` (one batched copy when devices agree)."""
+def _pack(
+    data: torch.Tensor, m: Bucket, dtypes: Sequence[torch.dtype], sources: Sequence[torch.Tensor]
+) -> None:
+    """Copy a bucket's payloads into ``data``: one batched copy per run of one dtype.
+
+    The run's bytes are viewed as its dtype and cut into views shaped like the sources (in
+    C++), so strided sources need no contiguous copy and no per-tensor Python runs.
+    """
     with torch.no_grad():
-        views = [flat_bytes(t if t.is_contiguous() else t.contiguous()) for t in sources]
-        if all(v.device == data.device for v in views):
-            torch.cat(views, out=data)
-            return
-        offset = 0
-        for v in views:
-            data[offset : offset + v.numel()].copy_(v)
-            offset += v.numel()
+        for run in bucket_runs(m, dtypes):
+            srcs = [sources[i] for i in run.indices]
+            views = unflatten_dense_tensors(data[run.start : run.end].view(run.key), srcs)
+            torch._foreach_copy_(views, srcs)
 
 
 def _unpack(
-    data: torch.Tensor, m: Bucket, specs: Sequence[TensorSpec], dests: Sequence[torch.Tensor]
+    data: torch.Tensor, m: Bucket, dtypes: Sequence[torch.dtype], dests: Sequence[torch.Tensor]
 ) -> None:
-    """Copy a bucket's pieces into their destinations (batched for contiguous, same device)."""
-    pieces = data.split([n for _, _, n in m.entries])
-    fast_dst, fast_src = [], []
-    for (idx, _, _), piece in zip(m.entries, pieces, strict=True):
-        dest = dests[idx]
-        if dest.is_contiguous() and dest.device == data.device:
-            fast_dst.append(flat_bytes(dest))
-            fast_src.append(piece)
-        else:  # clone: a piece may not be aligned for the dtype
-            spec = specs[idx]
-            dest.copy_(piece.clone().view(spec.dtype).view(spec.shape))
-    if fast_dst:
-        torch._foreach_copy_(fast_dst, fast_src)
+    """Copy a received bucket into its destinations: one batched copy per run of one dtype."""
+    with torch.no_grad():
+        for run in bucket_runs(m, dtypes):
+            targets = [dests[i] for i in run.indices]
+            src = data[run.start : run.end].view(run.key)
+            if targets[0].device != src.device:  # e.g. GPU targets, CPU wire: one transfer
+                src = src.to(targets[0].device)
+            torch._foreach_copy_(targets, unflatten_dense_tensors(src, targets))
 
 
 def send_messages(
     wire: Wire,
     dsts: Sequence[int],
     payloads: Sequence[torch.Tensor],
+    specs: Sequence[TensorSpec],
     plan: Sequence[Message],
     name: Callable[[int], str],
 ) -> None:
     """Send every planned message to every destination."""
-    staged = lambda m: payloads[m.index].device != wire.device  # noqa: E731
+    dtypes = [s.dtype for s in specs]
+
+    def staged(i: int, m: Message) -> bool:
+        return isinstance(m, Bucket) or payloads[m.index].device != wire.device
+
     pool = _pool_for(plan, staged, wire, payloads)
     inflight: deque[_Flight] = deque()
     contiguous: dict[int, torch.Tensor] = {}
@@ -225,7 +229,7 @@ def send_messages(
         if isinstance(m, Bucket):
             buf = _acquire(pool, inflight, finish)
             data = buf[: m.nbytes]
-            _pack(data, [payloads[idx] for idx, _, _ in m.entries])
+            _pack(data, m, dtypes, payloads)
         else:
             src = contiguous.get(m.index)
             if src is None:
@@ -260,8 +264,17 @@ def recv_messages(
     dests: Sequence[torch.Tensor],
     plan: Sequence[Message],
     name: Callable[[int], str],
+    direct: Mapping[int, torch.Tensor] | None = None,
 ) -> None:
-    """Receive every planned message from ``src`` into ``dests`` (one per payload)."""
+    """Receive every planned message from ``src`` into ``dests`` (one per payload).
+
+    ``direct`` maps the position of a bucket in ``plan`` to a buffer of its size that its
+    destinations are views of (fresh tensors): that bucket is received straight into it
+    (or staged and copied in whole, when the buffer is not on the wire device), never
+    unpacked.
+    """
+    direct = direct or {}
+    dtypes = [s.dtype for s in specs]
     landing: dict[int, torch.Tensor] = {}
 
     def land_of(idx: int) -> torch.Tensor:
@@ -276,7 +289,11 @@ def recv_messages(
             landing[idx] = land
         return land
 
-    staged = lambda m: dests[m.index].device != wire.device  # noqa: E731
+    def staged(i: int, m: Message) -> bool:
+        if isinstance(m, Chunk):
+            return dests[m.index].device != wire.device
+        return i not in direct or direct[i].device != wire.device
+
     pool = _pool_for(plan, staged, wire, dests)
     inflight: deque[_Flight] = deque()
 
@@ -291,26 +308,29 @@ def recv_messages(
                 key_path=_message_keys(m, name),
             )
         with torch.no_grad():
+            if f.land is not None:
+                f.land.copy_(f.data)
             if isinstance(m, Bucket):
-                _unpack(f.data, m, specs, dests)
-            else:
-                if f.land is not None:
-                    f.land.copy_(f.data)
-                if m.end == specs[m.index].nbytes:
-                    land = landing.pop(m.index)
-                    if land is not dests[m.index]:
-                        dests[m.index].copy_(land)
+                if f.index not in direct:
+                    _unpack(f.data, m, dtypes, dests)
+            elif m.end == specs[m.index].nbytes:
+                land = landing.pop(m.index)
+                if land is not dests[m.index]:
+                    dests[m.index].copy_(land)
         if f.buf is not None:
             pool.release(f.buf)
         wire.advance(m.payload_bytes)
 
     for i, m in enumerate(plan):
         buf = land = None
-        if isinstance(m, Bucket):
+        if isinstance(m, Bucket) and i not in direct:
             buf = _acquire(pool, inflight, finish)
             data = buf[: m.nbytes]
         else:
-            target = byte_view(land_of(m.index))[m.start : m.end]
+            if isinstance(m, Bucket):
+                target = direct[i]
+            else:
+                target = byte_view(land_of(m.index))[m.start : m.end]
             if target.device == wire.device:
                 data = target
             else:

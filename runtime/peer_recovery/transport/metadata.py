@@ -63,7 +63,7 @@ __all__ = [
     "unpack_header",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: bucket entries aligned to their dtype (plan.py)
 _MAGIC = b"PRXFER\x00\x01"
 _HEADER = struct.Struct("<8sIIqQI")
 HEADER_BYTES = 64  # fixed on the wire; the struct is zero-padded to this size

@@ -31,6 +31,7 @@ types and keys otherwise):
 from __future__ import annotations
 
 import gc
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -66,7 +67,7 @@ from peer_recovery.transport.metadata import (
     pack_header,
     unpack_header,
 )
-from peer_recovery.transport.plan import plan_messages
+from peer_recovery.transport.plan import Bucket, Message, bucket_runs, plan_messages
 
 __all__ = ["DEFAULT_INTEGRITY", "PGTransport", "TransferStats"]
 
@@ -209,9 +210,9 @@ class PGTransport:
         for work, ack, dst in acks:
             wait_work(work, wire, dst, "acknowledgement")
             self._check_ack(ack.tolist(), dst, step)
-        plan = plan_messages([s.nbytes for s in specs], bucket=bucket, chunk=chunk, small=small)
+        plan = _plan(specs, bucket, chunk, small)
         wire.total = sum(s.nbytes for s in specs)
-        send_messages(wire, dst_ranks, described.payloads, plan, described.name)
+        send_messages(wire, dst_ranks, described.payloads, specs, plan, described.name)
         self._finish(wire, len(specs), len(plan))
 
     @staticmethod
@@ -259,20 +260,15 @@ class PGTransport:
                 raise MetadataError(
                     "receiver requires integrity checks; sender did not enable them"
                 )
-            dests, result = self._prepare(meta)
+            plan = _plan(meta.tensors, meta.bucket_bytes, meta.chunk_bytes, meta.small_bytes)
+            dests, direct, result = self._prepare(meta, plan)
         except (MetadataError, StepMismatchError, IntegrityError) as exc:
             self._ack(wire, src_rank, _ACK_CODES[type(exc)], step, best_effort=True)
             raise exc.with_context(peer=src_rank, stage="metadata") from None
         self._ack(wire, src_rank, 0, step, best_effort=False)
         wire.integrity = header.integrity
         wire.total = sum(s.nbytes for s in meta.tensors)
-        plan = plan_messages(
-            [s.nbytes for s in meta.tensors],
-            bucket=meta.bucket_bytes,
-            chunk=meta.chunk_bytes,
-            small=meta.small_bytes,
-        )
-        recv_messages(wire, src_rank, meta.tensors, dests, plan, _payload_names(meta))
+        recv_messages(wire, src_rank, meta.tensors, dests, plan, _payload_names(meta), direct)
         self._finish(wire, len(meta.tensors), len(plan))
         return result
 
@@ -286,17 +282,24 @@ class PGTransport:
             if not best_effort:
                 raise
 
-    def _prepare(self, meta: Metadata) -> tuple[list[torch.Tensor], object]:
-        """Choose a destination per payload and build the result around them, before data."""
+    def _prepare(
+        self, meta: Metadata, plan: list[Message]
+    ) -> tuple[list[torch.Tensor], dict[int, torch.Tensor], object]:
+        """Choose a destination per payload and build the result around them, before data.
+
+        Returns the destinations (one per payload), the fresh bucket buffers by position in
+        ``plan`` (see ``_fresh_buckets``) and the result tree.
+        """
         targets = index_targets(self._state_dict()) if self._state_dict else {}
+        in_place = self._in_place_payloads(meta, targets) if targets else frozenset()
         dests: list[torch.Tensor | None] = [None] * len(meta.tensors)
+        direct = self._fresh_buckets(meta, plan, in_place, dests)
 
         def fresh(i: int) -> torch.Tensor:
-            spec = meta.tensors[i]
-            try:
-                dests[i] = torch.empty(spec.shape, dtype=spec.dtype, device=self._device)
-            except (RuntimeError, MemoryError) as exc:  # out of memory: refuse, do not hang
-                raise MetadataError(f"cannot allocate {spec.nbytes} bytes: {exc}") from None
+            view = dests[i]
+            if view is not None:  # a view into a fresh bucket buffer
+                return view
+            dests[i] = self._allocate(meta.tensors[i].shape, meta.tensors[i].dtype)
             return dests[i]
 
         def inplace(i: int, target: torch.Tensor, where: tuple[Any, ...] | str) -> None:
@@ -311,7 +314,7 @@ class PGTransport:
 
         def build(path: tuple[Any, ...], leaf: TensorLeaf) -> object:
             target = targets.get(path)
-            usable = isinstance(target, torch.Tensor) and target.device.type == self._device.type
+            usable = self._usable(target)
             if usable and type(target) not in _IN_PLACE_TYPES[leaf.kind]:
                 raise MetadataError(
                     f"sender has a {leaf.kind} leaf, in-place target is {type(target).__name__}",
@@ -341,7 +344,67 @@ class PGTransport:
             return rebuild_sharded([fresh(i) for i in leaf.indices], leaf.extra, where)
 
         result = map_leaves(meta.tree, build)
-        return dests, result  # type: ignore[return-value]
+        return dests, direct, result  # type: ignore[return-value]
+
+    def _usable(self, target: object) -> bool:
+        """Whether a receiver's leaf can take a payload in place (else the payload is fresh)."""
+        return isinstance(target, torch.Tensor) and target.device.type == self._device.type
+
+    def _in_place_payloads(self, meta: Metadata, targets: dict[Any, Any]) -> frozenset[int]:
+        """Payloads whose key path has a usable target (checked in detail by ``build``)."""
+        found: set[int] = set()
+
+        def visit(path: tuple[Any, ...], leaf: TensorLeaf) -> None:
+            if self._usable(targets.get(path)):
+                found.update(leaf.indices)
+
+        map_leaves(meta.tree, visit)
+        return frozenset(found)
+
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        try:
+            return torch.empty(shape, dtype=dtype, device=self._device)
+        except (RuntimeError, MemoryError) as exc:  # out of memory: refuse, do not hang
+            nbytes = math.prod(shape) * dtype.itemsize
+            raise MetadataError(f"cannot allocate {nbytes} bytes: {exc}") from None
+
+    def _fresh_buckets(
+        self,
+        meta: Metadata,
+        plan: list[Message],
+        in_place: frozenset[int],
+        dests: list[torch.Tensor | None],
+    ) -> dict[int, torch.Tensor]:
+        """Give each bucket of only fresh payloads its own buffer; its tensors are views.
+
+        The bucket is then received straight into that buffer: no unpacking copy and one
+        allocation per bucket instead of one per tensor. The views keep the buffer alive,
+        so fresh memory is exactly the payload plus alignment padding (docs/transport.md).
+        """
+        specs, direct = meta.tensors, {}
+        dtypes = [s.dtype for s in specs]
+        for position, m in enumerate(plan):
+            if not isinstance(m, Bucket):
+                continue
+            if in_place and any(i in in_place for i, _, _ in m.entries):
+                continue  # mixed: received into a pool buffer and unpacked
+            buf = self._allocate((m.nbytes,), torch.uint8)
+            direct[position] = buf
+            for run in bucket_runs(m, dtypes):
+                size = run.key.itemsize  # type: ignore[attr-defined]
+                typed = buf[run.start : run.end].view(run.key)
+                pieces = typed.split([specs[i].nbytes // size for i in run.indices])
+                for i, piece in zip(run.indices, pieces, strict=True):
+                    shape = specs[i].shape
+                    dests[i] = piece if len(shape) == 1 else piece.view(shape)
+        return direct
+
+
+def _plan(specs: list[TensorSpec], bucket: int, chunk: int, small: int) -> list[Message]:
+    """The data messages, computed alike on both sides; bucket entries aligned to dtype."""
+    sizes = [s.nbytes for s in specs]
+    aligns = [s.dtype.itemsize for s in specs]
+    return plan_messages(sizes, bucket=bucket, chunk=chunk, small=small, aligns=aligns)
 
 
 def _payload_names(meta: Metadata) -> Callable[[int], str]:
