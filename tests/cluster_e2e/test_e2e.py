@@ -28,25 +28,11 @@ from tests.cluster_e2e.support import (
     wait_controllers_settled,
     wait_for,
 )
-from tests.operator.cluster_support import CRD, OperatorProcess, render_rbac
+from tests.operator.cluster_support import OperatorProcess, render_rbac
 
 pytestmark = [pytest.mark.cluster, pytest.mark.multiproc, pytest.mark.slow]
 
 REPLACED = 2  # ordinal 2: ddp-worker-1
-
-
-@pytest.fixture(scope="module")
-def crd(control_plane: Any) -> None:
-    control_plane.kubectl("apply", "-f", str(CRD))
-    control_plane.kubectl(
-        "wait", "--for=condition=Established", "crd/peerrecoveries.peerrecovery.io", "--timeout=60s"
-    )
-
-
-@pytest.fixture
-def client(control_plane: Any) -> Iterator[Any]:
-    with control_plane.api_client() as api_client:
-        yield api_client
 
 
 @pytest.fixture

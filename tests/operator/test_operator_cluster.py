@@ -17,7 +17,7 @@ import pytest
 
 from peer_recovery import api
 from tests.controlplane import pytorchjob as pj
-from tests.operator.cluster_support import CRD, OperatorProcess, recoveries, render_rbac, wait_for
+from tests.operator.cluster_support import OperatorProcess, recoveries, render_rbac, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -32,20 +32,6 @@ SHM = {
     ],
     "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory"}}],
 }
-
-
-@pytest.fixture(scope="module")
-def crd(control_plane: Any) -> None:
-    control_plane.kubectl("apply", "-f", str(CRD))
-    control_plane.kubectl(
-        "wait", "--for=condition=Established", "crd/peerrecoveries.peerrecovery.io", "--timeout=60s"
-    )
-
-
-@pytest.fixture
-def client(control_plane: Any) -> Iterator[Any]:
-    with control_plane.api_client() as api_client:
-        yield api_client
 
 
 @pytest.fixture
