@@ -25,13 +25,15 @@ from peer_recovery.transport.dist_tensors import describe_dtensor, describe_shar
 from peer_recovery.transport.errors import MetadataError
 from peer_recovery.transport.metadata import (
     TensorLeaf,
+    TensorSpec,
     dtype_from_name,
     dtype_name,
+    dtype_ok,
     encode_scalar,
     keystr,
 )
 
-__all__ = ["Described", "describe_state", "index_targets", "map_leaves"]
+__all__ = ["Described", "describe_state", "index_targets", "map_leaves", "visit_leaves"]
 
 _KEY_TYPES = (type(None), bool, int, float, str, bytes)
 Path = tuple[Any, ...]
@@ -43,6 +45,7 @@ class Described:
 
     tree: Any = None
     payloads: list[torch.Tensor] = field(default_factory=list)
+    specs: list[TensorSpec] = field(default_factory=list)  # one per payload
     paths: list[tuple[Path, str]] = field(default_factory=list)  # key path, shard suffix
 
     def name(self, index: int) -> str:
@@ -51,8 +54,25 @@ class Described:
         return keystr(path) + suffix
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+# Dtypes that can be moved as bytes (the quantized ones are not among them).
+_DATA_DTYPES: frozenset[torch.dtype] = frozenset(
+    d for d in vars(torch).values() if isinstance(d, torch.dtype) and dtype_ok(d)
+)
+
+
+def _spec(t: torch.Tensor, path: Path) -> TensorSpec:
+    """The wire description of a payload; the common case costs four attribute reads."""
+    dtype = t.dtype
+    if type(t) not in _PLAIN or t.layout is not torch.strided or t.is_meta:
+        _check_tensor(t, path)  # raises with the specific reason
+    if dtype not in _DATA_DTYPES:
+        _check_tensor(t, path)
+    return TensorSpec(dtype, t.shape, t.numel() * dtype.itemsize)
+
+
 def _check_tensor(t: torch.Tensor, path: Path) -> torch.Tensor:
-    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+    if type(t) not in _PLAIN:
         raise MetadataError(
             f"tensor subclass {type(t).__qualname__} is not supported", key_path=keystr(path)
         )
@@ -73,7 +93,8 @@ def describe_state(state: Any, max_depth: int = 64) -> Described:
     out = Described()
 
     def add(t: torch.Tensor, path: Path, suffix: str = "") -> int:
-        out.payloads.append(_check_tensor(t, path))
+        out.specs.append(_spec(t, path))
+        out.payloads.append(t)
         out.paths.append((path, suffix))
         return len(out.payloads) - 1
 
@@ -127,6 +148,25 @@ def index_targets(state: Any) -> dict[Path, Any]:
 
     walk(state, ())
     return found
+
+
+def visit_leaves(tree: Any, fn: Callable[[Path, TensorLeaf], None], path: Path = ()) -> None:
+    """Call ``fn(path, leaf)`` for every TensorLeaf of a decoded tree (nothing is rebuilt)."""
+    t = type(tree)
+    if t is TensorLeaf:
+        fn(path, tree)
+    elif t is dict or t is OrderedDict:
+        for k, v in tree.items():
+            if type(v) is TensorLeaf:
+                fn((*path, k), v)
+            elif type(v) in _CONTAINERS:
+                visit_leaves(v, fn, (*path, k))
+    elif t is list or t is tuple:
+        for i, v in enumerate(tree):
+            visit_leaves(v, fn, (*path, i))
+
+
+_CONTAINERS = (dict, OrderedDict, list, tuple)
 
 
 def map_leaves(tree: Any, fn: Callable[[Path, TensorLeaf], Any], path: Path = ()) -> Any:

@@ -55,6 +55,7 @@ __all__ = [
     "decode_metadata",
     "dtype_from_name",
     "dtype_name",
+    "dtype_ok",
     "encode_metadata",
     "encode_scalar",
     "keystr",
@@ -150,6 +151,11 @@ def dtype_from_name(name: object, *, data: bool = False) -> torch.dtype:
     if data and name not in _DATA_DTYPES:
         raise MetadataError(f"dtype {name!r} cannot be transferred as bytes", stage="metadata")
     return _ALL_DTYPES[name]
+
+
+def dtype_ok(dtype: torch.dtype) -> bool:
+    """Whether tensors of ``dtype`` may be moved as bytes."""
+    return dtype_name(dtype) in _DATA_DTYPES
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -44,7 +44,12 @@ import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
-from peer_recovery.transport.describe import describe_state, index_targets, map_leaves
+from peer_recovery.transport.describe import (
+    describe_state,
+    index_targets,
+    map_leaves,
+    visit_leaves,
+)
 from peer_recovery.transport.dist_tensors import rebuild_dtensor, rebuild_sharded
 from peer_recovery.transport.engine import Wire, recv_messages, send_messages, wait_work
 from peer_recovery.transport.errors import (
@@ -79,6 +84,7 @@ _IN_PLACE_TYPES: dict[str, tuple[type, ...]] = {
     "D": (DTensor,),
     "S": (ShardedTensor,),
 }
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _ACK_CODES: dict[type[TransferError], int] = {
     StepMismatchError: 1,
     MetadataError: 2,
@@ -190,9 +196,7 @@ class PGTransport:
     def _send(self, dst_ranks: list[int], state_dict: object, step: int | None) -> None:
         described = describe_state(state_dict, self._limits.max_depth)
         wire = self._wire()
-        specs = [
-            TensorSpec(p.dtype, p.shape, p.numel() * p.element_size()) for p in described.payloads
-        ]
+        specs = described.specs
         bucket, chunk, small = self._sizes
         try:
             raw = encode_metadata(described.tree, specs, bucket=bucket, chunk=chunk, small=small)
@@ -291,7 +295,8 @@ class PGTransport:
         ``plan`` (see ``_fresh_buckets``) and the result tree.
         """
         targets = index_targets(self._state_dict()) if self._state_dict else {}
-        in_place = self._in_place_payloads(meta, targets) if targets else frozenset()
+        chosen = self._usable_targets(meta, targets) if targets else {}
+        in_place = frozenset(i for leaf, _ in chosen.values() for i in leaf.indices)
         dests: list[torch.Tensor | None] = [None] * len(meta.tensors)
         direct = self._fresh_buckets(meta, plan, in_place, dests)
 
@@ -313,8 +318,8 @@ class PGTransport:
             dests[i] = target
 
         def build(path: tuple[Any, ...], leaf: TensorLeaf) -> object:
-            target = targets.get(path)
-            usable = self._usable(target)
+            _, target = chosen.get(id(leaf), (None, None))
+            usable = target is not None
             if usable and type(target) not in _IN_PLACE_TYPES[leaf.kind]:
                 raise MetadataError(
                     f"sender has a {leaf.kind} leaf, in-place target is {type(target).__name__}",
@@ -348,18 +353,30 @@ class PGTransport:
 
     def _usable(self, target: object) -> bool:
         """Whether a receiver's leaf can take a payload in place (else the payload is fresh)."""
-        return isinstance(target, torch.Tensor) and target.device.type == self._device.type
+        if not isinstance(target, torch.Tensor):
+            return False
+        kind = self._device.type
+        if type(target) in _PLAIN:  # without building a torch.device per leaf
+            if kind == "cpu":
+                return target.is_cpu
+            if kind == "cuda":
+                return target.is_cuda
+        return target.device.type == kind
 
-    def _in_place_payloads(self, meta: Metadata, targets: dict[Any, Any]) -> frozenset[int]:
-        """Payloads whose key path has a usable target (checked in detail by ``build``)."""
-        found: set[int] = set()
+    def _usable_targets(
+        self, meta: Metadata, targets: dict[Any, Any]
+    ) -> dict[int, tuple[TensorLeaf, torch.Tensor]]:
+        """``id(leaf) -> (leaf, target)`` for leaves whose key path has a usable target
+        (checked in detail by ``build``); the leaf is kept so that its id stays unique."""
+        found: dict[int, tuple[TensorLeaf, torch.Tensor]] = {}
 
         def visit(path: tuple[Any, ...], leaf: TensorLeaf) -> None:
-            if self._usable(targets.get(path)):
-                found.update(leaf.indices)
+            target = targets.get(path)
+            if target is not None and self._usable(target):
+                found[id(leaf)] = (leaf, target)
 
-        map_leaves(meta.tree, visit)
-        return frozenset(found)
+        visit_leaves(meta.tree, visit)
+        return found
 
     def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         try:
