@@ -36,8 +36,8 @@ def typed_view(
 ) -> torch.Tensor:
     """A contiguous ``dtype`` tensor of ``shape`` over uint8 ``buf`` starting at byte ``offset``.
 
-    ``buf.storage_offset() + offset`` must be a multiple of the dtype's size (buckets align
-    entries to 16 bytes and start at offset 0 of their storage).
+    ``buf.storage_offset() + offset`` must be a multiple of the dtype's size (as bucket
+    entries are: plan.py aligns each to its item size).
     """
     start = buf.storage_offset() + offset
     if start % dtype.itemsize:

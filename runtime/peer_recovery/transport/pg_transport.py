@@ -19,7 +19,10 @@ types and keys otherwise):
 - In-place targets must match dtype and shape exactly; in-place leaves are returned as the
   receiver's own objects (same ``data_ptr``). ShardedTensor can be received in place.
 - Fresh (not in place) tensors come back on the transport's device (upstream copies them
-  to the CPU); DTensors are rebuilt on the receiver's own process groups with the
+  to the CPU). Fresh tensors of at most ``small_bytes`` are views into a shared bucket
+  buffer (received into it, no copy): values and bytes are independent of their
+  neighbours, but ``untyped_storage()`` is the bucket's and ``torch.save`` of one such
+  tensor alone writes the whole bucket (``.clone()`` it to own its storage). DTensors are rebuilt on the receiver's own process groups with the
   receiver's coordinate, ShardedTensors with the receiver taking over the sender's shards.
 - Every wait is bounded by ``timeout`` (a peer that stalls that long, or dies, raises
   TransferTimeout or TransferError). **After any failure the process group must not be
