@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import runpy
@@ -24,8 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from peer_recovery.demo.train import digest_state
 from peer_recovery.recovery import PeerRecovery
 
 OUT = Path(os.environ["RECIPE_OUT"])
@@ -34,28 +32,9 @@ RANK = int(os.environ.get("RANK", "0"))
 
 
 def state_hash(recovery: PeerRecovery) -> str:
-    """SHA-256 of every tensor (local shards of DTensors) and scalar of the replicated state."""
-    digest = hashlib.sha256()
-
-    def walk(prefix: str, value: Any) -> None:
-        if hasattr(value, "to_local"):
-            value = value.to_local()
-        if isinstance(value, torch.Tensor):
-            t = value.detach().contiguous().cpu()
-            digest.update(f"{prefix}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(value, dict):
-            for key in sorted(value, key=str):
-                walk(f"{prefix}/{key}", value[key])
-        elif isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                walk(f"{prefix}/{i}", item)
-        else:
-            digest.update(f"{prefix}={value!r}".encode())
-
-    for name, obj in sorted(recovery.state.objects.items()):
-        walk(name, obj.state_dict())
-    return digest.hexdigest()
+    """The digest of the replicated state (local shards of DTensors)."""
+    objects = sorted(recovery.state.objects.items())
+    return digest_state((name, obj.state_dict()) for name, obj in objects)
 
 
 def write(name: str, value: dict[str, Any]) -> None:

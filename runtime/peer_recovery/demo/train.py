@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,14 @@ class TinyLM(nn.Module):
         return self.head(self.encoder(self.embed(tokens)))
 
 
-def state_hash(model: nn.Module, optim: torch.optim.Optimizer) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes, and the scalar leaves."""
+def digest_state(named_state_dicts: Iterable[tuple[str, Any]]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes (a DTensor's local shard),
+    and the scalar leaves: equal digests mean bitwise-equal state."""
     digest = hashlib.sha256()
 
     def walk(prefix: str, value: Any) -> None:
+        if hasattr(value, "to_local"):
+            value = value.to_local()
         if isinstance(value, torch.Tensor):
             t = value.detach().contiguous().cpu()
             digest.update(f"{prefix}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -63,9 +67,14 @@ def state_hash(model: nn.Module, optim: torch.optim.Optimizer) -> str:
         else:
             digest.update(f"{prefix}={value!r}".encode())
 
-    walk("model", model.state_dict())
-    walk("optim", optim.state_dict())
+    for name, state_dict in named_state_dicts:
+        walk(name, state_dict)
     return digest.hexdigest()
+
+
+def state_hash(model: nn.Module, optim: torch.optim.Optimizer) -> str:
+    """The digest of the demo's model and optimizer state."""
+    return digest_state([("model", model.state_dict()), ("optim", optim.state_dict())])
 
 
 def train_step(
