@@ -33,6 +33,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
+from peer_recovery._env import nonnegative_seconds
 from peer_recovery.kube import records
 from peer_recovery.kube.client import RecoveryApi
 from peer_recovery.kube.identity import PodIdentity
@@ -72,14 +73,7 @@ def identity_key(prefix: str, ordinal: int) -> str:
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        raise ValueError(f"peer-recovery: {name}={raw!r} is not a number of seconds") from None
-    if value < 0:
-        raise ValueError(f"peer-recovery: {name}={value} must not be negative")
-    return value
+    return nonnegative_seconds(env.get(name), name, default)
 
 
 class ClusterAgent:

@@ -21,6 +21,7 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+from peer_recovery._env import nonnegative_seconds
 from peer_recovery.plan_sources import (
     ENV_PLAN_TIMEOUT,
     PlanEntry,
@@ -88,14 +89,7 @@ class RoundPublisher:
     def from_config(cls, config: Mapping[str, Any], env: Mapping[str, str]) -> RoundPublisher:
         """From torchrun's ``--rdzv-conf`` (``plan_file``, ``plan_timeout``) and the env."""
         raw_timeout = config.get("plan_timeout") or env.get(ENV_PLAN_TIMEOUT)
-        try:
-            timeout = float(raw_timeout) if raw_timeout else DEFAULT_PLAN_TIMEOUT_S
-        except ValueError:
-            raise ValueError(
-                f"peer-recovery: plan_timeout={raw_timeout!r} is not a number"
-            ) from None
-        if timeout < 0:
-            raise ValueError(f"peer-recovery: plan_timeout={timeout} must not be negative")
+        timeout = nonnegative_seconds(raw_timeout, "plan_timeout", DEFAULT_PLAN_TIMEOUT_S)
         return cls(
             _default_manifest_reader(env),
             plan_source_from_config(config, env),
