@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from peer_recovery import api
 from peer_recovery.demo.local_job import LocalJob
 from tests.controlplane import pytorchjob as pj
+from tests.controlplane.fixtures import wait_default_service_account
 from tests.operator.cluster_support import CHART
 
 T = TypeVar("T")
@@ -197,22 +198,11 @@ def wait_controllers_settled(client: Any, timeout: float = 180) -> None:
     import uuid
 
     from kubernetes.client import CoreV1Api
-    from kubernetes.client.exceptions import ApiException
 
     core = CoreV1Api(client)
     name = f"settle-{uuid.uuid4().hex[:6]}"
     core.create_namespace({"metadata": {"name": name}})
-
-    def has_default() -> bool:
-        try:
-            return core.read_namespaced_service_account("default", name) is not None
-        except ApiException as error:
-            if error.status == 404:
-                return False
-            raise
-
     try:
-        wait_for("the controller manager after the API server restart", has_default,
-                 timeout=timeout)  # fmt: skip
+        wait_default_service_account(client, name, timeout=timeout)
     finally:
         core.delete_namespace(name)

@@ -84,6 +84,25 @@ def control_plane(
         plane.stop()
 
 
+def wait_default_service_account(client: Any, namespace: str, *, timeout: float) -> None:
+    """Wait until the controller manager has created ``namespace``'s default ServiceAccount
+    (which the ServiceAccount admission plugin requires before any pod is admitted)."""
+    import kubernetes.client
+    from kubernetes.client.exceptions import ApiException
+
+    core = kubernetes.client.CoreV1Api(client)
+
+    def default_account() -> bool:
+        try:
+            return core.read_namespaced_service_account("default", namespace) is not None
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+
+    poll(f"ServiceAccount {namespace}/default", default_account, timeout=timeout)
+
+
 @pytest.fixture
 def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace (with its default ServiceAccount present), deleted after the test."""
@@ -98,15 +117,7 @@ def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> It
             {"metadata": {"name": name, "labels": {"peer-recovery/test": "true"}}}
         )
 
-        def default_account() -> bool:
-            try:
-                return core.read_namespaced_service_account("default", name) is not None
-            except ApiException as error:
-                if error.status == 404:
-                    return False
-                raise
-
-        poll(f"ServiceAccount {name}/default", default_account, timeout=30)
+        wait_default_service_account(client, name, timeout=30)
     try:
         yield name
     finally:
