@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from tests.cluster_e2e.support import (
     wait_controllers_settled,
     wait_for,
 )
-from tests.operator.cluster_support import OperatorProcess, render_rbac
+from tests.operator.cluster_support import operator_under_rbac
 
 pytestmark = [pytest.mark.cluster, pytest.mark.multiproc, pytest.mark.slow]
 
@@ -43,24 +42,13 @@ def runtime_rbac(control_plane: Any, namespace: str, crd: None) -> None:
 
 @pytest.fixture
 def operator(control_plane: Any, namespace: str, crd: None, tmp_path: Path) -> Iterator[Any]:
-    release = f"op-{uuid.uuid4().hex[:6]}"
-    manifest = render_rbac(
-        control_plane.bin_dir / "helm", release, namespace, **{"watchNamespaces[0]": namespace}
-    )
-    control_plane.kubectl("apply", "-f", "-", input=manifest)
-    kubeconfig = control_plane.service_account_kubeconfig(namespace, f"{release}-peer-recovery")
     # Deadlines far beyond the tests' length: a slow shared machine must not make the
     # operator re-plan a recovery whose report is merely late (the API-server-down test).
     deadlines = ("--plan-deadline", "900", "--stream-deadline", "900")
-    proc = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log", *deadlines)
-    try:
-        yield proc.start()
-    finally:
-        proc.stop()
-        control_plane.kubectl(
-            "delete", "--ignore-not-found", "-f", "-", input=manifest, check=False
-        )
-        print(proc.log()[-4000:])
+    with operator_under_rbac(
+        control_plane, namespace, tmp_path / "operator.log", *deadlines
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture

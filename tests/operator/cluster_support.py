@@ -15,7 +15,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -104,6 +106,30 @@ class OperatorProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@contextmanager
+def operator_under_rbac(
+    control_plane: Any, namespace: str, log_path: Path, *extra: str
+) -> Iterator[OperatorProcess]:
+    """The operator as a subprocess watching ``namespace``, under the chart's RBAC rendered
+    for that namespace and bound to its own ServiceAccount; the RBAC is removed after."""
+    release = f"pr-{uuid.uuid4().hex[:8]}"
+    manifest = render_rbac(
+        control_plane.bin_dir / "helm", release, namespace, **{"watchNamespaces[0]": namespace}
+    )
+    control_plane.kubectl("apply", "-f", "-", input=manifest)
+    kubeconfig = control_plane.service_account_kubeconfig(namespace, f"{release}-peer-recovery")
+    proc = OperatorProcess(kubeconfig, namespace, log_path, *extra)
+    try:
+        yield proc.start()
+    finally:
+        proc.stop()
+        control_plane.kubectl(
+            "delete", "--ignore-not-found", "-f", "-", input=manifest, check=False
+        )
+        if proc.log_path.exists():
+            print(proc.log()[-6000:])
 
 
 def recoveries(core_custom: Any, namespace: str) -> list[dict[str, Any]]:

@@ -8,7 +8,6 @@ pods bound to KWOK's fake nodes, pods replaced under the same name with a new UI
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,12 @@ import pytest
 
 from peer_recovery import api
 from tests.controlplane import pytorchjob as pj
-from tests.operator.cluster_support import OperatorProcess, recoveries, render_rbac, wait_for
+from tests.operator.cluster_support import (
+    OperatorProcess,
+    operator_under_rbac,
+    recoveries,
+    wait_for,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -45,22 +49,8 @@ def custom(client: Any) -> Any:
 def operator(
     control_plane: Any, namespace: str, crd: None, tmp_path: Path
 ) -> Iterator[OperatorProcess]:
-    release = f"pr-{uuid.uuid4().hex[:8]}"
-    manifest = render_rbac(
-        control_plane.bin_dir / "helm", release, namespace, **{"watchNamespaces[0]": namespace}
-    )
-    control_plane.kubectl("apply", "-f", "-", input=manifest)
-    kubeconfig = control_plane.service_account_kubeconfig(namespace, f"{release}-peer-recovery")
-    proc = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log")
-    try:
-        yield proc.start()
-    finally:
-        proc.stop()
-        control_plane.kubectl(
-            "delete", "--ignore-not-found", "-f", "-", input=manifest, check=False
-        )
-        if proc.log_path.exists():
-            print(proc.log()[-6000:])
+    with operator_under_rbac(control_plane, namespace, tmp_path / "operator.log") as proc:
+        yield proc
 
 
 def ready_job(client: Any, namespace: str, name: str, **kw: Any) -> list[dict[str, Any]]:
