@@ -144,6 +144,41 @@ def test_index_targets_finds_leaves_by_key_path() -> None:
     assert found[("m", "w")] is w and found[("l", 1, 1)] is w and found[("l", 0)] is None
 
 
+def test_decoding_attaches_the_receivers_target_at_each_key_path() -> None:
+    w, b = torch.zeros(3), torch.zeros(2)
+    state = {"m": {"w": w, "b": b}, "l": [(1, w)], "fresh": b}
+    described = describe_state(state)
+    raw = encode_metadata(described.tree, described.specs, bucket=64, chunk=64, small=16)
+    header = Header(None, False, len(raw), metadata_crc(raw))
+    targets = {("m", "w"): "W", ("l", 0, 1): "L"}  # any object: the decoder only looks up
+    meta = decode_metadata(raw, header, Limits(), targets)
+    found = {leaf.path: (leaf.indices, leaf.target) for leaf in meta.leaves}
+    assert found == {
+        ("m", "w"): ((0,), "W"),
+        ("m", "b"): ((1,), None),
+        ("l", 0, 1): ((2,), "L"),
+        ("fresh",): ((3,), None),
+    }
+    assert meta.tree["l"][0][1] is meta.leaves[2]  # the leaves are the tree's own nodes
+
+
+@pytest.mark.parametrize("depth", [3, 4])
+def test_sender_and_receiver_agree_on_the_depth_limit(depth: int) -> None:
+    state: Any = torch.zeros(1)
+    for _ in range(depth):
+        state = {"k": state}
+    if depth > 3:
+        with pytest.raises(MetadataError, match="deeper than 3"):
+            describe_state(state, max_depth=3)
+        return
+    described = describe_state(state, max_depth=3)
+    raw = encode_metadata(described.tree, described.specs, bucket=64, chunk=64, small=16)
+    header = Header(None, False, len(raw), metadata_crc(raw))
+    assert len(decode_metadata(raw, header, Limits(max_depth=3)).leaves) == 1
+    with pytest.raises(MetadataError, match="deeper than 2"):
+        decode_metadata(raw, header, Limits(max_depth=2))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_byte_and_typed_views_share_storage_for_every_dtype(dtype: torch.dtype) -> None:
     base = random_tensor((4, 6), dtype, 7)
@@ -176,4 +211,4 @@ def test_decoder_caps_the_tensor_count_and_total() -> None:
         decode_metadata(raw, header, Limits(max_total_bytes=40))
     assert len(decode_metadata(raw, header, Limits()).tensors) == 3
     leaf = decode_metadata(raw, header, Limits()).tree[0]
-    assert leaf == TensorLeaf("T", (0,), 0)
+    assert leaf == TensorLeaf("T", (0,), 0, (0,))

@@ -62,13 +62,14 @@ _DATA_DTYPES: frozenset[torch.dtype] = frozenset(
 
 
 def _spec(t: torch.Tensor, path: Path) -> TensorSpec:
-    """The wire description of a payload; the common case costs four attribute reads."""
+    """The wire description of a payload; the common case costs five attribute reads
+    (~0.5 us each from Python, so this is most of describing 10^4 small tensors)."""
     dtype = t.dtype
     if type(t) not in _PLAIN or t.layout is not torch.strided or t.is_meta:
         _check_tensor(t, path)  # raises with the specific reason
     if dtype not in _DATA_DTYPES:
         _check_tensor(t, path)
-    return TensorSpec(dtype, t.shape, t.numel() * dtype.itemsize)
+    return TensorSpec(dtype, t.shape, t.nbytes)
 
 
 def _check_tensor(t: torch.Tensor, path: Path) -> torch.Tensor:
@@ -103,15 +104,20 @@ def describe_state(state: Any, max_depth: int = 64) -> Described:
             raise MetadataError(f"nesting deeper than {max_depth}", key_path=keystr(path))
         t = type(v)
         if t is dict or t is OrderedDict:
-            keys = []
-            for k in v:
-                if type(k) not in _KEY_TYPES:
+            keys, values = [], []
+            for k, x in v.items():
+                where = (*path, k)
+                if type(k) is str:  # the common cases without a call: str key, plain tensor
+                    keys.append(["s", k])
+                elif type(k) in _KEY_TYPES:
+                    keys.append(encode_scalar(k, where))
+                else:
                     raise MetadataError(
                         f"dict key of type {type(k).__qualname__} cannot be encoded",
-                        key_path=keystr((*path, k)),
+                        key_path=keystr(where),
                     )
-                keys.append(encode_scalar(k, (*path, k)))
-            values = [walk(x, (*path, k)) for k, x in v.items()]
+                plain = type(x) is torch.Tensor and len(where) <= max_depth
+                values.append(["T", add(x, where), 0] if plain else walk(x, where))
             return ["d" if t is dict else "o", keys, values]
         if t is list or t is tuple:
             return ["l" if t is list else "t", [walk(x, (*path, i)) for i, x in enumerate(v)]]

@@ -37,7 +37,8 @@ import math
 import struct
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -114,29 +115,53 @@ class TensorSpec(NamedTuple):
     nbytes: int
 
 
-@dataclass(frozen=True)
 class TensorLeaf:
     """Placeholder for a tensor-like leaf in a decoded tree.
 
     ``kind`` is "T" (plain tensor or parameter), "D" (DTensor) or "S" (ShardedTensor);
     ``indices`` are its payloads' positions in wire order; ``extra`` is the parameter kind
-    (for "T") or the unvalidated spec for "D"/"S".
+    (for "T") or the unvalidated spec for "D"/"S"; ``path`` is its key path and ``target``
+    what the receiver's ``targets`` mapping holds at that path (None without one).
+    A slotted class, not a dataclass: a frozen dataclass costs 5x more to build, and
+    decoding builds one per tensor.
     """
 
-    kind: str
-    indices: tuple[int, ...]
-    extra: Any
+    __slots__ = ("extra", "indices", "kind", "path", "target")
+
+    def __init__(
+        self,
+        kind: str,
+        indices: tuple[int, ...],
+        extra: Any,
+        path: tuple[Any, ...] = (),
+        target: Any = None,
+    ) -> None:
+        self.kind, self.indices, self.extra = kind, indices, extra
+        self.path, self.target = path, target
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.kind, self.indices, self.extra, self.path)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is TensorLeaf and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.indices, self.path))
+
+    def __repr__(self) -> str:
+        return f"TensorLeaf{self._key()!r}"
 
 
 @dataclass(frozen=True)
 class Metadata:
-    """A decoded metadata document."""
+    """A decoded metadata document; ``leaves`` are its tensor leaves in tree order."""
 
     tensors: list[TensorSpec]
     tree: Any
     bucket_bytes: int
     chunk_bytes: int
     small_bytes: int
+    leaves: list[TensorLeaf] = field(default_factory=list)
 
 
 def keystr(path: tuple[Any, ...]) -> str:
@@ -308,10 +333,15 @@ def _decode_scalar(node: list[Any]) -> object:
 
 
 class _Decoder:
-    def __init__(self, limits: Limits, n_tensors: int) -> None:
+    """One pass over the tree: validates every node and, when the receiver gave ``targets``
+    (key path -> in-place target), attaches each tensor leaf's target as it goes."""
+
+    def __init__(self, limits: Limits, n_tensors: int, targets: Mapping[Any, Any]) -> None:
         self.limits = limits
         self.n_tensors = n_tensors
         self.used = [False] * n_tensors
+        self.targets = targets
+        self.leaves: list[TensorLeaf] = []
 
     def index(self, value: object) -> int:
         i = _int(value, "tensor index", 0, self.n_tensors - 1)
@@ -320,31 +350,49 @@ class _Decoder:
         self.used[i] = True
         return i
 
-    def node(self, node: object, depth: int) -> Any:
-        if depth > self.limits.max_depth:
+    def leaf(self, kind: str, indices: tuple[int, ...], extra: Any, path: tuple[Any, ...]) -> Any:
+        leaf = TensorLeaf(kind, indices, extra, path, self.targets.get(path))
+        self.leaves.append(leaf)
+        return leaf
+
+    def node(self, node: object, path: tuple[Any, ...]) -> Any:
+        if len(path) > self.limits.max_depth:
             raise _fail(f"nesting deeper than {self.limits.max_depth}")
         if type(node) is not list or not node or type(node[0]) is not str:
             raise _fail(f"malformed node {node!r:.80}")
         tag = node[0]
+        if tag == "T":  # the common case first, with the index check inlined
+            if len(node) != 3 or node[2] not in (0, 1, 2):
+                raise _fail("malformed tensor node")
+            i = node[1]
+            if type(i) is int and 0 <= i < self.n_tensors and not self.used[i]:
+                self.used[i] = True
+            else:
+                self.index(i)  # raises, saying why
+            leaf = TensorLeaf("T", (i,), node[2], path, self.targets.get(path))
+            self.leaves.append(leaf)
+            return leaf
         if tag in ("d", "o"):
             if len(node) != 3 or type(node[1]) is not list or type(node[2]) is not list:
                 raise _fail("malformed dict node")
             if len(node[1]) != len(node[2]):
                 raise _fail("dict node has different numbers of keys and values")
-            keys = [self.key(k) for k in node[1]]
-            values = [self.node(v, depth + 1) for v in node[2]]
-            out: dict[Any, Any] = (
-                dict(zip(keys, values, strict=True)) if tag == "d" else OrderedDict()
-            )
-            if tag == "o":
-                out.update(zip(keys, values, strict=True))
+            keys = [
+                k[1]
+                if type(k) is list and len(k) == 2 and k[0] == "s" and type(k[1]) is str
+                # the common case (a str key) without a call
+                else self.key(k)
+                for k in node[1]
+            ]
+            values = [self.node(v, (*path, k)) for k, v in zip(keys, node[2], strict=True)]
+            out = (dict if tag == "d" else OrderedDict)(zip(keys, values, strict=True))
             if len(out) != len(keys):
                 raise _fail("dict node has duplicate keys")
             return out
         if tag in ("l", "t", "z"):
             if len(node) != 2 or type(node[1]) is not list:
                 raise _fail(f"malformed {tag!r} node")
-            items = [self.node(v, depth + 1) for v in node[1]]
+            items = [self.node(v, (*path, i)) for i, v in enumerate(node[1])]
             if tag == "l":
                 return items
             if tag == "t":
@@ -352,18 +400,14 @@ class _Decoder:
             if not all(type(i) is int and i >= 0 for i in items):
                 raise _fail("torch.Size node holds something other than non-negative ints")
             return torch.Size(items)
-        if tag == "T":
-            if len(node) != 3 or node[2] not in (0, 1, 2):
-                raise _fail("malformed tensor node")
-            return TensorLeaf("T", (self.index(node[1]),), node[2])
         if tag == "D":
             if len(node) != 3 or type(node[2]) is not dict:
                 raise _fail("malformed DTensor node")
-            return TensorLeaf("D", (self.index(node[1]),), node[2])
+            return self.leaf("D", (self.index(node[1]),), node[2], path)
         if tag == "S":
             if len(node) != 3 or type(node[1]) is not list or type(node[2]) is not dict:
                 raise _fail("malformed ShardedTensor node")
-            return TensorLeaf("S", tuple(self.index(i) for i in node[1]), node[2])
+            return self.leaf("S", tuple(self.index(i) for i in node[1]), node[2], path)
         return _decode_scalar(node)
 
     def key(self, node: object) -> object:
@@ -377,34 +421,47 @@ def _tensor_specs(dtype_names: object, raw: object, limits: Limits) -> list[Tens
     if type(dtype_names) is not list or len(dtype_names) > len(_ALL_DTYPES):
         raise _fail("'dtypes' is not a short list")
     dtypes = [dtype_from_name(n, data=True) for n in dtype_names]
+    itemsizes = [d.itemsize for d in dtypes]
     if type(raw) is not list or not all(type(x) is int for x in raw):
         raise _fail("'tensors' is not a list of integers")
     if raw and (min(raw) < 0 or max(raw) > limits.max_total_bytes):
         raise _fail("'tensors' holds an integer out of range")
     specs: list[TensorSpec] = []
-    total, i, n = 0, 0, len(raw)
+    append, prod = specs.append, math.prod  # a hot loop: one pass per announced tensor
+    cap_tensors, cap_total, max_ndim = limits.max_tensors, limits.max_total_bytes, limits.max_ndim
+    total = count = i = 0
+    n = len(raw)
     while i < n:
-        if len(specs) >= limits.max_tensors:
-            raise _fail(f"more than {limits.max_tensors} tensors announced")
-        if i + 1 >= n or raw[i] >= len(dtypes) or raw[i + 1] > limits.max_ndim:
-            raise _fail(f"tensor entry {len(specs)} is malformed")
-        dtype, ndim = dtypes[raw[i]], raw[i + 1]
-        shape = tuple(raw[i + 2 : i + 2 + ndim])
-        if len(shape) != ndim:
-            raise _fail(f"tensor entry {len(specs)} is truncated")
-        i += 2 + ndim
-        nbytes = math.prod(shape) * dtype.itemsize
+        if count >= cap_tensors:
+            raise _fail(f"more than {cap_tensors} tensors announced")
+        if i + 1 >= n or raw[i] >= len(dtypes) or raw[i + 1] > max_ndim:
+            raise _fail(f"tensor entry {count} is malformed")
+        code, ndim = raw[i], raw[i + 1]
+        end = i + 2 + ndim
+        if end > n:
+            raise _fail(f"tensor entry {count} is truncated")
+        shape = (raw[i + 2],) if ndim == 1 else tuple(raw[i + 2 : end])
+        nbytes = (shape[0] if ndim == 1 else prod(shape)) * itemsizes[code]
         total += nbytes
-        if total > limits.max_total_bytes:
-            raise _fail(
-                f"announced tensors total more than the cap of {limits.max_total_bytes} bytes"
-            )
-        specs.append(TensorSpec(dtype, shape, nbytes))
+        if total > cap_total:
+            raise _fail(f"announced tensors total more than the cap of {cap_total} bytes")
+        append(TensorSpec(dtypes[code], shape, nbytes))
+        count += 1
+        i = end
     return specs
 
 
-def decode_metadata(raw: bytes, header: Header, limits: Limits) -> Metadata:
-    """Validate and decode metadata bytes; any problem is a MetadataError or IntegrityError."""
+def decode_metadata(
+    raw: bytes,
+    header: Header,
+    limits: Limits,
+    targets: Mapping[Any, Any] | None = None,
+) -> Metadata:
+    """Validate and decode metadata bytes; any problem is a MetadataError or IntegrityError.
+
+    With ``targets`` (key path -> the receiver's in-place target), each TensorLeaf carries
+    the target found at its key path (matched here, in the same pass as validation).
+    """
     if len(raw) != header.metadata_bytes:
         raise _fail(f"metadata is {len(raw)} bytes, header announced {header.metadata_bytes}")
     if metadata_crc(raw) != header.metadata_crc:
@@ -421,11 +478,11 @@ def decode_metadata(raw: bytes, header: Header, limits: Limits) -> Metadata:
     if bucket % 16 or chunk % 16:
         raise _fail("bucket and chunk sizes must be multiples of 16")
     specs = _tensor_specs(doc.get("dtypes"), doc.get("tensors"), limits)
-    decoder = _Decoder(limits, len(specs))
+    decoder = _Decoder(limits, len(specs), targets or {})
     try:
-        tree = decoder.node(doc.get("tree"), 0)
+        tree = decoder.node(doc.get("tree"), ())
     except RecursionError:
         raise _fail("metadata nesting too deep") from None
     if not all(decoder.used):
         raise _fail("some announced tensors are not referenced by the tree")
-    return Metadata(specs, tree, bucket, chunk, small)
+    return Metadata(specs, tree, bucket, chunk, small, decoder.leaves)
