@@ -154,7 +154,8 @@ class PGTransport:
         timeout: bound on every wait (``timedelta`` or seconds).
         device: where fresh received tensors are put.
         state_dict: optional callable returning the receiver's state dict; tensors found at
-            the same key path are received in place.
+            the same key path are received in place. Called once per receive, before the
+            header arrives (its targets are indexed while the sender describes its state).
         integrity: per-message CRC32 checks (default ``DEFAULT_INTEGRITY``).
         progress: optional ``progress(bytes_done, bytes_total)`` callback.
         limits: caps on what a sender may announce (see ``metadata.Limits``).
