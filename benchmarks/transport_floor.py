@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from transport import TIMEOUT, _zeros_like, small_state  # noqa: E402
+from transport import TIMEOUT, _zeros_like, small_state
 
 METHODS = ("ceiling", "pipeline", "+ receiver copy", "+ sender copy", "+ both copies", "ours")
 
