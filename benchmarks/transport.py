@@ -249,6 +249,31 @@ def _table(recv_rows: list[tuple[Any, ...]], send_rows: list[tuple[Any, ...]]) -
     return "\n".join(lines)
 
 
+def run_two_ranks(
+    worker: Callable[[int, str, argparse.Namespace, Any], None],
+    args: argparse.Namespace,
+    timeout: float,
+) -> tuple[dict[int, Any], bool]:
+    """Run ``worker(rank, store, args, out)`` in two spawned processes sharing a file store;
+    each puts ``(rank, result)`` on ``out``. Returns the results by rank and whether both
+    processes exited cleanly."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="bench-two-ranks-") as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=worker, args=(r, store, args, out)) for r in range(2)]
+        for p in procs:
+            p.start()
+        try:
+            results = dict(out.get(timeout=timeout) for _ in procs)
+        finally:
+            for p in procs:
+                p.join(60)
+                if p.is_alive():
+                    p.kill()
+    return results, all(p.exitcode == 0 for p in procs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -260,27 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.only) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workloads {sorted(unknown)}; choose from {sorted(WORKLOADS)}")
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-transport-") as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(r, store, args, out)) for r in range(2)]
-        for p in procs:
-            p.start()
-        try:
-            rows = dict(out.get(timeout=3600) for _ in procs)
-        finally:
-            for p in procs:
-                p.join(60)
-                if p.is_alive():
-                    p.kill()
+    rows, ok = run_two_ranks(_worker, args, timeout=3600)
     print(
         f"transport benchmark: 2 processes, gloo on loopback, median of {args.repeats} after "
         f"{args.warmup} warm-up, {time.perf_counter() - started:.0f} s in all"
     )
     print(_table(rows[1], rows[0]))
-    return 0 if all(p.exitcode == 0 for p in procs) else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

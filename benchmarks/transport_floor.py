@@ -21,11 +21,9 @@ warm-up, run round-robin; each line is the time and its ratio to the ceiling:
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from transport import TIMEOUT, _zeros_like, small_state
+from transport import TIMEOUT, _zeros_like, run_two_ranks, small_state
 
 METHODS = ("ceiling", "pipeline", "+ receiver copy", "+ sender copy", "+ both copies", "ours")
 
@@ -127,20 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args(argv)
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="bench-floor-") as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(r, store, args, out)) for r in range(2)]
-        for p in procs:
-            p.start()
-        try:
-            medians = dict(out.get(timeout=1800) for _ in procs)[1]  # the receiver's clock
-        finally:
-            for p in procs:
-                p.join(60)
-                if p.is_alive():
-                    p.kill()
+    results, ok = run_two_ranks(_worker, args, timeout=1800)
+    medians = results[1]  # the receiver's clock
     print(
         f"staging floor, 20,000 small tensors in place: 2 processes, gloo on loopback, "
         f"median of {args.repeats} after {args.warmup} warm-up"
@@ -149,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in METHODS:
         ratio = medians["ceiling"] / medians[name]
         print(f"| {name} | {medians[name] * 1e3:.0f} | {ratio:.2f}x |")
-    return 0 if all(p.exitcode == 0 for p in procs) else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -17,14 +17,14 @@ import torch
 import torch.distributed as dist
 
 from peer_recovery.transport import IntegrityError, Limits, MetadataError, PGTransport
-from peer_recovery.transport.metadata import (
+from peer_recovery.transport.header import (
     FORMAT_VERSION,
     Header,
-    decode_metadata,
     metadata_crc,
     pack_header,
     unpack_header,
 )
+from peer_recovery.transport.metadata import decode_metadata
 from tests._multiproc import run_ranks
 
 pytestmark = pytest.mark.multiproc

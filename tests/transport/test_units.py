@@ -15,15 +15,12 @@ from hypothesis import strategies as st
 from peer_recovery.transport import Limits, MetadataError
 from peer_recovery.transport._views import byte_view, flat_bytes, typed_view
 from peer_recovery.transport.describe import describe_state, index_targets, map_leaves
+from peer_recovery.transport.header import Header, metadata_crc, pack_header, unpack_header
 from peer_recovery.transport.metadata import (
-    Header,
     TensorLeaf,
     TensorSpec,
     decode_metadata,
     encode_metadata,
-    metadata_crc,
-    pack_header,
-    unpack_header,
 )
 from peer_recovery.transport.plan import Bucket, Chunk, bucket_runs, plan_messages
 from tests.transport._cases import DTYPES, assert_same, random_tensor, tensor_bytes

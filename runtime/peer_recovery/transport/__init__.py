@@ -16,7 +16,7 @@ from peer_recovery.transport.errors import (
     TransferError,
     TransferTimeout,
 )
-from peer_recovery.transport.metadata import Limits
+from peer_recovery.transport.header import Limits
 from peer_recovery.transport.pg_transport import DEFAULT_INTEGRITY, PGTransport, TransferStats
 
 __all__ = [

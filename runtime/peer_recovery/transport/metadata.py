@@ -1,12 +1,11 @@
 """The wire format of a transfer's metadata: pure encoding and decoding, no I/O, no pickle.
 
-A transfer starts with a fixed-size header (magic, format version, flags, step, length and
-CRC32 of the metadata), followed by the metadata: UTF-8 JSON in which every value carries an
-explicit type tag. Decoding never runs code and never allocates more than the metadata
+A transfer starts with a fixed-size header (:mod:`header`), followed by the metadata: UTF-8
+JSON in which every value carries an explicit type tag. Decoding never runs code and never allocates more than the metadata
 itself: every announced size is checked against :class:`Limits` before anyone allocates a
 tensor. The document is::
 
-    {"v": 1, "bucket": <bytes>, "chunk": <bytes>, "small": <bytes>,
+    {"v": 2, "bucket": <bytes>, "chunk": <bytes>, "small": <bytes>,
      "dtypes": [<dtype name>, ...],
      "tensors": [<dtype index>, <ndim>, <dim>, ..., <dtype index>, <ndim>, ...],  # wire order
      "tree": <node>}
@@ -34,8 +33,6 @@ import base64
 import binascii
 import json
 import math
-import struct
-import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,12 +41,9 @@ from typing import Any, NamedTuple
 import torch
 
 from peer_recovery.transport.errors import IntegrityError, MetadataError
+from peer_recovery.transport.header import FORMAT_VERSION, Header, Limits, metadata_crc
 
 __all__ = [
-    "FORMAT_VERSION",
-    "HEADER_BYTES",
-    "Header",
-    "Limits",
     "Metadata",
     "TensorLeaf",
     "TensorSpec",
@@ -60,17 +54,7 @@ __all__ = [
     "encode_metadata",
     "encode_scalar",
     "keystr",
-    "metadata_crc",
-    "pack_header",
-    "unpack_header",
 ]
-
-FORMAT_VERSION = 2  # 2: bucket entries aligned to their dtype (plan.py)
-_MAGIC = b"PRXFER\x00\x01"
-_HEADER = struct.Struct("<8sIIqQI")
-HEADER_BYTES = 64  # fixed on the wire; the struct is zero-padded to this size
-_FLAG_STEP = 1
-_FLAG_INTEGRITY = 2
 
 # Every torch dtype by its canonical name; a dtype *leaf* may be any of them.
 _ALL_DTYPES: dict[str, torch.dtype] = {
@@ -83,28 +67,6 @@ _DATA_DTYPES: frozenset[str] = frozenset(
     if not name.startswith(("q", "bits"))
     and name not in {f"{s}int{n}" for s in ("", "u") for n in range(1, 8)}
 )
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Caps a receiver applies to what a peer announces, before allocating anything."""
-
-    max_metadata_bytes: int = 256 << 20
-    max_tensors: int = 10_000_000
-    max_depth: int = 64
-    max_ndim: int = 64
-    max_total_bytes: int = 1 << 40
-    max_bucket_bytes: int = 1 << 30
-
-
-@dataclass(frozen=True)
-class Header:
-    """The fixed-size first message of a transfer."""
-
-    step: int | None
-    integrity: bool
-    metadata_bytes: int
-    metadata_crc: int
 
 
 class TensorSpec(NamedTuple):
@@ -187,48 +149,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def pack_header(header: Header) -> bytes:
-    flags = (_FLAG_STEP if header.step is not None else 0) | (
-        _FLAG_INTEGRITY if header.integrity else 0
-    )
-    raw = _HEADER.pack(
-        _MAGIC,
-        FORMAT_VERSION,
-        flags,
-        header.step if header.step is not None else 0,
-        header.metadata_bytes,
-        header.metadata_crc,
-    )
-    return raw.ljust(HEADER_BYTES, b"\x00")
-
-
-def unpack_header(raw: bytes, limits: Limits) -> Header:
-    """Parse and bound-check a header; a bad magic or version is a MetadataError."""
-    if len(raw) != HEADER_BYTES:
-        raise MetadataError(f"header is {len(raw)} bytes, expected {HEADER_BYTES}", stage="header")
-    magic, version, flags, step, meta_len, meta_crc = _HEADER.unpack_from(raw)
-    if magic != _MAGIC:
-        raise MetadataError(f"bad magic {magic!r}: not a peer-recovery transfer", stage="header")
-    if version != FORMAT_VERSION:
-        raise MetadataError(
-            f"format version {version}, this receiver speaks {FORMAT_VERSION}", stage="header"
-        )
-    if flags & ~(_FLAG_STEP | _FLAG_INTEGRITY):
-        raise MetadataError(f"unknown header flags {flags:#x}", stage="header")
-    if meta_len > limits.max_metadata_bytes:
-        raise MetadataError(
-            f"announced metadata of {meta_len} bytes exceeds the cap of "
-            f"{limits.max_metadata_bytes}",
-            stage="header",
-        )
-    return Header(
-        step=step if flags & _FLAG_STEP else None,
-        integrity=bool(flags & _FLAG_INTEGRITY),
-        metadata_bytes=meta_len,
-        metadata_crc=meta_crc,
-    )
-
-
 # ---------------------------------------------------------------- encoding (sender side)
 
 
@@ -280,10 +200,6 @@ def encode_metadata(
         "tree": tree,
     }
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
-
-
-def metadata_crc(raw: bytes) -> int:
-    return zlib.crc32(raw)
 
 
 # ---------------------------------------------------------------- decoding (receiver side)

@@ -60,19 +60,21 @@ from peer_recovery.transport.errors import (
     StepMismatchError,
     TransferError,
 )
-from peer_recovery.transport.metadata import (
+from peer_recovery.transport.header import (
     HEADER_BYTES,
     Header,
     Limits,
+    metadata_crc,
+    pack_header,
+    unpack_header,
+)
+from peer_recovery.transport.metadata import (
     Metadata,
     TensorLeaf,
     TensorSpec,
     decode_metadata,
     encode_metadata,
     keystr,
-    metadata_crc,
-    pack_header,
-    unpack_header,
 )
 from peer_recovery.transport.plan import Bucket, Message, bucket_runs, plan_messages
 
