@@ -33,7 +33,7 @@ from peer_recovery.transport.metadata import (
     keystr,
 )
 
-__all__ = ["Described", "describe_state", "index_targets", "map_leaves", "visit_leaves"]
+__all__ = ["Described", "describe_state", "index_targets", "map_leaves"]
 
 _KEY_TYPES = (type(None), bool, int, float, str, bytes)
 Path = tuple[Any, ...]
@@ -154,25 +154,6 @@ def index_targets(state: Any) -> dict[Path, Any]:
 
     walk(state, ())
     return found
-
-
-def visit_leaves(tree: Any, fn: Callable[[Path, TensorLeaf], None], path: Path = ()) -> None:
-    """Call ``fn(path, leaf)`` for every TensorLeaf of a decoded tree (nothing is rebuilt)."""
-    t = type(tree)
-    if t is TensorLeaf:
-        fn(path, tree)
-    elif t is dict or t is OrderedDict:
-        for k, v in tree.items():
-            if type(v) is TensorLeaf:
-                fn((*path, k), v)
-            elif type(v) in _CONTAINERS:
-                visit_leaves(v, fn, (*path, k))
-    elif t is list or t is tuple:
-        for i, v in enumerate(tree):
-            visit_leaves(v, fn, (*path, i))
-
-
-_CONTAINERS = (dict, OrderedDict, list, tuple)
 
 
 def map_leaves(tree: Any, fn: Callable[[Path, TensorLeaf], Any], path: Path = ()) -> Any:

@@ -160,7 +160,7 @@ class PGTransport:
             header arrives (its targets are indexed while the sender describes its state).
         integrity: per-message CRC32 checks (default ``DEFAULT_INTEGRITY``).
         progress: optional ``progress(bytes_done, bytes_total)`` callback.
-        limits: caps on what a sender may announce (see ``metadata.Limits``).
+        limits: caps on what a sender may announce (see ``header.Limits``).
     """
 
     def __init__(
@@ -313,7 +313,9 @@ class PGTransport:
         Returns the destinations (one per payload), the fresh bucket buffers by position in
         ``plan`` (see ``_fresh_buckets``) and the result tree.
         """
-        in_place = frozenset(i for leaf in meta.leaves if leaf.target for i in leaf.indices)
+        in_place = frozenset(
+            i for leaf in meta.leaves if leaf.target is not None for i in leaf.indices
+        )
         dests: list[torch.Tensor | None] = [None] * len(meta.tensors)
         direct = self._fresh_buckets(meta, plan, in_place, dests)
 
@@ -348,7 +350,8 @@ class PGTransport:
                 )
             if leaf.kind == "T":
                 if usable:
-                    inplace(leaf.indices[0], target, path, known if known.dtype else None)
+                    plain = known.dtype is not None  # dtype and shape were read up front
+                    inplace(leaf.indices[0], target, path, known if plain else None)
                     return target
                 t = fresh(leaf.indices[0])
                 return torch.nn.Parameter(t, requires_grad=leaf.extra == 2) if leaf.extra else t
