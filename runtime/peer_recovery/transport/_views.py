@@ -1,4 +1,4 @@
-"""Byte and typed views over tensor storage, and the checksum used for integrity checks.
+"""Byte views over tensor storage, and the checksum used for integrity checks.
 
 Every dtype (bool, complex, fp8 and 0-dim tensors included) is moved as bytes through a
 uint8 view that shares storage with the tensor, so receiving into the view writes into the
@@ -12,7 +12,7 @@ import zlib
 
 import torch
 
-__all__ = ["byte_view", "checksum", "flat_bytes", "typed_view"]
+__all__ = ["byte_view", "checksum"]
 
 
 def byte_view(t: torch.Tensor) -> torch.Tensor:
@@ -22,28 +22,6 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     size = t.element_size()
     out = torch.empty(0, dtype=torch.uint8, device=t.device)
     return out.set_(t.untyped_storage(), t.storage_offset() * size, (t.numel() * size,))
-
-
-def flat_bytes(t: torch.Tensor) -> torch.Tensor:
-    """Cheap 1-D uint8 view of a contiguous non-empty tensor (two view ops, shares storage)."""
-    if t.requires_grad:
-        t = t.detach()
-    return t.view(-1).view(torch.uint8)
-
-
-def typed_view(
-    buf: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]
-) -> torch.Tensor:
-    """A contiguous ``dtype`` tensor of ``shape`` over uint8 ``buf`` starting at byte ``offset``.
-
-    ``buf.storage_offset() + offset`` must be a multiple of the dtype's size (as bucket
-    entries are: plan.py aligns each to its item size).
-    """
-    start = buf.storage_offset() + offset
-    if start % dtype.itemsize:
-        raise ValueError(f"offset {start} is not aligned for {dtype}")
-    out = torch.empty(0, dtype=dtype, device=buf.device)
-    return out.set_(buf.untyped_storage(), start // dtype.itemsize, shape)
 
 
 def checksum(data: torch.Tensor) -> int:
