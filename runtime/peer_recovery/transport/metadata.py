@@ -1,9 +1,9 @@
 """The wire format of a transfer's metadata: pure encoding and decoding, no I/O, no pickle.
 
 A transfer starts with a fixed-size header (:mod:`header`), followed by the metadata: UTF-8
-JSON in which every value carries an explicit type tag. Decoding never runs code and never allocates more than the metadata
-itself: every announced size is checked against :class:`Limits` before anyone allocates a
-tensor. The document is::
+JSON in which every value carries an explicit type tag. Decoding never runs code and never
+allocates more than the metadata itself: every announced size is checked against
+:class:`Limits` before anyone allocates a tensor. The document is::
 
     {"v": 2, "bucket": <bytes>, "chunk": <bytes>, "small": <bytes>,
      "dtypes": [<dtype name>, ...],
@@ -106,9 +106,6 @@ class TensorLeaf:
 
     def __eq__(self, other: object) -> bool:
         return type(other) is TensorLeaf and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash((self.kind, self.indices, self.path))
 
     def __repr__(self) -> str:
         return f"TensorLeaf{self._key()!r}"
