@@ -60,7 +60,7 @@ EXIT_TRANSFER_FAILED: Final = 75
 ENV_TRANSFER_TIMEOUT: Final = "PEER_RECOVERY_TRANSFER_TIMEOUT_S"
 DEFAULT_TRANSFER_TIMEOUT_S: Final = 300.0
 #: Fault injection for tests and drills: "sender-dies-midstream" SIGKILLs a sending rank
-#: once its first message has landed and more are due.
+#: once its first data message is sent, as it is about to post the second.
 _ENV_FAULT: Final = "PEER_RECOVERY_FAULT"
 
 
@@ -236,9 +236,9 @@ def _transport(
     pg = dist.ProcessGroupGloo(
         pg_store, members.index(recovery.rank), len(members), timedelta(seconds=timeout)
     )
-    progress = _fault_progress(env)
+    wire = _DiesMidStream(pg) if env.get(_ENV_FAULT) == "sender-dies-midstream" else pg
     device = _state_device(recovery)
-    inner = PGTransport(pg, timeout, device, state_dict=recovery.template, progress=progress)
+    inner = PGTransport(wire, timeout, device, state_dict=recovery.template)
     marker = exchange.load_checkpoint_key(ctx.run_id)
 
     def fail(error: BaseException) -> None:
@@ -267,15 +267,28 @@ def _state_device(recovery: PeerRecovery) -> Any:
     return torch.device("cpu")
 
 
-def _fault_progress(env: Mapping[str, str]) -> Callable[[int, int], None] | None:
-    if env.get(_ENV_FAULT) != "sender-dies-midstream":
-        return None
+class _DiesMidStream:
+    """Fault injection: the process group, except that this process SIGKILLs itself when
+    the transport posts its second data message, after the first one was sent. The receiver
+    is then left mid-stream however many messages the transport keeps in flight."""
 
-    def progress(done: int, total: int) -> None:
-        if 0 < done < total:  # a message landed, more are due: the receiver is mid-stream
-            os.kill(os.getpid(), signal.SIGKILL)
+    def __init__(self, pg: Any) -> None:
+        self._pg = pg
+        self._first: Any = None
 
-    return progress
+    def send(self, tensors: list[Any], dst: int, tag: int) -> Any:
+        from peer_recovery.transport.engine import DATA_TAG
+
+        if tag >= DATA_TAG:
+            if self._first is not None:
+                self._first.wait(timedelta(seconds=60))
+                os.kill(os.getpid(), signal.SIGKILL)
+            self._first = self._pg.send(tensors, dst, tag)
+            return self._first
+        return self._pg.send(tensors, dst, tag)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pg, name)
 
 
 class _RecoveryTransport:
