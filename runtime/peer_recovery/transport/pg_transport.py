@@ -251,11 +251,19 @@ class PGTransport:
         seconds = time.perf_counter() - wire.started
         self.stats = TransferStats(wire.wire_bytes, wire.total, tensors, messages, seconds)
 
-    def _recv_bytes(self, wire: Wire, nbytes: int, src: int, tag: int, stage: str) -> bytes:
+    def _recv_bytes(
+        self, wire: Wire, nbytes: int, src: int, tag: int, stage: str
+    ) -> Callable[[], bytes]:
+        """Post a receive of ``nbytes``; the returned function waits for them."""
         t = torch.empty(nbytes, dtype=torch.uint8, device=wire.device)
-        wait_work(wire.pg.recv([t], src, tag), wire, src, stage)
-        wire.wire_bytes += nbytes
-        return t.cpu().numpy().tobytes()
+        work = post(wire, "recv", t, src, tag, stage)
+
+        def bytes_received() -> bytes:
+            wait_work(work, wire, src, stage)
+            wire.wire_bytes += nbytes
+            return t.cpu().numpy().tobytes()
+
+        return bytes_received
 
     def recv_checkpoint(self, src_rank: int, *, step: int | None = None) -> object:
         """Receive a state dict from ``src_rank``; with ``step``, refuse any other step."""
@@ -264,15 +272,12 @@ class PGTransport:
 
     def _recv(self, src_rank: int, step: int | None) -> object:
         wire = self._wire()
-        first = torch.empty(HEADER_BYTES, dtype=torch.uint8, device=wire.device)
-        work = post(wire, "recv", first, src_rank, _TAG_HEADER, "header")
+        first = self._recv_bytes(wire, HEADER_BYTES, src_rank, _TAG_HEADER, "header")
         # Index the in-place targets while the sender is still describing its state.
         targets = self._target_table() if self._state_dict else {}
         try:
-            wait_work(work, wire, src_rank, "header")
-            wire.wire_bytes += HEADER_BYTES
-            header = unpack_header(first.cpu().numpy().tobytes(), self._limits)
-            raw = self._recv_bytes(wire, header.metadata_bytes, src_rank, _TAG_META, "metadata")
+            header = unpack_header(first(), self._limits)
+            raw = self._recv_bytes(wire, header.metadata_bytes, src_rank, _TAG_META, "metadata")()
             meta = decode_metadata(raw, header, self._limits, targets)
             if step is not None and header.step != step:
                 raise StepMismatchError(
