@@ -28,13 +28,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from peer_recovery import api  # noqa: E402
+from peer_recovery.contract import names  # noqa: E402
 from tests.controlplane import pytorchjob as pj  # noqa: E402
 from tests.controlplane.cluster import ControlPlane  # noqa: E402
 from tests.operator.cluster_support import CRD, OperatorProcess, wait_for  # noqa: E402
 
 NAMESPACE = "bench"
-ENABLED = {api.ANNOTATION_ENABLED: api.ANNOTATION_ENABLED_VALUE}
+ENABLED = {names.ANNOTATION_ENABLED: names.ANNOTATION_ENABLED_VALUE}
 
 
 class PlannedWatch:
@@ -62,10 +62,10 @@ class PlannedWatch:
     def _stream(self) -> None:
         stream = self._watch.stream(
             self._custom.list_namespaced_custom_object,
-            api.GROUP,
-            api.VERSION,
+            names.GROUP,
+            names.VERSION,
             NAMESPACE,
-            api.PLURAL,
+            names.PLURAL,
             timeout_seconds=300,
         )
         for event in stream:
@@ -129,7 +129,7 @@ def anchor_write_seconds(client: Any, job: dict[str, Any], samples: int = 10) ->
     """Median of create + status patch of one PeerRecovery, made directly."""
     from kubernetes.client import CustomObjectsApi
 
-    from peer_recovery.bodies import PodRef, build_peer_recovery, build_status
+    from peer_recovery.contract.bodies import PodRef, build_peer_recovery, build_status
 
     custom = CustomObjectsApi(client)
     times = []
@@ -146,14 +146,14 @@ def anchor_write_seconds(client: Any, job: dict[str, Any], samples: int = 10) ->
         )
         began = time.monotonic()
         made = custom.create_namespaced_custom_object(
-            api.GROUP, api.VERSION, NAMESPACE, api.PLURAL, body
+            names.GROUP, names.VERSION, NAMESPACE, names.PLURAL, body
         )
         patch = {
             "metadata": {"resourceVersion": made["metadata"]["resourceVersion"]},
             "status": build_status("Planned", attempt=1),
         }
         custom.patch_namespaced_custom_object_status(
-            api.GROUP, api.VERSION, NAMESPACE, api.PLURAL, body["metadata"]["name"], patch
+            names.GROUP, names.VERSION, NAMESPACE, names.PLURAL, body["metadata"]["name"], patch
         )
         times.append(time.monotonic() - began)
     return statistics.median(times)

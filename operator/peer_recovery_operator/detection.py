@@ -30,7 +30,7 @@ import dataclasses
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from peer_recovery import api
+from peer_recovery.contract import names
 from peer_recovery_operator.views import PodView
 
 __all__ = [
@@ -61,17 +61,17 @@ class Detection:
     """A pod that needs a recovery, and why, in words for Events and logs."""
 
     target: PodView
-    reason: api.Reason
-    mode: api.Mode
+    reason: names.Reason
+    mode: names.Mode
     why: str
     previous_uid: str = ""
 
 
-def mode_for(reason: api.Reason, pod: PodView) -> api.Mode:
+def mode_for(reason: names.Reason, pod: PodView) -> names.Mode:
     """``Local`` only when the same pod restarted a container and its ``/dev/shm`` survived."""
-    if reason is api.Reason.CONTAINER_RESTARTED and pod.shm_in_memory:
-        return api.Mode.LOCAL
-    return api.Mode.PEER
+    if reason is names.Reason.CONTAINER_RESTARTED and pod.shm_in_memory:
+        return names.Mode.LOCAL
+    return names.Mode.PEER
 
 
 def detect_change(previous: KnownPod | None, current: PodView) -> Detection | None:
@@ -83,15 +83,17 @@ def detect_change(previous: KnownPod | None, current: PodView) -> Detection | No
             return None  # a late event about the pod this one replaced
         return Detection(
             target=current,
-            reason=api.Reason.POD_REPLACED,
-            mode=api.Mode.PEER,
+            reason=names.Reason.POD_REPLACED,
+            mode=names.Mode.PEER,
             why=f"pod {current.name} was replaced: UID {previous.uid} -> {current.uid}",
             previous_uid=previous.uid,
         )
     if current.restarts > previous.restarts:
-        reason = api.Reason.CONTAINER_RESTARTED
+        reason = names.Reason.CONTAINER_RESTARTED
         mode = mode_for(reason, current)
-        where = "its /dev/shm snapshot survived" if mode is api.Mode.LOCAL else "no memory /dev/shm"
+        where = (
+            "its /dev/shm snapshot survived" if mode is names.Mode.LOCAL else "no memory /dev/shm"
+        )
         return Detection(
             target=current,
             reason=reason,
@@ -120,8 +122,8 @@ def detect_missed_replacement(
     late = (current.created - end).total_seconds()
     return Detection(
         target=current,
-        reason=api.Reason.POD_REPLACED,
-        mode=api.Mode.PEER,
+        reason=names.Reason.POD_REPLACED,
+        mode=names.Mode.PEER,
         why=(
             f"pod {current.name} was created {late:.0f}s after its job's other pods "
             f"(grace {grace.total_seconds():.0f}s) and has no PeerRecovery: "

@@ -22,7 +22,9 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from peer_recovery import api
+from peer_recovery.contract import names
+from peer_recovery.contract.names import is_operator_reason
+from peer_recovery.contract.records import RecordError, parse_recovery
 from peer_recovery_operator import lifecycle
 from peer_recovery_operator.config import OperatorConfig
 from peer_recovery_operator.detection import (
@@ -33,7 +35,7 @@ from peer_recovery_operator.detection import (
 )
 from peer_recovery_operator.kube import ClusterApi
 from peer_recovery_operator.metrics import Metrics
-from peer_recovery_operator.recording import OPERATOR_REASONS, JobSnapshot, Recorder
+from peer_recovery_operator.recording import JobSnapshot, Recorder
 from peer_recovery_operator.state import ClusterState, JobKey, Slot
 from peer_recovery_operator.views import (
     BadInput,
@@ -41,7 +43,6 @@ from peer_recovery_operator.views import (
     job_view,
     node_view,
     pod_view,
-    recovery_view,
 )
 
 __all__ = ["Engine"]
@@ -160,8 +161,8 @@ class Engine:
         previous = self.state.recoveries.get((str(meta.get("namespace")), str(meta.get("name"))))
         seen_at = previous.phase_since if previous else self._clock()
         try:
-            view = recovery_view(body, seen_at=seen_at)
-        except (BadInput, ValueError) as error:
+            view = parse_recovery(body, seen_at=seen_at)
+        except RecordError as error:
             self._warn(f"precov:{meta.get('uid')}", "recovery", str(error))
             return
         if previous is not None and previous.phase is not view.phase and not view.status_reason:
@@ -174,7 +175,7 @@ class Engine:
             and previous.resource_version != view.resource_version
             and not previous.phase.terminal
             and view.phase.terminal
-            and view.status_reason not in OPERATOR_REASONS
+            and not is_operator_reason(view.status_reason)
         ):
             self._post_terminal(view)
 
@@ -239,7 +240,7 @@ class Engine:
             self._warn(
                 f"nojob:{key}",
                 "job",
-                f"pods name PyTorchJob {key[0]}/{key[1]} (label {api.LABEL_JOB_NAME}), which does "
+                f"pods name PyTorchJob {key[0]}/{key[1]} (label {names.LABEL_JOB_NAME}), which does "
                 "not exist or cannot be read (is the PyTorchJob CRD installed?)",
             )
         elif key not in self.state.jobs:
@@ -292,6 +293,7 @@ class Engine:
             elif verdict.action is lifecycle.Action.PROMOTE:
                 written += self._recorder.promote(snap, rec)
             elif verdict.action is lifecycle.Action.FAIL:
+                assert verdict.condition_reason is not None  # every FAIL verdict names one
                 written += self._recorder.fail(rec, verdict.why, verdict.condition_reason)
         return written
 
@@ -309,7 +311,7 @@ class Engine:
                 continue
         bodies = self._api.list_recoveries(job.namespace, job=job.name)
         recorded = {((b.get("spec") or {}).get("target") or {}).get("podUID") for b in bodies}
-        views = [recovery_view(b, seen_at=self._clock()) for b in bodies]
+        views = [parse_recovery(b, seen_at=self._clock()) for b in bodies]
         grace = timedelta(seconds=self.config.catch_up_grace)
         found = []
         for pod in candidates:
@@ -326,7 +328,7 @@ class Engine:
     # --- reporting ------------------------------------------------------------------------
 
     def _post_terminal(self, view: Any) -> None:
-        kind = "Normal" if view.phase is api.Phase.SUCCEEDED else "Warning"
+        kind = "Normal" if view.phase is names.Phase.SUCCEEDED else "Warning"
         message = f"{view.name} {view.phase.value}" + (f": {view.message}" if view.message else "")
         job = self.state.jobs.get((view.namespace, view.job))
         involved = _job_ref(view.namespace, view.job, job.uid if job else "")
@@ -363,8 +365,8 @@ class Engine:
 
 def _job_ref(namespace: str, name: str, uid: str) -> dict[str, str]:
     return {
-        "apiVersion": f"{api.PYTORCHJOB_GROUP}/{api.PYTORCHJOB_VERSION}",
-        "kind": api.PYTORCHJOB_KIND,
+        "apiVersion": f"{names.PYTORCHJOB_GROUP}/{names.PYTORCHJOB_VERSION}",
+        "kind": names.PYTORCHJOB_KIND,
         "name": name,
         "namespace": namespace,
         "uid": uid,

@@ -17,7 +17,7 @@ from typing import Any
 
 import kopf
 
-from peer_recovery import api
+from peer_recovery.contract import names
 from peer_recovery_operator.engine import Engine
 
 __all__ = ["register"]
@@ -33,7 +33,7 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.watching.label_selectors[POD_SELECTOR] = api.LABEL_JOB_NAME
+        settings.watching.label_selectors[POD_SELECTOR] = names.LABEL_JOB_NAME
         settings.posting.enabled = False  # we post our own Events, on the job
         settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf")
         # Never used (no change handlers), but if a future handler needed them, they would
@@ -60,7 +60,7 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
         engine.pod_event(event.get("type"), event["object"])
 
     @kopf.on.event(
-        api.PYTORCHJOB_GROUP, api.PYTORCHJOB_VERSION, api.PYTORCHJOB_PLURAL, registry=registry
+        names.PYTORCHJOB_GROUP, names.PYTORCHJOB_VERSION, names.PYTORCHJOB_PLURAL, registry=registry
     )
     async def job(event: kopf.RawEvent, **_: Any) -> None:
         engine.job_event(event.get("type"), event["object"])
@@ -69,7 +69,7 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
     async def node(event: kopf.RawEvent, **_: Any) -> None:
         engine.node_event(event.get("type"), event["object"])
 
-    @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, registry=registry)
+    @kopf.on.event(names.GROUP, names.VERSION, names.PLURAL, registry=registry)
     async def recovery(event: kopf.RawEvent, **_: Any) -> None:
         engine.recovery_event(event.get("type"), event["object"])
 

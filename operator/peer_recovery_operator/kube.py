@@ -21,20 +21,13 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from peer_recovery import api
+from peer_recovery.contract import names
+from peer_recovery.contract.errors import ApiError, Conflict
 
-__all__ = ["ApiError", "ClusterApi", "Conflict", "KubernetesApi"]
+__all__ = ["ClusterApi", "KubernetesApi"]
 
 logger = logging.getLogger(__name__)
 COMPONENT = "peer-recovery-operator"
-
-
-class ApiError(RuntimeError):
-    """An API call failed for a reason other than NotFound/AlreadyExists/Conflict."""
-
-
-class Conflict(ApiError):
-    """The object changed since it was read (resourceVersion precondition failed)."""
 
 
 class ClusterApi(Protocol):
@@ -96,37 +89,39 @@ class KubernetesApi:
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._call(
             self._custom.get_namespaced_custom_object,
-            api.PYTORCHJOB_GROUP,
-            api.PYTORCHJOB_VERSION,
+            names.PYTORCHJOB_GROUP,
+            names.PYTORCHJOB_VERSION,
             namespace,
-            api.PYTORCHJOB_PLURAL,
+            names.PYTORCHJOB_PLURAL,
             name,
         )
 
     def list_job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
         result = self._call(
-            self._core.list_namespaced_pod, namespace, label_selector=f"{api.LABEL_JOB_NAME}={job}"
+            self._core.list_namespaced_pod,
+            namespace,
+            label_selector=f"{names.LABEL_JOB_NAME}={job}",
         )
         return list((result or {}).get("items") or ())
 
     def list_recoveries(self, namespace: str, *, job: str) -> list[dict[str, Any]]:
         result = self._call(
             self._custom.list_namespaced_custom_object,
-            api.GROUP,
-            api.VERSION,
+            names.GROUP,
+            names.VERSION,
             namespace,
-            api.PLURAL,
-            label_selector=f"{api.LABEL_RECOVERY_JOB}={job}",
+            names.PLURAL,
+            label_selector=f"{names.LABEL_RECOVERY_JOB}={job}",
         )
         return list((result or {}).get("items") or ())
 
     def get_recovery(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._call(
             self._custom.get_namespaced_custom_object,
-            api.GROUP,
-            api.VERSION,
+            names.GROUP,
+            names.VERSION,
             namespace,
-            api.PLURAL,
+            names.PLURAL,
             name,
         )
 
@@ -134,10 +129,10 @@ class KubernetesApi:
         try:
             return self._call(
                 self._custom.create_namespaced_custom_object,
-                api.GROUP,
-                api.VERSION,
+                names.GROUP,
+                names.VERSION,
                 namespace,
-                api.PLURAL,
+                names.PLURAL,
                 dict(body),
             )
         except Conflict:
@@ -149,10 +144,10 @@ class KubernetesApi:
         patch = {"metadata": {"resourceVersion": resource_version}, "status": dict(status)}
         result = self._call(
             self._custom.patch_namespaced_custom_object_status,
-            api.GROUP,
-            api.VERSION,
+            names.GROUP,
+            names.VERSION,
             namespace,
-            api.PLURAL,
+            names.PLURAL,
             name,
             patch,
         )

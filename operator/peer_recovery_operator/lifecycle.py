@@ -27,16 +27,13 @@ import dataclasses
 import enum
 from datetime import datetime
 
-from peer_recovery import api
+from peer_recovery.contract import names
+from peer_recovery.contract.names import ConditionReason
+from peer_recovery.contract.records import RecoveryRecord
 from peer_recovery_operator.config import OperatorConfig
-from peer_recovery_operator.views import PodView, RecoveryView
+from peer_recovery_operator.views import PodView
 
-__all__ = ["REPLANNING", "SUPERSEDED", "Action", "Verdict", "decide"]
-
-#: Condition reason on an attempt the operator closed in order to re-plan it.
-REPLANNING = "Replanning"
-#: Condition reason on an attempt whose target was replaced again.
-SUPERSEDED = "Superseded"
+__all__ = ["Action", "Verdict", "decide"]
 
 
 class Action(str, enum.Enum):
@@ -51,14 +48,14 @@ class Action(str, enum.Enum):
 class Verdict:
     action: Action
     why: str = ""
-    condition_reason: str = ""
+    condition_reason: ConditionReason | None = None
 
 
 _KEEP = Verdict(Action.KEEP)
 
 
 def decide(
-    recovery: RecoveryView,
+    recovery: RecoveryRecord,
     *,
     now: datetime,
     slot_pod: PodView | None,
@@ -74,12 +71,12 @@ def decide(
     ``attempts_in_episode`` counts the attempts already made for this target incarnation
     and restart, this one included.
     """
-    if recovery.planned_by != api.PlannedBy.OPERATOR.value:
+    if recovery.planned_by != names.PlannedBy.OPERATOR.value:
         return _KEEP
     if recovery.phase.terminal:
         if (
-            recovery.phase is api.Phase.FAILED
-            and recovery.status_reason == REPLANNING
+            recovery.phase is names.Phase.FAILED
+            and recovery.status_reason == ConditionReason.REPLANNING
             and not newer_attempt_exists
             and slot_pod is not None
             and slot_pod.uid == recovery.target_uid
@@ -91,30 +88,32 @@ def decide(
             Action.FAIL,
             f"superseded: pod {recovery.target_pod} was replaced again "
             f"(UID {recovery.target_uid} -> {slot_pod.uid})",
-            SUPERSEDED,
+            ConditionReason.SUPERSEDED,
         )
     age = (now - recovery.phase_since).total_seconds()
-    if recovery.phase is api.Phase.PENDING:
+    if recovery.phase is names.Phase.PENDING:
         if age > config.sweep_interval:
             return Verdict(Action.PROMOTE, "its status was never written")
         return _KEEP
     why = _trouble(recovery, source_pod, age, config)
     if not why:
         return _KEEP
-    if recovery.mode == api.Mode.PEER.value and attempts_in_episode < config.max_attempts:
-        return Verdict(Action.REPLAN, why, REPLANNING)
+    if recovery.mode == names.Mode.PEER.value and attempts_in_episode < config.max_attempts:
+        return Verdict(Action.REPLAN, why, ConditionReason.REPLANNING)
     return Verdict(
         Action.FAIL,
         f"gave up after {attempts_in_episode} attempt(s): {why}",
-        "AttemptsExhausted" if recovery.mode == api.Mode.PEER.value else "DeadlineExceeded",
+        ConditionReason.ATTEMPTS_EXHAUSTED
+        if recovery.mode is names.Mode.PEER
+        else ConditionReason.DEADLINE_EXCEEDED,
     )
 
 
 def _trouble(
-    recovery: RecoveryView, source_pod: PodView | None, age: float, config: OperatorConfig
+    recovery: RecoveryRecord, source_pod: PodView | None, age: float, config: OperatorConfig
 ) -> str:
     """Why a live attempt cannot go on, or "" when it can."""
-    if recovery.mode == api.Mode.PEER.value and recovery.source_pod:
+    if recovery.mode == names.Mode.PEER.value and recovery.source_pod:
         if source_pod is None:
             return f"source pod {recovery.source_pod} is gone"
         if source_pod.uid != recovery.source_uid:

@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from peer_recovery_operator.views import RecoveryView
+from peer_recovery.contract.records import RecoveryRecord
 
 __all__ = ["Metrics"]
 
@@ -70,7 +70,7 @@ class Metrics:
             registry=r,
         )
 
-    def recovery_changed(self, old: RecoveryView | None, new: RecoveryView | None) -> None:
+    def recovery_changed(self, old: RecoveryRecord | None, new: RecoveryRecord | None) -> None:
         """Move one object between the gauge's label sets as the watch reports it."""
         for view, delta in ((old, -1), (new, +1)):
             if view is None:

@@ -4,10 +4,10 @@ Runs on worker threads, one job at a time, on immutable snapshots (:class:`JobSn
 every API call goes through :class:`~peer_recovery_operator.kube.ClusterApi`. Returns the
 bodies it wrote so the caller can fold them into its state before the watch catches up.
 
-Invariants: names are deterministic (``peer_recovery.bodies.recovery_name``), so a repeated
-create is an AlreadyExists, never a duplicate; every phase move is validated against the
-phase of the version just read (``peer_recovery.api.check_transition``) and written with
-that version's ``resourceVersion``; a Conflict re-reads and re-validates.
+Invariants: names are deterministic (``peer_recovery.contract.bodies.recovery_name``), so a
+repeated create is an AlreadyExists, never a duplicate; every phase move is the contract's
+checked move (:func:`peer_recovery.contract.moves.move_phase`): validated against the phase
+of the version just read and written with that version's ``resourceVersion``.
 """
 
 from __future__ import annotations
@@ -19,29 +19,22 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from peer_recovery import api
-from peer_recovery.bodies import PodRef, build_peer_recovery, build_status
-from peer_recovery.planning import Assignment, PodRecord, plan_sources
+from peer_recovery.contract import names, phases
+from peer_recovery.contract.bodies import PodRef, build_peer_recovery
+from peer_recovery.contract.errors import Conflict
+from peer_recovery.contract.moves import Move, Outcome, move_phase, status_for
+from peer_recovery.contract.names import ANNOTATION_RESTART_COUNT, ConditionReason
+from peer_recovery.contract.planning import Assignment, PodRecord, plan_sources
+from peer_recovery.contract.records import RecoveryRecord
 from peer_recovery_operator.detection import Detection
-from peer_recovery_operator.kube import ClusterApi, Conflict
+from peer_recovery_operator.kube import ClusterApi
 from peer_recovery_operator.metrics import Metrics
-from peer_recovery_operator.views import (
-    ANNOTATION_RESTART_COUNT,
-    JobView,
-    NodeView,
-    PodView,
-    RecoveryView,
-)
+from peer_recovery_operator.views import JobView, NodeView, PodView
 
-__all__ = ["OPERATOR_REASONS", "JobSnapshot", "Recorder"]
+__all__ = ["JobSnapshot", "Recorder"]
 
 logger = logging.getLogger(__name__)
 
-#: Condition reasons the operator writes; a terminal phase with another reason was the runtime's.
-OPERATOR_REASONS = frozenset(
-    {"SourceChosen", "LocalSnapshot", "NoSource", "Replanning", "Superseded"}
-    | {"AttemptsExhausted", "DeadlineExceeded"}
-)
 _RETRIES = 3
 
 
@@ -52,7 +45,7 @@ class JobSnapshot:
     job: JobView
     pods: Sequence[PodView]
     nodes: Mapping[str, NodeView]
-    recoveries: Sequence[RecoveryView]
+    recoveries: Sequence[RecoveryRecord]
 
 
 class Recorder:
@@ -70,7 +63,7 @@ class Recorder:
         sources) and record each; ``float`` is the monotonic time it was seen."""
         fresh = [(d, t) for d, t in detections if not _already_recorded(d, snap.recoveries)]
         targets = {d.target.uid for d, _ in fresh}
-        plans = _plan(snap, [d.target for d, _ in fresh if d.mode is api.Mode.PEER], targets)
+        plans = _plan(snap, [d.target for d, _ in fresh if d.mode is names.Mode.PEER], targets)
         written: list[dict[str, Any]] = []
         for detection, seen in fresh:
             plan = plans.get(detection.target.uid)
@@ -79,14 +72,16 @@ class Recorder:
             written += self._supersede(snap, detection)
         return written
 
-    def replan(self, snap: JobSnapshot, old: RecoveryView, why: str) -> list[dict[str, Any]]:
+    def replan(self, snap: JobSnapshot, old: RecoveryRecord, why: str) -> list[dict[str, Any]]:
         """Close ``old`` (Failed, reason Replanning) and record attempt + 1 with another source."""
         written: list[dict[str, Any]] = []
         episode = [r for r in snap.recoveries if _same_episode(r, old)]
         if any(r.attempt > old.attempt for r in episode):
             return written  # already re-planned
-        if old.phase is not api.Phase.FAILED:
-            closed = self.move(old, api.Phase.FAILED, f"re-planning: {why}", "Replanning")
+        if old.phase is not names.Phase.FAILED:
+            closed = self.move(
+                old, names.Phase.FAILED, f"re-planning: {why}", ConditionReason.REPLANNING
+            )
             if closed is None:
                 return written  # someone else moved it first (runtime finished, or a re-plan)
             written.append(closed)
@@ -94,7 +89,7 @@ class Recorder:
         if target is None:
             return written
         excluded = {r.source_uid for r in episode if r.source_uid}
-        detection = Detection(target, api.Reason(old.reason), api.Mode(old.mode), why)
+        detection = Detection(target, names.Reason(old.reason), names.Mode(old.mode), why)
         plans = _plan(snap, [target], {target.uid}, excluded=excluded)
         attempt = max(r.attempt for r in episode) + 1
         written += self._record_one(
@@ -103,75 +98,41 @@ class Recorder:
         self._metrics.lifecycle.labels("replan").inc()
         return written
 
-    def promote(self, snap: JobSnapshot, rec: RecoveryView) -> list[dict[str, Any]]:
+    def promote(self, snap: JobSnapshot, rec: RecoveryRecord) -> list[dict[str, Any]]:
         """Finish the status write of a recovery left Pending (the operator stopped in between)."""
-        if rec.mode == api.Mode.LOCAL.value or rec.source_pod:
-            phase, reason = api.Phase.PLANNED, "SourceChosen"
+        if rec.mode == names.Mode.LOCAL.value or rec.source_pod:
+            phase, reason = names.Phase.PLANNED, ConditionReason.SOURCE_CHOSEN
         else:
-            phase, reason = api.Phase.FELL_BACK, "NoSource"
+            phase, reason = names.Phase.FELL_BACK, ConditionReason.NO_SOURCE
         body = self.move(
             rec, phase, rec.message or "status written after an operator restart", reason
         )
         self._metrics.lifecycle.labels("promote").inc()
         return [body] if body else []
 
-    def fail(self, rec: RecoveryView, why: str, reason: str) -> list[dict[str, Any]]:
-        body = self.move(rec, api.Phase.FAILED, why, reason)
+    def fail(self, rec: RecoveryRecord, why: str, reason: ConditionReason) -> list[dict[str, Any]]:
+        body = self.move(rec, names.Phase.FAILED, why, reason)
         if body is not None:
-            self._metrics.lifecycle.labels(reason.lower()).inc()
+            self._metrics.lifecycle.labels(reason.value.lower()).inc()
             self._event(rec.namespace, rec.job, body, "Warning", "PeerRecoveryFailed", why)
         return [body] if body else []
 
     # --- the writes -----------------------------------------------------------------------
 
     def move(
-        self, rec: RecoveryView, proposed: api.Phase, message: str, reason: str
+        self, rec: RecoveryRecord, proposed: names.Phase, message: str, reason: ConditionReason
     ) -> dict[str, Any] | None:
-        """Validated, preconditioned phase move; None when the move is no longer allowed."""
-        for _ in range(_RETRIES):
-            current = self._api.get_recovery(rec.namespace, rec.name)
-            if current is None:
-                return None
-            decision = api.check_transition(
-                api.phase_of(current),
-                proposed,
-                api.Actor.OPERATOR,
-                planned_by=(current.get("spec") or {}).get("plannedBy", "operator"),
-            )
-            if not decision.allowed:
-                logger.info("not moving %s/%s: %s", rec.namespace, rec.name, decision.reason)
-                return None
-            status = self._status(current, proposed, message, reason)
-            try:
-                return self._api.patch_recovery_status(
-                    rec.namespace, rec.name, status, current["metadata"]["resourceVersion"]
-                )
-            except Conflict:
-                continue  # changed under us: re-read and re-validate
-        logger.warning("gave up moving %s/%s after %d conflicts", rec.namespace, rec.name, _RETRIES)
-        return None
-
-    def _status(
-        self, current: Mapping[str, Any], phase: api.Phase, message: str, reason: str
-    ) -> dict[str, Any]:
-        attempt = int((current.get("spec") or {}).get("attempt", 1))
-        status = build_status(phase, attempt=attempt, message=message[:1024])
-        conditions = [  # a list-map keyed by type: one condition per phase, the latest
-            c
-            for c in (current.get("status") or {}).get("conditions") or ()
-            if c.get("type") != phase.value
-        ]
-        conditions.append(
-            {
-                "type": phase.value,
-                "status": "True",
-                "reason": reason,
-                "message": message[:1024],
-                "lastTransitionTime": self._clock().strftime("%Y-%m-%dT%H:%M:%SZ"),
-            }
+        """The contract's checked move; None when it is no longer allowed (or not needed)."""
+        result = move_phase(
+            self._api,
+            rec.namespace,
+            rec.name,
+            Move(proposed, reason, message),
+            actor=names.Actor.OPERATOR,
+            clock=self._clock,
+            retries=_RETRIES,
         )
-        status["conditions"] = conditions
-        return status
+        return result.body if result.outcome is Outcome.WRITTEN else None
 
     def _record_one(
         self,
@@ -198,7 +159,7 @@ class Recorder:
                 mode=detection.mode,
                 reason=detection.reason,
                 attempt=attempt,
-                planned_by=api.PlannedBy.OPERATOR,
+                planned_by=names.PlannedBy.OPERATOR,
                 source=None if source is None else _ref(job, source),
             )
             manifest["metadata"]["annotations"] = {ANNOTATION_RESTART_COUNT: str(restarts)}
@@ -223,18 +184,18 @@ class Recorder:
         source: PodView | None,
         body: dict[str, Any],
     ) -> list[dict[str, Any]]:
-        if detection.mode is api.Mode.LOCAL:
-            phase, reason = api.Phase.PLANNED, "LocalSnapshot"
+        if detection.mode is names.Mode.LOCAL:
+            phase, reason = names.Phase.PLANNED, ConditionReason.LOCAL_SNAPSHOT
             message = f"{detection.why}: load the local snapshot"
         elif source is not None and plan is not None:
-            phase, reason, message = api.Phase.PLANNED, "SourceChosen", plan.reason
+            phase, reason, message = names.Phase.PLANNED, ConditionReason.SOURCE_CHOSEN, plan.reason
         else:
-            phase, reason = api.Phase.FELL_BACK, "NoSource"
+            phase, reason = names.Phase.FELL_BACK, ConditionReason.NO_SOURCE
             message = plan.reason if plan is not None else "no plan could be made"
-        api.require_transition(
-            api.Phase.PENDING, phase, api.Actor.OPERATOR, planned_by=api.PlannedBy.OPERATOR
+        phases.require_transition(
+            names.Phase.PENDING, phase, names.Actor.OPERATOR, planned_by=names.PlannedBy.OPERATOR
         )
-        status = self._status(body, phase, message, reason)
+        status = status_for(body, Move(phase, reason, message), self._clock())
         name = body["metadata"]["name"]
         try:
             written = self._api.patch_recovery_status(
@@ -244,7 +205,7 @@ class Recorder:
             logger.warning("%s changed before its plan was written; the sweeper retries", name)
             return [body]
         self._metrics.plans.labels(phase.value, detection.mode.value, detection.reason.value).inc()
-        kind = "Normal" if phase is api.Phase.PLANNED else "Warning"
+        kind = "Normal" if phase is names.Phase.PLANNED else "Warning"
         event_reason = "PeerRecoveryPlanned" if kind == "Normal" else "PeerRecoveryFellBack"
         text = f"{name}: {detection.why}; {message}"
         self._event(snap.job.namespace, snap.job.name, written, kind, event_reason, text)
@@ -262,14 +223,14 @@ class Recorder:
         target = detection.target
         written: list[dict[str, Any]] = []
         for rec in snap.recoveries:
-            if rec.phase.terminal or rec.planned_by != api.PlannedBy.OPERATOR.value:
+            if rec.phase.terminal or rec.planned_by != names.PlannedBy.OPERATOR.value:
                 continue
             if (rec.target_type, rec.target_index) != (target.replica_type, target.replica_index):
                 continue
             older_restart = rec.target_uid == target.uid and rec.restart_count < target.restarts
             if rec.target_uid != target.uid or older_restart:
                 why = f"superseded: {detection.why}"
-                written += self.fail(rec, why, "Superseded")
+                written += self.fail(rec, why, ConditionReason.SUPERSEDED)
         return written
 
     def _event(
@@ -277,8 +238,8 @@ class Recorder:
     ) -> None:
         owner = ((rec.get("metadata") or {}).get("ownerReferences") or [{}])[0]
         involved = {
-            "apiVersion": f"{api.PYTORCHJOB_GROUP}/{api.PYTORCHJOB_VERSION}",
-            "kind": api.PYTORCHJOB_KIND,
+            "apiVersion": f"{names.PYTORCHJOB_GROUP}/{names.PYTORCHJOB_VERSION}",
+            "kind": names.PYTORCHJOB_KIND,
             "name": job,
             "namespace": namespace,
             "uid": str(owner.get("uid", "")),
@@ -286,19 +247,19 @@ class Recorder:
         self._api.post_event(involved, type_=kind, reason=reason, message=text)
 
 
-def _already_recorded(detection: Detection, recoveries: Sequence[RecoveryView]) -> bool:
+def _already_recorded(detection: Detection, recoveries: Sequence[RecoveryRecord]) -> bool:
     target = detection.target
     for rec in recoveries:
         if rec.target_uid != target.uid:
             continue
-        if detection.reason is api.Reason.POD_REPLACED and rec.reason == detection.reason.value:
+        if detection.reason is names.Reason.POD_REPLACED and rec.reason == detection.reason.value:
             return True
         if rec.reason == detection.reason.value and rec.restart_count == target.restarts:
             return True
     return False
 
 
-def _same_episode(rec: RecoveryView, old: RecoveryView) -> bool:
+def _same_episode(rec: RecoveryRecord, old: RecoveryRecord) -> bool:
     return (rec.target_uid, rec.restart_count, rec.reason) == (
         old.target_uid,
         old.restart_count,

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 
-from peer_recovery_operator.views import JobView, NodeView, PodView, RecoveryView
+from peer_recovery.contract.records import RecoveryRecord
+from peer_recovery_operator.views import JobView, NodeView, PodView
 
 __all__ = ["ClusterState", "JobKey", "Slot"]
 
@@ -26,7 +27,7 @@ class ClusterState:
     def __init__(self) -> None:
         self.jobs: dict[JobKey, JobView] = {}
         self.nodes: dict[str, NodeView] = {}
-        self.recoveries: dict[tuple[str, str], RecoveryView] = {}
+        self.recoveries: dict[tuple[str, str], RecoveryRecord] = {}
         self._slots: dict[Slot, PodView] = {}
         self._job_slots: defaultdict[JobKey, set[Slot]] = defaultdict(set)
         self._by_name: dict[tuple[str, str], Slot] = {}
@@ -66,7 +67,7 @@ class ClusterState:
 
     # --- recoveries -----------------------------------------------------------------------
 
-    def upsert_recovery(self, view: RecoveryView) -> bool:
+    def upsert_recovery(self, view: RecoveryRecord) -> bool:
         """Record ``view`` unless a newer version is already known; True if recorded."""
         key = (view.namespace, view.name)
         previous = self.recoveries.get(key)
@@ -76,13 +77,13 @@ class ClusterState:
         self._job_recoveries[(view.namespace, view.job)].add(key)
         return True
 
-    def drop_recovery(self, namespace: str, name: str) -> RecoveryView | None:
+    def drop_recovery(self, namespace: str, name: str) -> RecoveryRecord | None:
         view = self.recoveries.pop((namespace, name), None)
         if view is not None:
             self._job_recoveries[(namespace, view.job)].discard((namespace, name))
         return view
 
-    def job_recoveries(self, namespace: str, job: str) -> list[RecoveryView]:
+    def job_recoveries(self, namespace: str, job: str) -> list[RecoveryRecord]:
         keys = self._job_recoveries.get((namespace, job), ())
         return [self.recoveries[k] for k in sorted(keys) if k in self.recoveries]
 

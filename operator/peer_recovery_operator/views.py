@@ -1,9 +1,10 @@
-"""Plain records of the objects the operator reads: pods, PyTorchJobs, nodes, PeerRecoveries.
+"""Plain records of the objects the operator reads: pods, PyTorchJobs and nodes.
 
 Pure: each ``*_view`` function takes a body as the API server returns it (a mapping) and
 returns a small frozen record, or raises :class:`BadInput` whose message names the object
 and the field that was wrong. Everything downstream (detection, planning, lifecycle) works
-on these records only, so it never touches raw bodies and never does I/O.
+on these records only, so it never touches raw bodies and never does I/O. PeerRecoveries
+are read with the contract's one parser (:mod:`peer_recovery.contract.records`).
 Invariant: a record holds only what decisions need (a few hundred bytes), which is what
 keeps the operator's memory flat when it watches thousands of large pods.
 """
@@ -12,35 +13,38 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
-from peer_recovery import api
-from peer_recovery.job_annotations import AnnotationError, JobSettings, parse_job_annotations
+from peer_recovery.contract import names
+from peer_recovery.contract.annotations import AnnotationError, JobSettings, parse_job_annotations
+from peer_recovery.contract.ordinals import pod_ordinal
+from peer_recovery.contract.records import RecordError, parse_time
 
 __all__ = [
     "BadInput",
     "JobView",
     "NodeView",
     "PodView",
-    "RecoveryView",
     "job_name_of_pod",
     "job_view",
     "node_view",
-    "parse_time",
     "pod_view",
-    "recovery_view",
 ]
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
 SHM_PATH = "/dev/shm"
-#: Our own annotation on a PeerRecovery: the target container's restartCount it serves, so
-#: that repeated container restarts of one pod incarnation get distinct attempts.
-ANNOTATION_RESTART_COUNT = "peerrecovery.io/restart-count"
 
 
-class BadInput(ValueError):
+class BadInput(RecordError):
     """An object the operator cannot use; the message names the object and the field."""
+
+
+def _time(value: object, what: str) -> datetime:
+    try:
+        return parse_time(value, what)
+    except RecordError as error:
+        raise BadInput(str(error)) from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,10 +89,8 @@ class JobView:
         return "master" in self.replica_types
 
     def ordinal(self, replica_type: str, index: int) -> int:
-        """The pod ordinal (DESIGN.md): master-0 is 0, worker-i is i+1 with a Master, else i."""
-        if replica_type == "master":
-            return index
-        return index + 1 if self.has_master else index
+        """The pod ordinal (:func:`peer_recovery.contract.ordinals.pod_ordinal`)."""
+        return pod_ordinal(replica_type, index, has_master=self.has_master)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -97,47 +99,6 @@ class NodeView:
     ready: bool
     schedulable: bool
     zone: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RecoveryView:
-    """One PeerRecovery as the lifecycle sweeper and the planner see it."""
-
-    namespace: str
-    name: str
-    job: str
-    target_pod: str
-    target_uid: str
-    target_type: str
-    target_index: int
-    source_pod: str
-    source_uid: str
-    mode: str
-    reason: str
-    attempt: int
-    planned_by: str
-    phase: api.Phase
-    phase_since: datetime
-    restart_count: int
-    resource_version: str
-    #: ``reason`` of the condition of the current phase, if its writer left one.
-    status_reason: str = ""
-    message: str = ""
-
-    @property
-    def slot(self) -> tuple[str, str, str, int]:
-        return (self.namespace, self.job, self.target_type, self.target_index)
-
-
-def parse_time(value: object, what: str) -> datetime:
-    """An RFC 3339 timestamp as the API server writes it, as an aware datetime."""
-    if not isinstance(value, str) or not value:
-        raise BadInput(f"{what} is missing")
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadInput(f"{what}={value!r} is not an RFC 3339 time") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def _meta(body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -154,11 +115,11 @@ def _where(kind: str, meta: Mapping[str, Any]) -> str:
 def job_name_of_pod(body: Mapping[str, Any]) -> str | None:
     """The pod's PyTorchJob: its job-name label, else its controller ownerReference."""
     meta = _meta(body)
-    label = (meta.get("labels") or {}).get(api.LABEL_JOB_NAME)
+    label = (meta.get("labels") or {}).get(names.LABEL_JOB_NAME)
     if label:
         return str(label)
     for ref in meta.get("ownerReferences") or ():
-        if ref.get("kind") == api.PYTORCHJOB_KIND and ref.get("controller"):
+        if ref.get("kind") == names.PYTORCHJOB_KIND and ref.get("controller"):
             return str(ref.get("name"))
     return None
 
@@ -170,13 +131,13 @@ def pod_view(body: Mapping[str, Any], job: str | None = None) -> PodView:
     labels = meta.get("labels") or {}
     job = job or job_name_of_pod(body)
     if not job:
-        raise BadInput(f"{where}: no label {api.LABEL_JOB_NAME} and no PyTorchJob owner")
-    replica_type = labels.get(api.LABEL_REPLICA_TYPE)
+        raise BadInput(f"{where}: no label {names.LABEL_JOB_NAME} and no PyTorchJob owner")
+    replica_type = labels.get(names.LABEL_REPLICA_TYPE)
     if not replica_type:
-        raise BadInput(f"{where}: label {api.LABEL_REPLICA_TYPE} is missing")
-    raw_index = labels.get(api.LABEL_REPLICA_INDEX)
+        raise BadInput(f"{where}: label {names.LABEL_REPLICA_TYPE} is missing")
+    raw_index = labels.get(names.LABEL_REPLICA_INDEX)
     if raw_index is None or not str(raw_index).isdigit():
-        raise BadInput(f"{where}: label {api.LABEL_REPLICA_INDEX}={raw_index!r} is not an index")
+        raise BadInput(f"{where}: label {names.LABEL_REPLICA_INDEX}={raw_index!r} is not an index")
     spec = body.get("spec") or {}
     status = body.get("status") or {}
     statuses = status.get("containerStatuses") or ()
@@ -191,7 +152,7 @@ def pod_view(body: Mapping[str, Any], job: str | None = None) -> PodView:
         job=job,
         replica_type=str(replica_type).lower(),
         replica_index=int(raw_index),
-        created=parse_time(meta.get("creationTimestamp"), f"{where}: metadata.creationTimestamp"),
+        created=_time(meta.get("creationTimestamp"), f"{where}: metadata.creationTimestamp"),
         restarts=sum(int(c.get("restartCount") or 0) for c in statuses),
         ready=ready,
         terminating=bool(meta.get("deletionTimestamp")),
@@ -244,7 +205,7 @@ def job_view(body: Mapping[str, Any]) -> JobView:
         namespace=str(meta.get("namespace", "")),
         name=str(meta.get("name", "")),
         uid=str(meta.get("uid", "")),
-        created=parse_time(meta.get("creationTimestamp"), f"{where}: metadata.creationTimestamp"),
+        created=_time(meta.get("creationTimestamp"), f"{where}: metadata.creationTimestamp"),
         enabled=settings is not None and settings.enabled,
         settings=settings,
         problem=problem,
@@ -260,46 +221,4 @@ def node_view(body: Mapping[str, Any]) -> NodeView:
         ready=any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions),
         schedulable=not (body.get("spec") or {}).get("unschedulable", False),
         zone=str((meta.get("labels") or {}).get(ZONE_LABEL, "")),
-    )
-
-
-def recovery_view(body: Mapping[str, Any], *, seen_at: datetime) -> RecoveryView:
-    """The record of a PeerRecovery. ``phase_since`` is the newest condition of the current
-    phase if the writer left one, else ``seen_at`` (when this process first saw the phase)."""
-    meta = _meta(body)
-    where = _where("PeerRecovery", meta)
-    spec = body.get("spec") or {}
-    status = body.get("status") or {}
-    target = spec.get("target") or {}
-    source = spec.get("source") or {}
-    try:
-        phase = api.phase_of(body)
-    except ValueError as error:
-        raise BadInput(f"{where}: {error}") from None
-    since, status_reason = seen_at, ""
-    for condition in status.get("conditions") or ():
-        if condition.get("type") == phase.value and condition.get("lastTransitionTime"):
-            since = parse_time(condition["lastTransitionTime"], f"{where}: condition time")
-            status_reason = str(condition.get("reason") or "")
-    raw_restarts = (meta.get("annotations") or {}).get(ANNOTATION_RESTART_COUNT, "0")
-    return RecoveryView(
-        namespace=str(meta.get("namespace", "")),
-        name=str(meta.get("name", "")),
-        job=str(spec.get("jobName", "")),
-        target_pod=str(target.get("pod", "")),
-        target_uid=str(target.get("podUID", "")),
-        target_type=str(target.get("replicaType", "")).lower(),
-        target_index=int(target.get("replicaIndex", -1)),
-        source_pod=str(source.get("pod", "")),
-        source_uid=str(source.get("podUID", "")),
-        mode=str(spec.get("mode", "")),
-        reason=str(spec.get("reason", "")),
-        attempt=int(spec.get("attempt", 1)),
-        planned_by=str(spec.get("plannedBy", api.PlannedBy.OPERATOR.value)),
-        phase=phase,
-        phase_since=since,
-        restart_count=int(raw_restarts) if str(raw_restarts).isdigit() else 0,
-        resource_version=str(meta.get("resourceVersion", "")),
-        status_reason=status_reason,
-        message=str(status.get("message") or ""),
     )

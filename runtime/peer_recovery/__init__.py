@@ -1,9 +1,15 @@
-"""peer-recovery's in-pod runtime.
+"""peer-recovery's in-pod runtime: the user API.
 
-Importing this package is cheap on purpose: the operator imports ``peer_recovery.api`` and
-``peer_recovery.planning``, and torchrun loads the rendezvous plugin at start-up, none of
-which may pay for importing torch. Public names are therefore resolved lazily, on first
-attribute access, from the module that defines them.
+A training script needs only the names exported here: :class:`PeerRecovery` (register the
+state, ``restore`` once at start-up, ``snapshot`` every few steps), what ``restore`` returns
+(:class:`RestoreResult`, with its :class:`Role`), and the errors a script may catch
+(:class:`SizingError` when ``/dev/shm`` cannot hold two snapshots, :class:`TransferError`
+from :class:`peer_recovery.transport.PGTransport`). Everything else is internal; the
+contract shared with the operator is :mod:`peer_recovery.contract`.
+
+Importing this package is cheap on purpose: the operator imports ``peer_recovery.contract``
+and torchrun loads the rendezvous plugin at start-up, neither of which may pay for
+importing torch. Public names are therefore resolved lazily, on first attribute access.
 """
 
 from __future__ import annotations
@@ -15,23 +21,11 @@ __version__ = "0.1.0"
 
 # Public name -> module that defines it. Modules are imported on first access only.
 _LAZY_ATTRIBUTES: dict[str, str] = {
-    "PGTransport": "peer_recovery.transport",
     "PeerRecovery": "peer_recovery.recovery",
-    "RankPlan": "peer_recovery.recovery",
     "RestoreResult": "peer_recovery.recovery",
-    # Peer restore under torchrun's peer-recovery rendezvous backend.
-    "EXIT_TRANSFER_FAILED": "peer_recovery.peer_restore",
-    "LocalPlanSource": "peer_recovery.plan_sources",
-    "PlanEntry": "peer_recovery.plan_sources",
-    "PlanSource": "peer_recovery.plan_sources",
-    # The contract shared with the operator (torch-free).
-    "Assignment": "peer_recovery.planning",
-    "Phase": "peer_recovery.api",
-    "PodRecord": "peer_recovery.planning",
-    "build_peer_recovery": "peer_recovery.bodies",
-    "check_transition": "peer_recovery.api",
-    "parse_job_annotations": "peer_recovery.job_annotations",
-    "plan_sources": "peer_recovery.planning",
+    "Role": "peer_recovery.recovery",
+    "SizingError": "peer_recovery.snapshots.sizing",
+    "TransferError": "peer_recovery.transport.errors",
 }
 
 __all__ = ["__version__", *sorted(_LAZY_ATTRIBUTES)]

@@ -33,9 +33,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from peer_recovery.api import Mode, PlannedBy
+from peer_recovery.contract.names import Mode, PlannedBy
+from peer_recovery.contract.planning import PodRecord, plan_sources
 from peer_recovery.plan_sources import PlanEntry
-from peer_recovery.planning import PodRecord, plan_sources
 
 __all__ = [
     "Action",

@@ -79,7 +79,8 @@ def _facts_in_pod(env: dict[str, str], command: str | None) -> doctor.PodFacts:
     )
     if token and namespace:
         try:
-            from peer_recovery.kube.client import ApiError, KubeRecoveryApi
+            from peer_recovery.contract.errors import ApiError
+            from peer_recovery.kube.client import KubeRecoveryApi
 
             api = KubeRecoveryApi(env)
             try:

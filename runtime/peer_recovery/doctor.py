@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from peer_recovery.job_annotations import AnnotationError, parse_job_annotations
+from peer_recovery.contract.annotations import AnnotationError, parse_job_annotations
 from peer_recovery.kube.identity import IDENTITY_ENV
 from peer_recovery.rendezvous.launch import launch_problems
 from peer_recovery.snapshots.sizing import format_bytes

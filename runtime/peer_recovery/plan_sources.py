@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from peer_recovery.api import Mode, PlannedBy
+from peer_recovery.contract.names import Mode, PlannedBy
 
 __all__ = [
     "ENV_PLAN_FILE",

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from peer_recovery import api
+from peer_recovery.contract import names
 from peer_recovery.demo.local_job import LocalJob
 from tests.controlplane import pytorchjob as pj
 from tests.controlplane.fixtures import wait_default_service_account
@@ -28,7 +28,7 @@ from tests.operator.cluster_support import CHART
 T = TypeVar("T")
 
 RUNTIME_SA = "trainer"
-ENABLED = {api.ANNOTATION_ENABLED: api.ANNOTATION_ENABLED_VALUE}
+ENABLED = {names.ANNOTATION_ENABLED: names.ANNOTATION_ENABLED_VALUE}
 TRAIN_ARGS = ["--width=64", "--layers=1", "--pause-at=6", "--steps=8"]
 TRAIN_ARGS += ["--snapshot-every=3", "--checkpoint-at=3"]
 
@@ -59,7 +59,7 @@ def recoveries(client: Any, namespace: str) -> list[dict[str, Any]]:
     from kubernetes.client import CustomObjectsApi
 
     items = CustomObjectsApi(client).list_namespaced_custom_object(
-        api.GROUP, api.VERSION, namespace, api.PLURAL
+        names.GROUP, names.VERSION, namespace, names.PLURAL
     )["items"]
     return sorted(items, key=lambda r: r["metadata"]["name"])
 

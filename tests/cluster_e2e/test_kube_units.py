@@ -13,14 +13,16 @@ from typing import Any
 
 import pytest
 
-from peer_recovery import api
-from peer_recovery.bodies import PodRef, build_peer_recovery, build_status
-from peer_recovery.kube import records
-from peer_recovery.kube.client import ApiError, Conflict, Unreachable
+from peer_recovery.contract import names
+from peer_recovery.contract.bodies import PodRef, build_peer_recovery, build_status
+from peer_recovery.contract.errors import ApiError, Conflict, Unreachable
+from peer_recovery.contract.moves import Move
+from peer_recovery.contract.names import ConditionReason
+from peer_recovery.contract.records import for_target
 from peer_recovery.kube.identity import PodIdentity, pod_identity
 from peer_recovery.kube.outcome import RankAgreed, RankResult
 from peer_recovery.kube.plans import KubePlanSource, read_plan
-from peer_recovery.kube.report import Move, PodRound, moves, runtime_record
+from peer_recovery.kube.report import PodRound, moves, runtime_record
 from peer_recovery.kube.setup import cluster_plan_source
 from peer_recovery.kube.status import apply_moves, deliver
 
@@ -82,7 +84,7 @@ def test_planned_record_is_the_plan() -> None:
     reading = read_plan([body("Planned"), body("Planned", target_uid="other")], ME, 2)
     assert reading.final and reading.entry is not None
     assert (reading.entry.target, reading.entry.source, reading.entry.planned_by) == (
-        2, 0, api.PlannedBy.OPERATOR,
+        2, 0, names.PlannedBy.OPERATOR,
     )  # fmt: skip
 
 
@@ -190,15 +192,15 @@ def agreed(ok: bool = True, action: str | None = "peer", by: str | None = "opera
 
 def test_moves_follow_the_round() -> None:
     assert moves(PodRound(2, None)) == []
-    assert [m.phase for m in moves(PodRound(2, [agreed(False)]))] == [api.Phase.FELL_BACK]
-    assert [m.phase for m in moves(PodRound(2, [agreed()]))] == [api.Phase.STREAMING]
+    assert [m.phase for m in moves(PodRound(2, [agreed(False)]))] == [names.Phase.FELL_BACK]
+    assert [m.phase for m in moves(PodRound(2, [agreed()]))] == [names.Phase.STREAMING]
     done = moves(PodRound(2, [agreed()], [RankResult(4, True, 6, 1000, 0.5)]))
-    assert [m.phase for m in done] == [api.Phase.STREAMING, api.Phase.SUCCEEDED]
+    assert [m.phase for m in done] == [names.Phase.STREAMING, names.Phase.SUCCEEDED]
     assert (done[1].step, done[1].bytes, done[1].duration_seconds) == (6, 1000, 0.5)
     voted_no = moves(PodRound(2, [agreed()], [RankResult(4, False, None, 0, 0.0)]))
-    assert voted_no[-1].phase is api.Phase.FELL_BACK
+    assert voted_no[-1].phase is names.Phase.FELL_BACK
     died = moves(PodRound(2, [agreed()], None, ended=True))
-    assert died[-1].phase is api.Phase.FAILED and "transfer failed" in died[-1].message
+    assert died[-1].phase is names.Phase.FAILED and "transfer failed" in died[-1].message
 
 
 def test_runtime_record_only_when_the_operator_made_none() -> None:
@@ -209,13 +211,13 @@ def test_runtime_record_only_when_the_operator_made_none() -> None:
     assert created["spec"]["plannedBy"] == "runtime" and created["spec"]["attempt"] == 1
     assert created["spec"]["source"]["podUID"] == SOURCE.uid
     assert created["metadata"]["ownerReferences"][0]["kind"] == "Pod"
-    assert first.phase is api.Phase.PLANNED and "no operator plan within 3s" in first.message
+    assert first.phase is names.Phase.PLANNED and "no operator plan within 3s" in first.message
     with_job = runtime_record(me=ME, ordinal=2, pr=pr, existing=[], sources={}, job_uid="j")
     assert with_job is not None and with_job[0]["metadata"]["ownerReferences"][0]["uid"] == "j"
     assert "source" not in with_job[0]["spec"]  # the source pod's identity was not published
-    live = records.for_pod([body("Planned")], ME.uid)
+    live = for_target([body("Planned")], ME.uid)
     assert runtime_record(me=ME, ordinal=2, pr=pr, existing=live, sources={}, job_uid="j") is None
-    failed = records.for_pod([body("Failed")], ME.uid)
+    failed = for_target([body("Failed")], ME.uid)
     again = runtime_record(me=ME, ordinal=2, pr=pr, existing=failed, sources={}, job_uid="j")
     assert again is not None and again[0]["spec"]["attempt"] == 2
 
@@ -223,8 +225,15 @@ def test_runtime_record_only_when_the_operator_made_none() -> None:
 # --- writing it -----------------------------------------------------------------------------
 
 SUCCEED = [
-    Move(api.Phase.STREAMING, "TransferStarted", "go"),
-    Move(api.Phase.SUCCEEDED, "Restored", "done", step=6, bytes=10, duration_seconds=0.2),
+    Move(names.Phase.STREAMING, ConditionReason.TRANSFER_STARTED, "go"),
+    Move(
+        names.Phase.SUCCEEDED,
+        ConditionReason.RESTORED,
+        "done",
+        step=6,
+        bytes=10,
+        duration_seconds=0.2,
+    ),
 ]
 
 
@@ -274,7 +283,7 @@ def test_deliver_retries_while_unreachable_until_back_or_the_bound() -> None:
 
 
 def test_a_refusal_is_retried_only_right_after_an_outage() -> None:
-    from peer_recovery.kube.client import Forbidden
+    from peer_recovery.contract.errors import Forbidden
 
     answers: list[BaseException | None] = [
         Unreachable("down"),

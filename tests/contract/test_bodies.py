@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peer_recovery import api
-from peer_recovery.bodies import PodRef, build_peer_recovery, build_status, recovery_name
+from peer_recovery.contract import bodies, names
+from peer_recovery.contract.bodies import PodRef, build_peer_recovery, build_status, recovery_name
 
 DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -23,10 +23,10 @@ def _body(**overrides: object) -> dict:
         "job_name": "train",
         "job_uid": "uid-job",
         "target": TARGET,
-        "mode": api.Mode.PEER,
-        "reason": api.Reason.POD_REPLACED,
+        "mode": names.Mode.PEER,
+        "reason": names.Reason.POD_REPLACED,
         "attempt": 1,
-        "planned_by": api.PlannedBy.OPERATOR,
+        "planned_by": names.PlannedBy.OPERATOR,
         "source": SOURCE,
     }
     arguments.update(overrides)
@@ -50,7 +50,7 @@ def test_name_is_readable_stable_and_distinct_per_incarnation_and_attempt() -> N
     job=st.text(min_size=1, max_size=80),
     pod=st.text(min_size=1, max_size=300),
     uid=st.text(min_size=1, max_size=60),
-    attempt=st.integers(min_value=1, max_value=api.MAX_ATTEMPT),
+    attempt=st.integers(min_value=1, max_value=bodies.MAX_ATTEMPT),
 )
 def test_name_is_always_a_dns_1123_label(job: str, pod: str, uid: str, attempt: int) -> None:
     name = recovery_name(job, pod, uid, attempt)
@@ -89,8 +89,8 @@ def test_body_has_contract_fields_and_owner() -> None:
     assert meta["name"] == recovery_name("train", "train-worker-1", "uid-target", 1)
     assert meta["namespace"] == "team"
     assert meta["labels"] == {
-        api.LABEL_RECOVERY_JOB: "train",
-        api.LABEL_RECOVERY_TARGET_UID: "uid-target",
+        names.LABEL_RECOVERY_JOB: "train",
+        names.LABEL_RECOVERY_TARGET_UID: "uid-target",
     }
     (owner,) = meta["ownerReferences"]
     assert owner == {
@@ -174,7 +174,7 @@ def test_status_uses_contract_keys_and_omits_unset_fields() -> None:
         "message": "ordinal 4 streams",
     }
     assert build_status(
-        api.Phase.SUCCEEDED, attempt=1, step=1200, bytes_moved=10, duration_seconds=3
+        names.Phase.SUCCEEDED, attempt=1, step=1200, bytes_moved=10, duration_seconds=3
     ) == {
         "phase": "Succeeded",
         "observedAttempt": 1,

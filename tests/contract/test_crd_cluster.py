@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from peer_recovery import api
-from peer_recovery.bodies import PodRef, build_peer_recovery, build_status
+from peer_recovery.contract import names
+from peer_recovery.contract.bodies import PodRef, build_peer_recovery, build_status
 
 pytestmark = pytest.mark.cluster
 
@@ -22,7 +22,7 @@ pytorchjob = pytest.importorskip("tests.controlplane.pytorchjob", reason="no tes
 poll = pytest.importorskip("tests.controlplane._support", reason="no test control plane").poll
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "charts/peer-recovery/crds/peerrecoveries.yaml"
-CRD_NAME = f"{api.PLURAL}.{api.GROUP}"
+CRD_NAME = f"{names.PLURAL}.{names.GROUP}"
 
 
 def _fixture(request: pytest.FixtureRequest, name: str) -> Any:
@@ -57,10 +57,10 @@ def _recovery(job: dict[str, Any], *, source: bool = True, **overrides: Any) -> 
         "job_uid": job["metadata"]["uid"],
         "target": PodRef("train-worker-1", "uid-t", "worker", 1, 2, node="fake-node-0"),
         "source": PodRef("train-worker-0", "uid-s", "worker", 0, 1) if source else None,
-        "mode": api.Mode.PEER,
-        "reason": api.Reason.POD_REPLACED,
+        "mode": names.Mode.PEER,
+        "reason": names.Reason.POD_REPLACED,
         "attempt": 1,
-        "planned_by": api.PlannedBy.OPERATOR,
+        "planned_by": names.PlannedBy.OPERATOR,
     }
     arguments.update(overrides)
     return build_peer_recovery(**arguments)
@@ -74,14 +74,25 @@ def _create(plane: Any, body: dict[str, Any]) -> str:
 def _patch(
     plane: Any, namespace: str, name: str, patch: dict[str, Any], *, status: bool = False
 ) -> Any:
-    args = ["patch", api.SHORT_NAME, name, "-n", namespace, "--type=merge", "-p", json.dumps(patch)]
+    args = [
+        "patch",
+        names.SHORT_NAME,
+        name,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps(patch),
+    ]
     if status:
         args.append("--subresource=status")
     return plane.kubectl(*args, check=False)
 
 
 def _get(plane: Any, namespace: str, name: str) -> dict[str, Any]:
-    return json.loads(plane.kubectl("get", api.PLURAL, name, "-n", namespace, "-o", "json").stdout)
+    return json.loads(
+        plane.kubectl("get", names.PLURAL, name, "-n", namespace, "-o", "json").stdout
+    )
 
 
 def test_crd_is_established_and_structural(plane: Any) -> None:
@@ -90,7 +101,7 @@ def test_crd_is_established_and_structural(plane: Any) -> None:
     assert conditions["Established"] == "True"
     assert conditions["NamesAccepted"] == "True"
     assert "NonStructuralSchema" not in conditions
-    assert crd["status"]["acceptedNames"]["shortNames"] == [api.SHORT_NAME]
+    assert crd["status"]["acceptedNames"]["shortNames"] == [names.SHORT_NAME]
 
 
 def test_a_built_recovery_is_accepted_and_listed(plane: Any, job: dict[str, Any]) -> None:
@@ -101,7 +112,7 @@ def test_a_built_recovery_is_accepted_and_listed(plane: Any, job: dict[str, Any]
     stored = _get(plane, namespace, name)
     assert stored["status"]["phase"] == "Succeeded"
     assert stored["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
-    header, row = plane.kubectl("get", api.SHORT_NAME, "-n", namespace).stdout.splitlines()
+    header, row = plane.kubectl("get", names.SHORT_NAME, "-n", namespace).stdout.splitlines()
     assert header.split() == [
         "NAME",
         "JOB",
@@ -204,23 +215,23 @@ def test_status_writes_with_a_stale_resource_version_conflict(
     with plane.api_client() as client:
         custom = CustomObjectsApi(client)
         read = custom.get_namespaced_custom_object(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name
+            names.GROUP, names.VERSION, namespace, names.PLURAL, name
         )
         stale = read["metadata"]["resourceVersion"]
         custom.patch_namespaced_custom_object_status(
-            api.GROUP,
-            api.VERSION,
+            names.GROUP,
+            names.VERSION,
             namespace,
-            api.PLURAL,
+            names.PLURAL,
             name,
             {"metadata": {"resourceVersion": stale}, "status": build_status("Planned", attempt=1)},
         )
         with pytest.raises(ApiException) as conflict:
             custom.patch_namespaced_custom_object_status(
-                api.GROUP,
-                api.VERSION,
+                names.GROUP,
+                names.VERSION,
                 namespace,
-                api.PLURAL,
+                names.PLURAL,
                 name,
                 {
                     "metadata": {"resourceVersion": stale},
@@ -238,7 +249,9 @@ def test_recoveries_go_when_their_job_goes(plane: Any, job: dict[str, Any]) -> N
         pytorchjob.delete_job(client, namespace, job["metadata"]["name"])
     poll(
         f"PeerRecovery {name} to be garbage-collected with its job",
-        lambda: not plane.kubectl("get", api.PLURAL, "-n", namespace, "-o", "name").stdout.strip(),
+        lambda: (
+            not plane.kubectl("get", names.PLURAL, "-n", namespace, "-o", "name").stdout.strip()
+        ),
         timeout=60,
         interval=0.5,
     )

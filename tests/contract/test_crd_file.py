@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from peer_recovery import api
-from peer_recovery.bodies import PodRef, build_peer_recovery, build_status
+from peer_recovery.contract import names
+from peer_recovery.contract.bodies import PodRef, build_peer_recovery, build_status
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "charts/peer-recovery/crds/peerrecoveries.yaml"
 
@@ -42,29 +42,29 @@ def _walk(node: dict[str, Any], path: str) -> Iterator[tuple[str, dict[str, Any]
 
 def test_names_match_api(crd: dict[str, Any], version: dict[str, Any]) -> None:
     assert crd["apiVersion"] == "apiextensions.k8s.io/v1"
-    assert crd["metadata"]["name"] == f"{api.PLURAL}.{api.GROUP}"
+    assert crd["metadata"]["name"] == f"{names.PLURAL}.{names.GROUP}"
     spec = crd["spec"]
-    assert spec["group"] == api.GROUP
+    assert spec["group"] == names.GROUP
     assert spec["scope"] == "Namespaced"
     assert spec["names"] == {
-        "kind": api.KIND,
-        "listKind": f"{api.KIND}List",
-        "plural": api.PLURAL,
-        "singular": api.SINGULAR,
-        "shortNames": [api.SHORT_NAME],
+        "kind": names.KIND,
+        "listKind": f"{names.KIND}List",
+        "plural": names.PLURAL,
+        "singular": names.SINGULAR,
+        "shortNames": [names.SHORT_NAME],
         "categories": ["all"],
     }
-    assert version["name"] == api.VERSION
+    assert version["name"] == names.VERSION
     assert version["served"] and version["storage"]
     assert version["subresources"] == {"status": {}}
 
 
 def test_enums_match_api(schema: dict[str, Any]) -> None:
     spec, status = schema["properties"]["spec"], schema["properties"]["status"]
-    assert spec["properties"]["mode"]["enum"] == [m.value for m in api.Mode]
-    assert spec["properties"]["reason"]["enum"] == [r.value for r in api.Reason]
-    assert spec["properties"]["plannedBy"]["enum"] == [b.value for b in api.PlannedBy]
-    assert status["properties"]["phase"]["enum"] == [p.value for p in api.Phase]
+    assert spec["properties"]["mode"]["enum"] == [m.value for m in names.Mode]
+    assert spec["properties"]["reason"]["enum"] == [r.value for r in names.Reason]
+    assert spec["properties"]["plannedBy"]["enum"] == [b.value for b in names.PlannedBy]
+    assert status["properties"]["phase"]["enum"] == [p.value for p in names.Phase]
 
 
 def test_contract_fields_are_declared(schema: dict[str, Any]) -> None:
@@ -141,7 +141,7 @@ def _conforms(value: Any, node: dict[str, Any], path: str) -> None:
 def test_built_bodies_conform_to_the_schema(schema: dict[str, Any]) -> None:
     target = PodRef("j-worker-0", "u1", "worker", 0, 1, node="n1")
     source = PodRef("j-master-0", "u0", "master", 0, 0)
-    for mode, src in ((api.Mode.PEER, source), (api.Mode.PEER, None), (api.Mode.LOCAL, None)):
+    for mode, src in ((names.Mode.PEER, source), (names.Mode.PEER, None), (names.Mode.LOCAL, None)):
         body = build_peer_recovery(
             namespace="ns",
             job_name="j",
@@ -149,12 +149,12 @@ def test_built_bodies_conform_to_the_schema(schema: dict[str, Any]) -> None:
             target=target,
             source=src,
             mode=mode,
-            reason=api.Reason.CONTAINER_RESTARTED,
+            reason=names.Reason.CONTAINER_RESTARTED,
             attempt=3,
-            planned_by=api.PlannedBy.RUNTIME,
+            planned_by=names.PlannedBy.RUNTIME,
         )
         _conforms(body["spec"], schema["properties"]["spec"], "spec")
-    for phase in api.Phase:
+    for phase in names.Phase:
         status = build_status(
             phase, attempt=1, message="m", step=5, bytes_moved=9, duration_seconds=0.5
         )

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from peer_recovery import api
-from peer_recovery.job_annotations import (
+from peer_recovery.contract import names
+from peer_recovery.contract.annotations import (
     AnnotationError,
     JobSettings,
     is_enabled,
     parse_job_annotations,
 )
 
-ON = {api.ANNOTATION_ENABLED: api.ANNOTATION_ENABLED_VALUE}
+ON = {names.ANNOTATION_ENABLED: names.ANNOTATION_ENABLED_VALUE}
 
 
 def test_defaults_without_annotations() -> None:
@@ -24,20 +24,21 @@ def test_defaults_without_annotations() -> None:
 
 
 def test_enabled_and_pods_per_replica() -> None:
-    settings = parse_job_annotations({**ON, api.ANNOTATION_PODS_PER_REPLICA: "4"}, pod_count=8)
+    settings = parse_job_annotations({**ON, names.ANNOTATION_PODS_PER_REPLICA: "4"}, pod_count=8)
     assert settings == JobSettings(enabled=True, pods_per_replica=4)
     assert settings.replication == 4
     assert is_enabled(ON)
     assert (
-        parse_job_annotations({**ON, api.ANNOTATION_PODS_PER_REPLICA: " 2 "}).pods_per_replica == 2
+        parse_job_annotations({**ON, names.ANNOTATION_PODS_PER_REPLICA: " 2 "}).pods_per_replica
+        == 2
     )
 
 
 @pytest.mark.parametrize("value", ["true", "Enabled", "yes", ""])
 def test_enabled_with_another_value_is_an_error_not_a_silent_off(value: str) -> None:
     with pytest.raises(AnnotationError, match=rf"peer-recovery={value!r}.*'enabled'"):
-        parse_job_annotations({api.ANNOTATION_ENABLED: value})
-    assert not is_enabled({api.ANNOTATION_ENABLED: value})
+        parse_job_annotations({names.ANNOTATION_ENABLED: value})
+    assert not is_enabled({names.ANNOTATION_ENABLED: value})
 
 
 @pytest.mark.parametrize(
@@ -53,20 +54,20 @@ def test_enabled_with_another_value_is_an_error_not_a_silent_off(value: str) -> 
 )
 def test_malformed_pods_per_replica(value: str, message: str) -> None:
     with pytest.raises(AnnotationError, match=message) as caught:
-        parse_job_annotations({**ON, api.ANNOTATION_PODS_PER_REPLICA: value})
-    assert api.ANNOTATION_PODS_PER_REPLICA in str(caught.value)
+        parse_job_annotations({**ON, names.ANNOTATION_PODS_PER_REPLICA: value})
+    assert names.ANNOTATION_PODS_PER_REPLICA in str(caught.value)
     assert repr(value) in str(caught.value)
 
 
 def test_pods_per_replica_must_divide_the_job() -> None:
     with pytest.raises(AnnotationError, match="3 does not divide the job's 8 pods"):
-        parse_job_annotations({**ON, api.ANNOTATION_PODS_PER_REPLICA: "3"}, pod_count=8)
+        parse_job_annotations({**ON, names.ANNOTATION_PODS_PER_REPLICA: "3"}, pod_count=8)
     with pytest.raises(AnnotationError, match="does not divide"):
-        parse_job_annotations({**ON, api.ANNOTATION_PODS_PER_REPLICA: "16"}, pod_count=8)
+        parse_job_annotations({**ON, names.ANNOTATION_PODS_PER_REPLICA: "16"}, pod_count=8)
     with pytest.raises(ValueError, match="pod_count"):
-        parse_job_annotations({**ON, api.ANNOTATION_PODS_PER_REPLICA: "2"}, pod_count=0)
+        parse_job_annotations({**ON, names.ANNOTATION_PODS_PER_REPLICA: "2"}, pod_count=0)
 
 
 def test_non_string_value_is_reported() -> None:
     with pytest.raises(AnnotationError, match="annotation values are strings"):
-        parse_job_annotations({api.ANNOTATION_PODS_PER_REPLICA: 2})  # type: ignore[dict-item]
+        parse_job_annotations({names.ANNOTATION_PODS_PER_REPLICA: 2})  # type: ignore[dict-item]

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from peer_recovery.planning import Assignment, Locality, PodRecord, plan_sources, shard_position
+from peer_recovery.contract.planning import (
+    Assignment,
+    Locality,
+    PodRecord,
+    plan_sources,
+    shard_position,
+)
 
 
 def ready(

@@ -7,7 +7,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer_recovery.planning import PodRecord, plan_sources
+from peer_recovery.contract.planning import PodRecord, plan_sources
 
 NODES = st.sampled_from([None, "n1", "n2", "n3"])
 ZONES = st.sampled_from([None, "z1", "z2"])

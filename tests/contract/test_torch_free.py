@@ -10,10 +10,16 @@ import sys
 import pytest
 
 MODULES = [
-    "peer_recovery.api",
-    "peer_recovery.bodies",
-    "peer_recovery.job_annotations",
-    "peer_recovery.planning",
+    "peer_recovery.contract",
+    "peer_recovery.contract.annotations",
+    "peer_recovery.contract.bodies",
+    "peer_recovery.contract.errors",
+    "peer_recovery.contract.moves",
+    "peer_recovery.contract.names",
+    "peer_recovery.contract.ordinals",
+    "peer_recovery.contract.phases",
+    "peer_recovery.contract.planning",
+    "peer_recovery.contract.records",
 ]
 
 

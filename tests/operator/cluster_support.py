@@ -133,7 +133,9 @@ def operator_under_rbac(
 
 
 def recoveries(core_custom: Any, namespace: str) -> list[dict[str, Any]]:
-    from peer_recovery import api
+    from peer_recovery.contract import names
 
-    items = core_custom.list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL)
+    items = core_custom.list_namespaced_custom_object(
+        names.GROUP, names.VERSION, namespace, names.PLURAL
+    )
     return sorted(items["items"], key=lambda r: r["metadata"]["name"])

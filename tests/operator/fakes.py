@@ -13,8 +13,8 @@ import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from peer_recovery import api
-from peer_recovery_operator.kube import Conflict
+from peer_recovery.contract import names
+from peer_recovery.contract.errors import Conflict
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
@@ -42,7 +42,7 @@ class FakeApi:
         return [
             copy.deepcopy(p)
             for (ns, _), p in self.pods.items()
-            if ns == namespace and p["metadata"]["labels"].get(api.LABEL_JOB_NAME) == job
+            if ns == namespace and p["metadata"]["labels"].get(names.LABEL_JOB_NAME) == job
         ]
 
     def list_recoveries(self, namespace: str, *, job: str) -> list[dict[str, Any]]:
@@ -116,7 +116,7 @@ def job_body(
     annotations: dict[str, str] | None = None,
     created: float = 0,
 ) -> dict[str, Any]:
-    notes = {api.ANNOTATION_ENABLED: api.ANNOTATION_ENABLED_VALUE} if enabled else {}
+    notes = {names.ANNOTATION_ENABLED: names.ANNOTATION_ENABLED_VALUE} if enabled else {}
     notes.update(annotations or {})
     specs: dict[str, Any] = {"Worker": {"replicas": workers}}
     if master:
@@ -165,9 +165,9 @@ def pod_body(
         "uid": uid or f"{name}-uid-1",
         "creationTimestamp": ts(created),
         "labels": {
-            api.LABEL_JOB_NAME: job,
-            api.LABEL_REPLICA_TYPE: replica_type,
-            api.LABEL_REPLICA_INDEX: str(index),
+            names.LABEL_JOB_NAME: job,
+            names.LABEL_REPLICA_TYPE: replica_type,
+            names.LABEL_REPLICA_INDEX: str(index),
         },
     }
     if terminating:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from peer_recovery import api
+from peer_recovery.contract import names
 from peer_recovery_operator.config import OperatorConfig
 from peer_recovery_operator.engine import Engine
 from tests.operator.fakes import T0, FakeApi, job_body, job_pod_bodies, pod_body
@@ -68,7 +68,7 @@ def only(fake: FakeApi) -> dict[str, Any]:
 def test_replaced_pod_gets_exactly_one_planned_recovery_from_a_same_shard_peer() -> None:
     async def scenario() -> None:
         engine, fake, _ = make()
-        start_job(engine, annotations={api.ANNOTATION_PODS_PER_REPLICA: "2"})
+        start_job(engine, annotations={names.ANNOTATION_PODS_PER_REPLICA: "2"})
         replacement = pod_body("train", "worker", 0, uid="new", created=40, node="node-1")
         engine.pod_event("ADDED", replacement)
         engine.pod_event("MODIFIED", replacement)  # a second event must not plan twice
@@ -262,10 +262,10 @@ def test_runtime_terminal_phase_posts_an_event_and_is_left_alone() -> None:
 def test_malformed_input_is_reported_once_and_never_raises() -> None:
     async def scenario() -> None:
         engine, fake, _ = make()
-        engine.job_event(None, job_body(annotations={api.ANNOTATION_PODS_PER_REPLICA: "two"}))
-        engine.job_event(None, job_body(annotations={api.ANNOTATION_PODS_PER_REPLICA: "two"}))
+        engine.job_event(None, job_body(annotations={names.ANNOTATION_PODS_PER_REPLICA: "two"}))
+        engine.job_event(None, job_body(annotations={names.ANNOTATION_PODS_PER_REPLICA: "two"}))
         bad_pod = pod_body("train", "worker", 0)
-        del bad_pod["metadata"]["labels"][api.LABEL_REPLICA_INDEX]
+        del bad_pod["metadata"]["labels"][names.LABEL_REPLICA_INDEX]
         engine.pod_event(None, bad_pod)
         engine.job_event(
             None, {"metadata": {"name": "odd", "namespace": "ns", "uid": "u"}, "spec": {}}

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from peer_recovery import api
+from peer_recovery.contract import names
 from tests.controlplane import pytorchjob as pj
 from tests.operator.cluster_support import (
     OperatorProcess,
@@ -25,7 +25,7 @@ from tests.operator.cluster_support import (
 
 pytestmark = pytest.mark.cluster
 
-ENABLED = {api.ANNOTATION_ENABLED: api.ANNOTATION_ENABLED_VALUE}
+ENABLED = {names.ANNOTATION_ENABLED: names.ANNOTATION_ENABLED_VALUE}
 SHM = {
     "containers": [
         {
@@ -197,20 +197,20 @@ def test_malformed_input_leaves_the_operator_healthy(
 ) -> None:
     from kubernetes.client import CoreV1Api
 
-    ready_job(client, namespace, "bad", workers=1, annotations={api.ANNOTATION_ENABLED: "true"})
+    ready_job(client, namespace, "bad", workers=1, annotations={names.ANNOTATION_ENABLED: "true"})
     ready_job(
         client,
         namespace,
         "odd",
         workers=2,
-        annotations={**ENABLED, api.ANNOTATION_PODS_PER_REPLICA: "x"},
+        annotations={**ENABLED, names.ANNOTATION_PODS_PER_REPLICA: "x"},
     )
-    stray = {"metadata": {"name": "stray", "labels": {api.LABEL_JOB_NAME: "odd"}},
+    stray = {"metadata": {"name": "stray", "labels": {names.LABEL_JOB_NAME: "odd"}},
              "spec": {"nodeName": control_plane.nodes[0], "containers": [{"name": "c", "image": "x"}]}}  # fmt: skip
     CoreV1Api(client).create_namespaced_pod(namespace, stray)
     CoreV1Api(client).create_namespaced_pod(
         namespace,
-        {"metadata": {"name": "ghost-worker-0", "labels": {api.LABEL_JOB_NAME: "ghost", api.LABEL_REPLICA_TYPE: "worker", api.LABEL_REPLICA_INDEX: "0"}},
+        {"metadata": {"name": "ghost-worker-0", "labels": {names.LABEL_JOB_NAME: "ghost", names.LABEL_REPLICA_TYPE: "worker", names.LABEL_REPLICA_INDEX: "0"}},
          "spec": {"nodeName": control_plane.nodes[0], "containers": [{"name": "c", "image": "x"}]}},
     )  # fmt: skip
 

@@ -6,11 +6,12 @@ from datetime import timedelta
 
 import pytest
 
-from peer_recovery import api
+from peer_recovery.contract import names
+from peer_recovery.contract.records import parse_recovery
 from peer_recovery_operator.config import ConfigError, OperatorConfig, from_sources
 from peer_recovery_operator.detection import KnownPod, detect_change, detect_missed_replacement
 from peer_recovery_operator.lifecycle import Action, decide
-from peer_recovery_operator.views import BadInput, job_view, pod_view, recovery_view
+from peer_recovery_operator.views import BadInput, job_view, pod_view
 from tests.operator.fakes import T0, job_body, pod_body, ts
 
 CONFIG = OperatorConfig(namespaces=("ns",), max_attempts=2)
@@ -18,7 +19,7 @@ CONFIG = OperatorConfig(namespaces=("ns",), max_attempts=2)
 
 def test_pod_view_names_the_missing_field() -> None:
     body = pod_body()
-    del body["metadata"]["labels"][api.LABEL_REPLICA_TYPE]
+    del body["metadata"]["labels"][names.LABEL_REPLICA_TYPE]
     with pytest.raises(
         BadInput, match=r"pod ns/train-worker-0: label training.kubeflow.org/replica-type"
     ):
@@ -27,7 +28,7 @@ def test_pod_view_names_the_missing_field() -> None:
 
 def test_job_resolved_from_owner_reference_when_label_missing() -> None:
     body = pod_body()
-    del body["metadata"]["labels"][api.LABEL_JOB_NAME]
+    del body["metadata"]["labels"][names.LABEL_JOB_NAME]
     body["metadata"]["ownerReferences"] = [
         {"kind": "PyTorchJob", "name": "train", "controller": True}
     ]
@@ -45,7 +46,7 @@ def test_job_view_ordinals_and_annotation_problems() -> None:
     job = job_view(job_body())
     assert (job.ordinal("master", 0), job.ordinal("worker", 0)) == (0, 1)
     assert job_view(job_body(master=False)).ordinal("worker", 0) == 0
-    bad = job_view(job_body(annotations={api.ANNOTATION_ENABLED: "true"}))
+    bad = job_view(job_body(annotations={names.ANNOTATION_ENABLED: "true"}))
     assert not bad.enabled and "peer-recovery='true'" in bad.problem
     with pytest.raises(BadInput, match="unknown types"):
         body = job_body()
@@ -57,12 +58,15 @@ def test_detect_change_rules() -> None:
     old = pod_view(pod_body(uid="a", created=1))
     known = KnownPod.of(old)
     replaced = detect_change(known, pod_view(pod_body(uid="b", created=5)))
-    assert replaced and (replaced.reason, replaced.mode) == (api.Reason.POD_REPLACED, api.Mode.PEER)
+    assert replaced and (replaced.reason, replaced.mode) == (
+        names.Reason.POD_REPLACED,
+        names.Mode.PEER,
+    )
     assert detect_change(KnownPod.of(pod_view(pod_body(uid="b", created=5))), old) is None  # stale
     assert detect_change(known, pod_view(pod_body(uid="b", created=5, terminating=True))) is None
     assert detect_change(known, old) is None
     restarted = detect_change(known, pod_view(pod_body(uid="a", restarts=1, shm_memory=True)))
-    assert restarted and restarted.mode is api.Mode.LOCAL
+    assert restarted and restarted.mode is names.Mode.LOCAL
     assert detect_change(None, old) is None
 
 
@@ -71,7 +75,7 @@ def test_catch_up_rule() -> None:
     others = [T0 + timedelta(seconds=1)] * 3
     grace = timedelta(seconds=60)
     found = detect_missed_replacement(late, others, grace=grace, recorded_uids=())
-    assert found and found.reason is api.Reason.POD_REPLACED
+    assert found and found.reason is names.Reason.POD_REPLACED
     assert detect_missed_replacement(late, others, grace=grace, recorded_uids=["late"]) is None
     assert (
         detect_missed_replacement(late, others, grace=timedelta(seconds=120), recorded_uids=())
@@ -119,7 +123,7 @@ def _rec(
             ],
         },
     }
-    return recovery_view(body, seen_at=T0)
+    return parse_recovery(body, seen_at=T0)
 
 
 def _decide(

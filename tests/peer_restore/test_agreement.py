@@ -7,7 +7,7 @@ import random
 import pytest
 
 from peer_recovery.agreement import Action, Holding, PodReport, RankReport, agree
-from peer_recovery.api import Mode, PlannedBy
+from peer_recovery.contract.names import Mode, PlannedBy
 from peer_recovery.plan_sources import PlanEntry
 
 KEY = "full-replica"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from peer_recovery.api import Mode, PlannedBy
+from peer_recovery.contract.names import Mode, PlannedBy
 from peer_recovery.plan_sources import LocalPlanSource, PlanEntry, PlanSourceError
 from peer_recovery.rendezvous import exchange
 from peer_recovery.rendezvous.identity import ordinal_from_env

@@ -3,36 +3,39 @@ depend on these strings."""
 
 from __future__ import annotations
 
-from peer_recovery import api
+from peer_recovery.contract import names
 
 
 def test_custom_resource_names() -> None:
-    assert api.GROUP == "peerrecovery.io"
-    assert api.VERSION == "v1alpha1"
-    assert api.API_VERSION == "peerrecovery.io/v1alpha1"
-    assert api.KIND == "PeerRecovery"
-    assert api.PLURAL == "peerrecoveries"
-    assert api.SHORT_NAME == "precov"
+    assert names.GROUP == "peerrecovery.io"
+    assert names.VERSION == "v1alpha1"
+    assert names.API_VERSION == "peerrecovery.io/v1alpha1"
+    assert names.KIND == "PeerRecovery"
+    assert names.PLURAL == "peerrecoveries"
+    assert names.SHORT_NAME == "precov"
 
 
 def test_pytorchjob_names() -> None:
-    assert (api.PYTORCHJOB_GROUP, api.PYTORCHJOB_VERSION) == ("kubeflow.org", "v1")
-    assert api.PYTORCHJOB_PLURAL == "pytorchjobs"
+    assert (names.PYTORCHJOB_GROUP, names.PYTORCHJOB_VERSION) == ("kubeflow.org", "v1")
+    assert names.PYTORCHJOB_PLURAL == "pytorchjobs"
 
 
 def test_annotation_and_label_keys() -> None:
-    assert (api.ANNOTATION_ENABLED, api.ANNOTATION_ENABLED_VALUE) == ("peer-recovery", "enabled")
-    assert api.ANNOTATION_PODS_PER_REPLICA == "peerrecovery.io/pods-per-replica"
+    assert (names.ANNOTATION_ENABLED, names.ANNOTATION_ENABLED_VALUE) == (
+        "peer-recovery",
+        "enabled",
+    )
+    assert names.ANNOTATION_PODS_PER_REPLICA == "peerrecovery.io/pods-per-replica"
     prefix = "training.kubeflow.org/"
-    assert prefix + "job-name" == api.LABEL_JOB_NAME
-    assert prefix + "replica-type" == api.LABEL_REPLICA_TYPE
-    assert prefix + "replica-index" == api.LABEL_REPLICA_INDEX
-    assert prefix + "operator-name" == api.LABEL_OPERATOR_NAME
-    assert prefix + "job-role" == api.LABEL_JOB_ROLE
+    assert prefix + "job-name" == names.LABEL_JOB_NAME
+    assert prefix + "replica-type" == names.LABEL_REPLICA_TYPE
+    assert prefix + "replica-index" == names.LABEL_REPLICA_INDEX
+    assert prefix + "operator-name" == names.LABEL_OPERATOR_NAME
+    assert prefix + "job-role" == names.LABEL_JOB_ROLE
 
 
 def test_enumerations() -> None:
-    assert [p.value for p in api.Phase] == [
+    assert [p.value for p in names.Phase] == [
         "Pending",
         "Planned",
         "Streaming",
@@ -40,11 +43,11 @@ def test_enumerations() -> None:
         "Failed",
         "FellBack",
     ]
-    assert {p for p in api.Phase if p.terminal} == {
-        api.Phase.SUCCEEDED,
-        api.Phase.FAILED,
-        api.Phase.FELL_BACK,
+    assert {p for p in names.Phase if p.terminal} == {
+        names.Phase.SUCCEEDED,
+        names.Phase.FAILED,
+        names.Phase.FELL_BACK,
     }
-    assert [m.value for m in api.Mode] == ["Peer", "Local"]
-    assert [r.value for r in api.Reason] == ["PodReplaced", "ContainerRestarted"]
-    assert [b.value for b in api.PlannedBy] == ["operator", "runtime"]
+    assert [m.value for m in names.Mode] == ["Peer", "Local"]
+    assert [r.value for r in names.Reason] == ["PodReplaced", "ContainerRestarted"]
+    assert [b.value for b in names.PlannedBy] == ["operator", "runtime"]

@@ -1,5 +1,7 @@
-"""The layering rules of DESIGN.md, checked in fresh interpreters so they cannot pass by
-accident (a module imported earlier by another test would hide a violation)."""
+"""The layering rules of docs/design.md, checked in fresh interpreters so they cannot pass by
+accident (a module imported earlier by another test would hide a violation). The import
+graph inside the project is checked by import-linter (``[tool.importlinter]`` in
+pyproject.toml), run here too."""
 
 from __future__ import annotations
 
@@ -52,7 +54,17 @@ def test_operator_package_never_imports_torch() -> None:
     assert "torch" not in _top_level(modules), "the operator image must not need torch"
 
 
-@pytest.mark.parametrize("root", ["peer_recovery", "peer_recovery.api"])
+def test_operator_imports_nothing_of_the_runtime_but_the_contract() -> None:
+    _, modules = _modules_after_import(["peer_recovery_operator"], walk=True)
+    runtime = {m for m in modules if m == "peer_recovery" or m.startswith("peer_recovery.")}
+    outside = sorted(
+        m for m in runtime if m != "peer_recovery" and not m.startswith("peer_recovery.contract")
+    )
+    assert "peer_recovery.contract.names" in runtime
+    assert not outside, f"the operator imported runtime modules {outside}"
+
+
+@pytest.mark.parametrize("root", ["peer_recovery", "peer_recovery.contract"])
 def test_light_runtime_modules_never_import_torch(root: str) -> None:
     _, modules = _modules_after_import([root], walk=False)
     assert "torch" not in _top_level(modules), f"importing {root} must stay cheap"
@@ -60,7 +72,7 @@ def test_light_runtime_modules_never_import_torch(root: str) -> None:
 
 def test_runtime_never_imports_kopf_or_kubernetes_at_module_level() -> None:
     imported, modules = _modules_after_import(["peer_recovery"], walk=True)
-    assert "peer_recovery.api" in imported
+    assert "peer_recovery.contract.names" in imported
     leaked = _top_level(modules) & {"kopf", "kubernetes"}
     assert not leaked, f"runtime modules imported {sorted(leaked)} at module level"
 

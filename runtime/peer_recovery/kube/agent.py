@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from peer_recovery._env import nonnegative_seconds
-from peer_recovery.kube import records
+from peer_recovery.contract.records import for_target, job_uid
 from peer_recovery.kube.client import RecoveryApi
 from peer_recovery.kube.identity import PodIdentity
 from peer_recovery.kube.outcome import (
@@ -241,7 +241,7 @@ class ClusterAgent:
         def attempt() -> None:
             client: RecoveryApi = self.plan_source.client()
             bodies = client.list_recoveries(me.namespace, me.job)
-            existing = records.for_pod(bodies, me.uid)
+            existing = for_target(bodies, me.uid)
             live = [r for r in existing if not r.phase.terminal]
             if live:
                 apply_moves(client, me.namespace, live[0].name, to_make)
@@ -254,7 +254,7 @@ class ClusterAgent:
                 pr=pr,
                 existing=existing,
                 sources=identities,
-                job_uid=records.job_uid(bodies, me.job),
+                job_uid=job_uid(bodies, me.job),
             )
             if made is None:
                 return

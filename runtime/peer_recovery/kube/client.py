@@ -7,9 +7,7 @@ pulls it in. Every call has a short timeout and no client-side retries: callers 
 retry policy (the plan source polls within its bound, the status writer backs off), so an
 unreachable or slow API server costs at most one timeout per call.
 
-Errors are mapped to kinds: :class:`Unreachable` (connection refused or reset, timeouts,
-5xx, 429: try again later), :class:`Conflict` (409: re-read and re-validate),
-:class:`Forbidden` (401/403) and :class:`ApiError` (anything else: retrying will not help).
+Errors are mapped to the contract's kinds (:mod:`peer_recovery.contract.errors`).
 """
 
 from __future__ import annotations
@@ -19,38 +17,14 @@ import os
 from collections.abc import Mapping
 from typing import Any, Final, Protocol
 
-from peer_recovery import api
+from peer_recovery.contract import names
+from peer_recovery.contract.errors import ApiError, Conflict, Forbidden, Unreachable
 
-__all__ = [
-    "ENV_KUBECONFIG",
-    "ApiError",
-    "Conflict",
-    "Forbidden",
-    "KubeRecoveryApi",
-    "RecoveryApi",
-    "Unreachable",
-]
+__all__ = ["ENV_KUBECONFIG", "KubeRecoveryApi", "RecoveryApi"]
 
 ENV_KUBECONFIG: Final = "KUBECONFIG"
 #: (connect, read) seconds for every call.
 _TIMEOUT: Final = (3.0, 10.0)
-
-
-class ApiError(RuntimeError):
-    """An API call failed in a way retrying will not fix (the message says how)."""
-
-
-class Unreachable(ApiError):
-    """The API server did not answer, or answered 5xx: worth retrying later."""
-
-
-class Forbidden(ApiError):
-    """401/403: refused. Permanent, except just after the API server restarted, when its
-    authorizer may not have loaded RBAC yet."""
-
-
-class Conflict(ApiError):
-    """409: the object changed since it was read (or, on create, exists already)."""
 
 
 class RecoveryApi(Protocol):
@@ -130,22 +104,22 @@ class KubeRecoveryApi:
     ) -> list[dict[str, Any]]:
         result = self._call(
             self._custom.list_namespaced_custom_object,
-            api.GROUP, api.VERSION, namespace, api.PLURAL,
-            label_selector=f"{api.LABEL_RECOVERY_JOB}={job}", cap=timeout,
+            names.GROUP, names.VERSION, namespace, names.PLURAL,
+            label_selector=f"{names.LABEL_RECOVERY_JOB}={job}", cap=timeout,
         )  # fmt: skip
         return list((result or {}).get("items") or ())
 
     def get_recovery(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._call(
             self._custom.get_namespaced_custom_object,
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name,
+            names.GROUP, names.VERSION, namespace, names.PLURAL, name,
         )  # fmt: skip
 
     def create_recovery(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
         try:
             return self._call(
                 self._custom.create_namespaced_custom_object,
-                api.GROUP, api.VERSION, namespace, api.PLURAL, dict(body),
+                names.GROUP, names.VERSION, namespace, names.PLURAL, dict(body),
             )  # fmt: skip
         except Conflict:
             return None  # AlreadyExists: the deterministic name did its job
@@ -156,7 +130,7 @@ class KubeRecoveryApi:
         patch = {"metadata": {"resourceVersion": resource_version}, "status": dict(status)}
         result = self._call(
             self._custom.patch_namespaced_custom_object_status,
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name, patch,
+            names.GROUP, names.VERSION, namespace, names.PLURAL, name, patch,
         )  # fmt: skip
         if result is None:
             raise Conflict(f"PeerRecovery {namespace}/{name} is gone")
@@ -171,7 +145,7 @@ class KubeRecoveryApi:
                 "resourceAttributes": {
                     "namespace": namespace,
                     "verb": verb,
-                    "group": api.GROUP,
+                    "group": names.GROUP,
                     "resource": resource,
                     "subresource": subresource,
                 }

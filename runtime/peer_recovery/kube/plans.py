@@ -20,9 +20,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from peer_recovery import api
-from peer_recovery.kube import records
-from peer_recovery.kube.client import ApiError, RecoveryApi, Unreachable
+from peer_recovery.contract import names
+from peer_recovery.contract.errors import ApiError, Unreachable
+from peer_recovery.contract.records import for_target
+from peer_recovery.kube.client import RecoveryApi
 from peer_recovery.kube.identity import PodIdentity
 from peer_recovery.plan_sources import PlanEntry
 
@@ -47,7 +48,7 @@ def read_plan(
     bodies: Iterable[Mapping[str, Any]], identity: PodIdentity, ordinal: int
 ) -> PlanReading:
     """Pure: this pod's plan among ``bodies`` (this job's PeerRecoveries)."""
-    mine = records.for_pod(bodies, identity.uid)
+    mine = for_target(bodies, identity.uid)
     live = [r for r in mine if not r.phase.terminal]
     if live:
         rec = live[0]
@@ -57,7 +58,7 @@ def read_plan(
                 f"{rec.name} targets ordinal {rec.target_ordinal}, but this pod is ordinal "
                 f"{ordinal}: ignored",
             )  # fmt: skip
-        if rec.phase is api.Phase.PENDING:
+        if rec.phase is names.Phase.PENDING:
             return PlanReading(None, None, False, f"{rec.name} is still Pending")
         raw = {
             "target": ordinal,
@@ -71,7 +72,7 @@ def read_plan(
         except ValueError as error:
             return PlanReading(None, rec.name, True, f"unusable plan: {error}")
         return PlanReading(entry, rec.name, True, f"{rec.name} ({rec.phase.value})")
-    if mine and mine[0].reason == api.Reason.POD_REPLACED.value:
+    if mine and mine[0].reason == names.Reason.POD_REPLACED.value:
         # A replaced pod's UID is new: its records are about this incarnation only.
         rec = mine[0]
         return PlanReading(

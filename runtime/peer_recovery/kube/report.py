@@ -13,7 +13,7 @@ pod's ranks and whether their restore and the all-or-nothing vote succeeded. Fro
 
 :func:`runtime_record` builds the object the runtime creates when the operator made none
 for a rejoining pod (``plannedBy: runtime``), with the body builder of
-:mod:`peer_recovery.bodies`; its first move is ``Planned`` (or ``FellBack``).
+:mod:`peer_recovery.contract.bodies`; its first move is ``Planned`` (or ``FellBack``).
 Every move is validated against the phase table by the writer when it is made.
 """
 
@@ -22,30 +22,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from peer_recovery import api
-from peer_recovery.bodies import PodRef, build_peer_recovery
+from peer_recovery.contract import names, phases
+from peer_recovery.contract.bodies import PodRef, build_peer_recovery
+from peer_recovery.contract.moves import Move
+from peer_recovery.contract.names import ANNOTATION_RESTART_COUNT, ConditionReason
+from peer_recovery.contract.records import RecoveryRecord
 from peer_recovery.kube.identity import PodIdentity
 from peer_recovery.kube.outcome import RankAgreed, RankResult
-from peer_recovery.kube.records import RecordView
 
-__all__ = ["ANNOTATION_RESTART_COUNT", "Move", "PodRound", "moves", "runtime_record"]
-
-#: The operator's annotation (``peer_recovery_operator.views``): the restart count a
-#: recovery serves. A runtime record carries it too, so an operator that creates the same
-#: name a moment later sees "already recorded" instead of planning attempt 2.
-ANNOTATION_RESTART_COUNT = "peerrecovery.io/restart-count"
-
-
-@dataclass(frozen=True)
-class Move:
-    """One status write: the phase, the condition reason, the message, the figures."""
-
-    phase: api.Phase
-    reason: str
-    message: str
-    step: int | None = None
-    bytes: int | None = None
-    duration_seconds: float | None = None
+__all__ = ["PodRound", "moves", "runtime_record"]
 
 
 @dataclass(frozen=True)
@@ -100,11 +85,11 @@ def moves(pr: PodRound) -> list[Move]:
     n = pr.round_no
     if not agreed or not all(a.ok for a in agreed):
         why = next((a.reason for a in agreed if not a.ok and a.reason), "no agreement")
-        return [Move(api.Phase.FELL_BACK, "CheckpointLoaded", f"round {n}: {why}")]
+        return [Move(names.Phase.FELL_BACK, ConditionReason.CHECKPOINT_LOADED, f"round {n}: {why}")]
     step = agreed[0].step
     start = Move(
-        api.Phase.STREAMING,
-        "TransferStarted" if pr.receives() else "LocalLoadStarted",
+        names.Phase.STREAMING,
+        ConditionReason.TRANSFER_STARTED if pr.receives() else ConditionReason.LOCAL_LOAD_STARTED,
         f"round {n}: restoring step {step} {_how(pr)}",
     )
     if pr.results is None:
@@ -113,8 +98,8 @@ def moves(pr: PodRound) -> list[Move]:
         return [
             start,
             Move(
-                api.Phase.FAILED,
-                "TransferFailed",
+                names.Phase.FAILED,
+                ConditionReason.TRANSFER_FAILED,
                 f"round {n} ended before this pod's workers reported a result (a transfer "
                 "failed or a worker died); the next round loads the checkpoint",
             ),
@@ -125,8 +110,8 @@ def moves(pr: PodRound) -> list[Move]:
         return [
             start,
             Move(
-                api.Phase.SUCCEEDED,
-                "Restored",
+                names.Phase.SUCCEEDED,
+                ConditionReason.RESTORED,
                 f"round {n}: restored step {step} {_how(pr)}: {total} bytes in {seconds:.3f}s",
                 step=step,
                 bytes=total,
@@ -136,8 +121,8 @@ def moves(pr: PodRound) -> list[Move]:
     return [
         start,
         Move(
-            api.Phase.FELL_BACK,
-            "VoteFailed",
+            names.Phase.FELL_BACK,
+            ConditionReason.VOTE_FAILED,
             f"round {n}: not every rank restored step {step} (the all-or-nothing vote "
             "failed; the reason is in the workers' logs); the job loads its checkpoint",
         ),
@@ -149,7 +134,7 @@ def runtime_record(
     me: PodIdentity,
     ordinal: int,
     pr: PodRound,
-    existing: Sequence[RecordView],
+    existing: Sequence[RecoveryRecord],
     sources: Mapping[int, PodIdentity],
     job_uid: str | None,
 ) -> tuple[dict[str, object], Move] | None:
@@ -162,7 +147,7 @@ def runtime_record(
     """
     if pr.agreed is None:
         return None
-    if existing and existing[0].phase not in api.REPLAN_FROM:
+    if existing and existing[0].phase not in phases.REPLAN_FROM:
         return None
     attempt = existing[0].attempt + 1 if existing else 1
     ok = bool(pr.agreed) and all(a.ok for a in pr.agreed)
@@ -174,10 +159,10 @@ def runtime_record(
         job_name=me.job,
         job_uid=job_uid or me.uid,
         target=target,
-        mode=api.Mode.PEER,
-        reason=api.Reason.CONTAINER_RESTARTED if existing else api.Reason.POD_REPLACED,
+        mode=names.Mode.PEER,
+        reason=names.Reason.CONTAINER_RESTARTED if existing else names.Reason.POD_REPLACED,
         attempt=attempt,
-        planned_by=api.PlannedBy.RUNTIME,
+        planned_by=names.PlannedBy.RUNTIME,
         source=None if source is None else _ref(source, source_ordinal or 0),
     )
     metadata = body["metadata"]
@@ -190,8 +175,8 @@ def runtime_record(
     note = f": {pr.plan_note}" if pr.plan_note else ""
     if ok:
         first = Move(
-            api.Phase.PLANNED,
-            "InBandPlan",
+            names.Phase.PLANNED,
+            ConditionReason.IN_BAND_PLAN,
             f"planned in-band by the runtime, {_pod(pr, source_ordinal)} streams to {me.pod}{note}",
         )
     else:

@@ -1,7 +1,7 @@
 """Writing a PeerRecovery's status as the runtime: validated, preconditioned, idempotent.
 
 Every move is checked against the phase of the version just read
-(:func:`peer_recovery.api.check_transition`, actor ``runtime``, planner from
+(:func:`peer_recovery.phases.check_transition`, actor ``runtime``, planner from
 ``spec.plannedBy``) and written with that version's ``resourceVersion``; a 409 re-reads and
 re-validates, so an operator re-plan and a runtime report never overwrite each other. A
 move to the phase the object already has is skipped, and a refused move (e.g. the object
@@ -16,18 +16,17 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
-from peer_recovery import api
-from peer_recovery.bodies import build_status
-from peer_recovery.kube.client import ApiError, Conflict, Forbidden, RecoveryApi, Unreachable
-from peer_recovery.kube.report import Move
+from peer_recovery.contract.errors import ApiError, Conflict, Forbidden, Unreachable
+from peer_recovery.contract.moves import Move, Outcome, move_phase
+from peer_recovery.contract.names import Actor
+from peer_recovery.kube.client import RecoveryApi
 
 __all__ = ["apply_moves", "create_or_get", "deliver"]
 
 log = logging.getLogger("peer_recovery.kube.status")
 
-_CONFLICT_RETRIES: Final = 5
 T = TypeVar("T")
 
 
@@ -43,34 +42,6 @@ def create_or_get(api_: RecoveryApi, namespace: str, body: Mapping[str, Any]) ->
     return existing
 
 
-def _status(current: Mapping[str, Any], move: Move, now: datetime) -> dict[str, Any]:
-    attempt = int((current.get("spec") or {}).get("attempt", 1))
-    status = build_status(
-        move.phase,
-        attempt=attempt,
-        message=move.message[:1024],
-        step=move.step,
-        bytes_moved=move.bytes,
-        duration_seconds=move.duration_seconds,
-    )
-    kept = [
-        c
-        for c in (current.get("status") or {}).get("conditions") or ()
-        if c.get("type") != move.phase.value
-    ]
-    kept.append(
-        {
-            "type": move.phase.value,
-            "status": "True",
-            "reason": move.reason,
-            "message": move.message[:1024],
-            "lastTransitionTime": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-    )
-    status["conditions"] = kept
-    return status
-
-
 def apply_moves(
     api_: RecoveryApi,
     namespace: str,
@@ -80,37 +51,18 @@ def apply_moves(
     clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
 ) -> dict[str, Any] | None:
     """Make ``moves`` in order on PeerRecovery ``name``; returns the last version written or
-    read, None if the object is gone. Unreachable/ApiError propagate (the caller retries)."""
+    read, None if the object is gone. Unreachable/ApiError propagate (the caller retries).
+
+    A move the object has made already is skipped (a retry after a lost answer); a refused
+    one, or one that kept conflicting, ends the sequence."""
     current: dict[str, Any] | None = None
     for move in moves:
-        for _ in range(_CONFLICT_RETRIES):
-            current = api_.get_recovery(namespace, name)
-            if current is None:
-                log.warning("peer-recovery: PeerRecovery %s/%s is gone", namespace, name)
-                return None
-            phase = api.phase_of(current)
-            if phase is move.phase:
-                break  # made already (a retry after a lost answer); no progress updates
-            planned_by = (current.get("spec") or {}).get("plannedBy", "operator")
-            decision = api.check_transition(
-                phase, move.phase, api.Actor.RUNTIME, planned_by=planned_by
-            )
-            if not decision.allowed:
-                log.info("peer-recovery: not moving %s: %s", name, decision.reason)
-                return current
-            status = _status(current, move, clock())
-            try:
-                current = api_.patch_recovery_status(
-                    namespace, name, status, current["metadata"]["resourceVersion"]
-                )
-            except Conflict:
-                continue  # changed under us: re-read and re-validate
-            log.info("peer-recovery: %s -> %s: %s", name, move.phase.value, move.message)
-            break
-        else:
-            log.warning(
-                "peer-recovery: gave up moving %s after %d conflicts", name, _CONFLICT_RETRIES
-            )
+        result = move_phase(api_, namespace, name, move, actor=Actor.RUNTIME, clock=clock)
+        current = result.body
+        if result.outcome is Outcome.GONE:
+            log.warning("peer-recovery: PeerRecovery %s/%s is gone", namespace, name)
+            return None
+        if result.outcome in (Outcome.REFUSED, Outcome.GAVE_UP):
             return current
     return current
 

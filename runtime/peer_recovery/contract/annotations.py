@@ -1,6 +1,6 @@
 """Reading the PyTorchJob's peer-recovery annotations, with errors that name what was wrong.
 
-Pure and torch-free. Two annotations (keys in :mod:`peer_recovery.api`):
+Pure and torch-free. Two annotations (keys in :mod:`peer_recovery.contract.names`):
 
 - ``peer-recovery: enabled`` opts the job in. Absent means off; any other value is an error
   rather than a silent "off", so ``peer-recovery: "true"`` is reported, not ignored.
@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from peer_recovery.api import (
+from peer_recovery.contract.names import (
     ANNOTATION_ENABLED,
     ANNOTATION_ENABLED_VALUE,
     ANNOTATION_PODS_PER_REPLICA,

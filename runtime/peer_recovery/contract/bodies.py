@@ -1,11 +1,13 @@
 """Bodies of ``PeerRecovery`` objects: the deterministic name, the target/source records,
 and the ``metadata``/``spec``/``status`` both sides write.
 
-Pure and torch-free, like :mod:`peer_recovery.api`, whose names it uses. Invariants:
+Pure, torch-free and kubernetes-free; names come from :mod:`peer_recovery.contract.names`.
+Invariants:
 
 - One object per recovery attempt of one pod incarnation: the name is a function of
   (job, target pod, target UID, attempt), so creating it twice is an AlreadyExists, never a
-  duplicate, and a re-plan (attempt + 1) is a new object (see ``api``'s module docstring).
+  duplicate, and a re-plan (attempt + 1) is a new object (see
+  :mod:`peer_recovery.contract.phases`).
 - The body carries an ownerReference to the PyTorchJob, so it goes when the job goes.
 - Bodies are built, never sent: the one module that talks to the API server sends them,
   with resourceVersion preconditions on every status write.
@@ -17,17 +19,15 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
-from peer_recovery.api import (
+from peer_recovery.contract.names import (
     API_VERSION,
     KIND,
     LABEL_RECOVERY_JOB,
     LABEL_RECOVERY_TARGET_UID,
-    MAX_ATTEMPT,
-    PYTORCHJOB_GROUP,
+    PYTORCHJOB_API_VERSION,
     PYTORCHJOB_KIND,
-    PYTORCHJOB_VERSION,
     Mode,
     Phase,
     PlannedBy,
@@ -35,7 +35,10 @@ from peer_recovery.api import (
     parse_enum,
 )
 
-__all__ = ["PodRef", "build_peer_recovery", "build_status", "recovery_name"]
+#: The largest ``spec.attempt`` (the CRD's int32 bound).
+MAX_ATTEMPT: Final = 2**31 - 1
+
+__all__ = ["MAX_ATTEMPT", "PodRef", "build_peer_recovery", "build_status", "recovery_name"]
 
 # --- Names and bodies -----------------------------------------------------------------------
 
@@ -177,7 +180,7 @@ def build_peer_recovery(
             "labels": {LABEL_RECOVERY_JOB: job_name, LABEL_RECOVERY_TARGET_UID: target.pod_uid},
             "ownerReferences": [
                 {
-                    "apiVersion": f"{PYTORCHJOB_GROUP}/{PYTORCHJOB_VERSION}",
+                    "apiVersion": PYTORCHJOB_API_VERSION,
                     "kind": PYTORCHJOB_KIND,
                     "name": job_name,
                     "uid": job_uid,

@@ -1,12 +1,8 @@
-"""The contract shared by the operator and the runtime.
+"""The phase table of a ``PeerRecovery``: who may move it to which phase, and the checks.
 
-Names of the ``PeerRecovery`` custom resource, the annotation and label keys both sides
-read, the enumerations (phases, modes, reasons) that appear in its fields, the phase
-transition table that says who may move a recovery to which phase, and the helpers that
-build a ``PeerRecovery`` body with its deterministic name. Everything here is pure and
-torch-free and kubernetes-free, so the operator, the runtime and torchrun's plugin loading
-can import it cheaply. These names are a fixed contract (see DESIGN.md): tests and users
-depend on them, so change them only with a new API version.
+Pure, torch-free and kubernetes-free; both the operator and the runtime validate every
+status write with :func:`check_transition` (the one writer of such moves is
+:mod:`peer_recovery.contract.moves`).
 
 Invariants of the phase table (:data:`TRANSITIONS`):
 
@@ -36,130 +32,21 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
+from peer_recovery.contract.names import Actor, Phase, PlannedBy, parse_enum
+
 __all__ = [
-    "ANNOTATION_ENABLED",
-    "ANNOTATION_ENABLED_VALUE",
-    "ANNOTATION_PODS_PER_REPLICA",
-    "API_VERSION",
-    "GROUP",
-    "KIND",
-    "LABEL_JOB_NAME",
-    "LABEL_JOB_ROLE",
-    "LABEL_OPERATOR_NAME",
-    "LABEL_RECOVERY_JOB",
-    "LABEL_RECOVERY_TARGET_UID",
-    "LABEL_REPLICA_INDEX",
-    "LABEL_REPLICA_TYPE",
-    "MAX_ATTEMPT",
-    "PLURAL",
-    "PYTORCHJOB_GROUP",
-    "PYTORCHJOB_KIND",
-    "PYTORCHJOB_PLURAL",
-    "PYTORCHJOB_VERSION",
     "REPLAN_FROM",
-    "SHORT_NAME",
-    "SINGULAR",
     "TRANSITIONS",
-    "VERSION",
-    "Actor",
     "Decision",
-    "Mode",
     "Owner",
-    "Phase",
-    "PlannedBy",
-    "Reason",
     "Transition",
     "TransitionError",
     "check_replan",
     "check_transition",
-    "parse_enum",
     "parse_phase",
     "phase_of",
     "require_transition",
 ]
-
-# --- The PeerRecovery custom resource ------------------------------------------------------
-
-GROUP: Final = "peerrecovery.io"
-VERSION: Final = "v1alpha1"
-API_VERSION: Final = f"{GROUP}/{VERSION}"
-KIND: Final = "PeerRecovery"
-PLURAL: Final = "peerrecoveries"
-SINGULAR: Final = "peerrecovery"
-SHORT_NAME: Final = "precov"
-
-# --- The Kubeflow PyTorchJob it serves ------------------------------------------------------
-
-PYTORCHJOB_GROUP: Final = "kubeflow.org"
-PYTORCHJOB_VERSION: Final = "v1"
-PYTORCHJOB_KIND: Final = "PyTorchJob"
-PYTORCHJOB_PLURAL: Final = "pytorchjobs"
-
-# --- Annotations on the PyTorchJob ----------------------------------------------------------
-
-#: Opt-in switch. Only jobs whose annotation has exactly ANNOTATION_ENABLED_VALUE are watched.
-ANNOTATION_ENABLED: Final = "peer-recovery"
-ANNOTATION_ENABLED_VALUE: Final = "enabled"
-#: How many consecutive pods make up one full replica of the state (default: every pod does).
-ANNOTATION_PODS_PER_REPLICA: Final = "peerrecovery.io/pods-per-replica"
-
-# --- Labels the training-operator puts on every pod of a job --------------------------------
-
-LABEL_JOB_NAME: Final = "training.kubeflow.org/job-name"
-LABEL_REPLICA_TYPE: Final = "training.kubeflow.org/replica-type"
-LABEL_REPLICA_INDEX: Final = "training.kubeflow.org/replica-index"
-LABEL_OPERATOR_NAME: Final = "training.kubeflow.org/operator-name"
-LABEL_JOB_ROLE: Final = "training.kubeflow.org/job-role"
-
-# --- Labels peer-recovery puts on every PeerRecovery ----------------------------------------
-
-#: The PyTorchJob the recovery belongs to, so "this job's recoveries" is a label selector.
-LABEL_RECOVERY_JOB: Final = "peerrecovery.io/job-name"
-#: The target pod's UID, so "is this replacement already being recovered" is a selector too.
-LABEL_RECOVERY_TARGET_UID: Final = "peerrecovery.io/target-uid"
-
-
-class Phase(str, enum.Enum):
-    """``status.phase`` of a PeerRecovery: Pending -> Planned -> Streaming -> a terminal one."""
-
-    PENDING = "Pending"
-    PLANNED = "Planned"
-    STREAMING = "Streaming"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    FELL_BACK = "FellBack"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (Phase.SUCCEEDED, Phase.FAILED, Phase.FELL_BACK)
-
-
-class Mode(str, enum.Enum):
-    """``spec.mode``: stream from a peer, or load the pod's own surviving snapshot."""
-
-    PEER = "Peer"
-    LOCAL = "Local"
-
-
-class Reason(str, enum.Enum):
-    """``spec.reason``: what the operator saw happen to the target pod."""
-
-    POD_REPLACED = "PodReplaced"
-    CONTAINER_RESTARTED = "ContainerRestarted"
-
-
-class PlannedBy(str, enum.Enum):
-    """``spec.plannedBy``: who chose the source."""
-
-    OPERATOR = "operator"
-    RUNTIME = "runtime"
-
-
-class Actor(str, enum.Enum):
-    """Who proposes a phase move: the operator or the in-pod runtime."""
-
-    OPERATOR = "operator"
-    RUNTIME = "runtime"
 
 
 class Owner(str, enum.Enum):
@@ -249,9 +136,6 @@ TRANSITIONS: Final[Mapping[tuple[Phase, Phase], Transition]] = MappingProxyType(
 #: Only Failed: Succeeded needs nothing more, and FellBack means the job already resumed
 #: from its checkpoint.
 REPLAN_FROM: Final = frozenset({Phase.FAILED})
-
-#: The largest ``spec.attempt`` (the CRD's int32 bound).
-MAX_ATTEMPT: Final = 2**31 - 1
 
 
 class TransitionError(ValueError):
@@ -354,15 +238,3 @@ def _owner_words(owner: Owner, planned_by: PlannedBy) -> str:
     if owner is Owner.PLANNER:
         return f"the planner (spec.plannedBy={planned_by.value})"
     return f"the {owner.value}"
-
-
-def parse_enum(kind: type[enum.Enum], value: object, what: str) -> Any:
-    """``value`` as a member of the contract enum ``kind``; the error names ``what`` was
-    wrong and the values allowed."""
-    if isinstance(value, kind):
-        return value
-    try:
-        return kind(value)
-    except ValueError:
-        known = ", ".join(repr(m.value) for m in kind)
-        raise ValueError(f"unknown {what} {value!r}; expected one of {known}") from None

@@ -11,7 +11,7 @@ Its inputs are plain records that assume neither Kubernetes nor torch:
   store: ``ready`` means "holds a valid snapshot of its shard at the agreed step", ``node``
   is the host, and node health is left at its default (an agent that answered is up).
 
-Rules (DESIGN.md, Flow step 3), in the order they apply:
+Rules (``docs/design.md``, "Flow", step 3), in the order they apply:
 
 1. A source holds the same shards as its target: ordinals equal modulo ``pods_per_replica``
    (absent: every pod is a full replica, so any pod qualifies).

@@ -1,0 +1,38 @@
+"""``import peer_recovery`` offers the user API only, resolved lazily and without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import peer_recovery
+
+USER_API = {"PeerRecovery", "RestoreResult", "Role", "SizingError", "TransferError"}
+
+
+def test_the_package_exports_the_user_api_and_nothing_else() -> None:
+    assert set(peer_recovery.__all__) == USER_API | {"__version__"}
+    for name in USER_API:
+        assert getattr(peer_recovery, name).__name__ == name
+    assert issubclass(peer_recovery.SizingError, Exception)
+    assert issubclass(peer_recovery.TransferError, Exception)
+
+
+def test_planner_internals_are_not_package_attributes() -> None:
+    for internal in ("plan_sources", "PlanEntry", "RankPlan", "Phase", "check_transition"):
+        assert internal not in dir(peer_recovery)
+        try:
+            getattr(peer_recovery, internal)
+        except AttributeError as error:
+            assert internal in str(error)
+        else:  # pragma: no cover - the assertion message is the point
+            raise AssertionError(f"peer_recovery.{internal} should not exist")
+
+
+def test_importing_the_package_does_not_import_torch() -> None:
+    code = "import json, sys, peer_recovery; print(json.dumps(sorted(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert "torch" not in {m.split(".")[0] for m in json.loads(result.stdout)}
