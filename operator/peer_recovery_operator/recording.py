@@ -24,7 +24,7 @@ from peer_recovery.contract.bodies import PodRef, build_peer_recovery
 from peer_recovery.contract.errors import Conflict
 from peer_recovery.contract.moves import Move, Outcome, move_phase, status_for
 from peer_recovery.contract.names import ANNOTATION_RESTART_COUNT, ConditionReason
-from peer_recovery.contract.planning import Assignment, PodRecord, plan_sources
+from peer_recovery.contract.planning import Assignment, PodRecord, assign_sources
 from peer_recovery.contract.records import RecoveryRecord
 from peer_recovery_operator.detection import Detection
 from peer_recovery_operator.kube import ClusterApi
@@ -303,7 +303,7 @@ def _plan(
         )
     settings = job.settings
     try:
-        assignments = plan_sources(
+        assignments = assign_sources(
             [job.ordinal(t.replica_type, t.replica_index) for t in targets],
             records,
             pods_per_replica=settings.pods_per_replica if settings else None,

@@ -5,7 +5,8 @@ same published inputs and so reaches the same answer without a further collectiv
 
 Inputs: per pod, the snapshots it holds (rank, step, shard key, bytes) and its plan, if one
 came; per rank, the shard key of its live (freshly built) state and the step of the last
-durable checkpoint the script names; the round's directive from rank 0's agent.
+durable checkpoint the script names (its ``WorkerRecord``); the round's directive from rank
+0's agent. Ranks map to pods through :class:`peer_recovery.protocol.layout.Layout`.
 
 Rules:
 
@@ -20,7 +21,7 @@ Rules:
 4. The step is the newest at which every rank is local or has a holder.
 5. Sources: the pod's plan when it names a pod whose rank at the same local position is a
    holder (``plannedBy`` as the plan says); otherwise the planner
-   (:func:`peer_recovery.planning.plan_sources`) runs in-band on the pods' records
+   (:func:`peer_recovery.contract.planning.assign_sources`) runs in-band on the pods' records
    (``plannedBy: runtime``); a planned source that does not hold the key is replaced by the
    least-loaded holder, lowest rank first.
 6. No step qualifies: every rank falls back to the checkpoint, with the reason.
@@ -34,28 +35,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from peer_recovery.contract.names import Mode, PlannedBy
-from peer_recovery.contract.planning import PodRecord, plan_sources
-from peer_recovery.plan_sources import PlanEntry
+from peer_recovery.contract.planning import PodRecord, assign_sources
+from peer_recovery.protocol.layout import Layout
+from peer_recovery.protocol.records import Holding, PlanEntry, WorkerRecord
 
-__all__ = [
-    "Action",
-    "Agreement",
-    "Holding",
-    "PodReport",
-    "RankReport",
-    "Role",
-    "agree",
-]
-
-
-@dataclass(frozen=True)
-class Holding:
-    """One snapshot a pod holds: whose rank's state, at which step, under which shard key."""
-
-    rank: int
-    step: int
-    shard_key: str
-    nbytes: int = 0
+__all__ = ["Action", "Agreement", "PodReport", "Role", "agree"]
 
 
 @dataclass(frozen=True)
@@ -66,15 +50,6 @@ class PodReport:
     holdings: tuple[Holding, ...] = ()
     plan: PlanEntry | None = None
     host: str | None = None
-
-
-@dataclass(frozen=True)
-class RankReport:
-    """What one worker published: the shard key of its live state, its checkpoint step."""
-
-    rank: int
-    shard_key: str
-    checkpoint_step: int | None = None
 
 
 class Action(str, enum.Enum):
@@ -124,14 +99,14 @@ def agree(
     nnodes: int,
     world_size: int,
     pods: Sequence[PodReport],
-    ranks: Sequence[RankReport],
+    ranks: Sequence[WorkerRecord],
     load_checkpoint: str | None = None,
     pods_per_replica: int | None = None,
 ) -> Agreement:
     """Decide the round (module docstring, rules 1-6). Raises ValueError on malformed input."""
     if nnodes < 1 or world_size < nnodes or world_size % nnodes:
         raise ValueError(f"world size {world_size} is not a multiple of {nnodes} nodes")
-    per_pod = world_size // nnodes
+    layout = Layout(nnodes, world_size)
     if load_checkpoint:
         return _fallback(f"loading the checkpoint: {load_checkpoint}")
     live = {r.rank: r for r in ranks}
@@ -144,8 +119,8 @@ def agree(
         raise ValueError(f"no report from pods {missing}")
     floors = [r.checkpoint_step for r in ranks if r.checkpoint_step is not None]
     floor = max(floors) if floors else None
-    # A pod's snapshots count only for its own ranks (pinned: pod o runs o*per_pod...).
-    holdings = [h for p in pods for h in p.holdings if h.rank // per_pod == p.ordinal]
+    # A pod's snapshots count only for its own ranks (pinned: see Layout).
+    holdings = [h for p in pods for h in p.holdings if layout.pod_of(h.rank) == p.ordinal]
     steps = sorted({h.step for h in holdings if floor is None or h.step >= floor}, reverse=True)
     if not steps:
         newer = f" at or after checkpoint step {floor}" if floor is not None else ""
@@ -163,12 +138,12 @@ def agree(
         if orphans:
             first_failure = first_failure or _orphan_reason(step, orphans, live, holders, floor)
             continue
-        return _assign(step, live, local, holders, by_pod, per_pod, pods_per_replica)
+        return _assign(step, live, local, holders, by_pod, layout, pods_per_replica)
     return _fallback(f"{first_failure}; every rank loads the checkpoint")
 
 
 def _peers(
-    rank: int, live: Mapping[int, RankReport], holders: Mapping[str, list[int]], local: set[int]
+    rank: int, live: Mapping[int, WorkerRecord], holders: Mapping[str, list[int]], local: set[int]
 ) -> list[int]:
     """Ranks that can send ``rank`` its state: they hold its key and restore it locally."""
     return sorted(h for h in holders.get(live[rank].shard_key, ()) if h != rank and h in local)
@@ -177,7 +152,7 @@ def _peers(
 def _orphan_reason(
     step: int,
     orphans: list[int],
-    live: Mapping[int, RankReport],
+    live: Mapping[int, WorkerRecord],
     holders: Mapping[str, list[int]],
     floor: int | None,
 ) -> str:
@@ -193,11 +168,11 @@ def _orphan_reason(
 
 def _assign(
     step: int,
-    live: Mapping[int, RankReport],
+    live: Mapping[int, WorkerRecord],
     local: set[int],
     holders: Mapping[str, list[int]],
     by_pod: Mapping[int, PodReport],
-    per_pod: int,
+    layout: Layout,
     pods_per_replica: int | None,
 ) -> Agreement:
     receivers = sorted(set(live) - local)
@@ -211,9 +186,9 @@ def _assign(
     # Rule 5, first: plans that came from the plan source.
     unplanned: list[int] = []
     for rank in receivers:
-        plan = by_pod[rank // per_pod].plan
+        plan = by_pod[layout.pod_of(rank)].plan
         if plan is not None and plan.mode is Mode.PEER and plan.source is not None:
-            candidate = plan.source * per_pod + rank % per_pod
+            candidate = layout.same_position(plan.source, rank)
             if holds(candidate, rank):
                 sources[rank], planned_by[rank] = candidate, plan.planned_by
                 load[candidate] += 1
@@ -221,30 +196,30 @@ def _assign(
         unplanned.append(rank)
     # Then the planner, in-band, on pod records derived from this step's holdings.
     if unplanned:
-        targets = sorted({r // per_pod for r in unplanned})
+        targets = sorted({layout.pod_of(r) for r in unplanned})
         records = [
             PodRecord(
                 ordinal=o,
-                ready=all(r in local for r in range(o * per_pod, (o + 1) * per_pod)),
+                ready=all(r in local for r in layout.ranks_of(o)),
                 rejoining=o in targets,
                 node=by_pod[o].host,
                 name=f"pod {o}",
             )
             for o in sorted(by_pod)
         ]
-        busy = [s // per_pod for s in sources.values()]
+        busy = [layout.pod_of(s) for s in sources.values()]
         try:
             chosen = {
                 a.target: a.source
-                for a in plan_sources(
+                for a in assign_sources(
                     targets, records, pods_per_replica=pods_per_replica, busy_sources=busy
                 )
             }
         except ValueError:
             chosen = {}
         for rank in unplanned:
-            pod_source = chosen.get(rank // per_pod)
-            candidate = None if pod_source is None else pod_source * per_pod + rank % per_pod
+            pod_source = chosen.get(layout.pod_of(rank))
+            candidate = None if pod_source is None else layout.same_position(pod_source, rank)
             if candidate is None or not holds(candidate, rank):
                 candidate = min(_peers(rank, live, holders, local), key=lambda h: (load[h], h))
             sources[rank], planned_by[rank] = candidate, PlannedBy.RUNTIME

@@ -1,19 +1,20 @@
-"""Peer restore in the worker: read the round, agree, move the bytes, then the vote.
+"""Peer restore in the worker: join the round, agree, and give the restore its transport.
 
-``PeerRecovery.restore(checkpoint_step)`` calls :func:`restore` when the worker runs under
-the ``peer-recovery`` rendezvous plugin (:func:`in_round`); it then:
+:class:`peer_recovery.recovery.PeerRecovery` (the facade) calls down into this module when
+the worker runs under the ``peer-recovery`` rendezvous plugin (:func:`in_round`); nothing
+here calls back into it. A :class:`RoundSession`
 
 1. publishes this rank's live shard key and ``checkpoint_step`` under the round's prefix;
-2. reads what every pod's agent published (snapshot manifests, plans) and every rank's
+2. reads what every pod's agent published (snapshot holdings, plans) and every rank's
    record, and computes the agreement (:mod:`peer_recovery.agreement`): resume step and
-   roles, shard keys verified before any byte moves;
+   roles, shard keys verified before any byte moves; it returns this rank's
+   :class:`~peer_recovery.rank_plan.RankPlan`, or None (load the checkpoint);
 3. builds a gloo process group of only the ranks that send or receive (on the rendezvous
-   store, under the round's prefix) and hands ``PeerRecovery.restore`` this rank's
-   ``RankPlan`` and a transport; ``restore`` loads, sends or receives, then runs the
-   all-or-nothing vote.
+   store, under the round's prefix) and the transport on it;
+4. publishes the agreement and the restore's result as records of the round's store
+   protocol, for the pod's agent to report (workers never talk to the API server).
 
-Not under the plugin (no round in the environment), it is ``PeerRecovery.restore``. When
-the agreement says "load the checkpoint", every rank returns None without a vote: all
+When the agreement says "load the checkpoint", every rank returns None without a vote: all
 ranks computed the same agreement from the same published inputs.
 
 A transport failure ends the process with ``EXIT_TRANSFER_FAILED`` (75) after leaving a
@@ -33,24 +34,29 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
-from peer_recovery.agreement import Action, Agreement, Holding, PodReport, RankReport, agree
-from peer_recovery.kube import outcome as _outcome  # what the agent reports (cluster)
-from peer_recovery.plan_sources import PlanEntry
-from peer_recovery.rendezvous import exchange
-from peer_recovery.rendezvous.manifests import canonical_key
-from peer_recovery.rendezvous.round import directive_key, plan_key
-
-if TYPE_CHECKING:
-    from peer_recovery.recovery import PeerRecovery, RestoreResult
+from peer_recovery.agreement import Action, Agreement, PodReport, agree
+from peer_recovery.protocol import keys
+from peer_recovery.protocol.codec import ExchangeError, publish, read_all
+from peer_recovery.protocol.layout import Layout
+from peer_recovery.protocol.records import (
+    AgentRecord,
+    Directive,
+    LoadCheckpointMarker,
+    PlanRecord,
+    RankAgreed,
+    RankResult,
+    WorkerRecord,
+)
+from peer_recovery.rank_plan import RankPlan
 
 __all__ = [
     "ENV_TRANSFER_TIMEOUT",
     "EXIT_TRANSFER_FAILED",
     "RoundContext",
+    "RoundSession",
     "in_round",
-    "restore",
 ]
 
 log = logging.getLogger("peer_recovery.peer_restore")
@@ -74,197 +80,203 @@ class RoundContext:
     round_no: int
     nnodes: int
     run_id: str
+    ordinal: int
+    local_rank: int
+    local_world_size: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RoundContext | None:
-        if not env.get(exchange.ENV_ROUND_PREFIX):
+        if not env.get(keys.ENV_ROUND_PREFIX):
             return None
-        host, _, port = env[exchange.ENV_STORE].rpartition(":")
+        host, _, port = env[keys.ENV_STORE].rpartition(":")
         return cls(
             host,
             int(port),
-            env[exchange.ENV_ROUND_PREFIX],
-            int(env[exchange.ENV_ROUND]),
-            int(env[exchange.ENV_NNODES]),
+            env[keys.ENV_ROUND_PREFIX],
+            int(env[keys.ENV_ROUND]),
+            int(env[keys.ENV_NNODES]),
             env.get("TORCHELASTIC_RUN_ID", ""),
+            int(env.get(keys.ENV_ORDINAL, "0")),
+            int(env.get("LOCAL_RANK", "0")),
+            int(env.get("LOCAL_WORLD_SIZE", "1")),
         )
 
 
 def in_round(env: Mapping[str, str] | None = None) -> bool:
     """True in a worker started by torchrun under the ``peer-recovery`` rendezvous backend."""
-    return bool((os.environ if env is None else env).get(exchange.ENV_ROUND_PREFIX))
+    return bool((os.environ if env is None else env).get(keys.ENV_ROUND_PREFIX))
 
 
-def restore(
-    recovery: PeerRecovery,
-    checkpoint_step: int | None = None,
-    *,
-    env: Mapping[str, str] | None = None,
-) -> RestoreResult | None:
-    """Restore ``recovery``'s state from local snapshots or peers; None: load the checkpoint."""
-    env = os.environ if env is None else env
-    ctx = RoundContext.from_env(env)
-    if ctx is None:
-        return recovery.restore(checkpoint_step)
-    from torch.distributed import TCPStore
+class RoundSession:
+    """One worker's part in this round's exchange (see the module docstring)."""
 
-    timeout = recovery.vote_timeout_s
-    store = TCPStore(ctx.host, ctx.port, is_master=False, timeout=timedelta(seconds=timeout))
-    try:
-        agreement = _agree(recovery, store, ctx, checkpoint_step, timeout)
-    except (exchange.ExchangeError, ValueError) as error:
-        log.warning("peer-recovery: rank %d: no agreement this round: %s", recovery.rank, error)
-        why = f"no agreement: {error}"
-        _outcome.publish_agreed(
-            store, ctx.prefix, recovery.rank, None, per_pod=1, reason=why, env=env
-        )
-        return None
-    log.info("peer-recovery: round %d: %s", ctx.round_no, agreement.reason)
-    per_pod = max(1, recovery.world_size // max(1, ctx.nnodes))
-    _outcome.publish_agreed(store, ctx.prefix, recovery.rank, agreement, per_pod=per_pod, env=env)
-    if not agreement.ok:
-        log.warning("peer-recovery: restore falls back to the checkpoint: %s", agreement.reason)
-        return None
-    from peer_recovery.recovery import RankPlan
+    def __init__(
+        self, ctx: RoundContext, store: Any, rank: int, world_size: int, env: Mapping[str, str]
+    ) -> None:
+        self.ctx, self.store, self.rank, self.world_size = ctx, store, rank, world_size
+        self.env = env
+        self.agreement: Agreement | None = None
 
-    role = agreement.roles[recovery.rank]
-    assert agreement.step is not None
-    plan = RankPlan(
-        agreement.step,
-        receive_from=role.source if role.action is Action.PEER else None,
-        send_to=role.send_to,
-    )
-    transport = None
-    if recovery.rank in agreement.movers:
-        transfer_timeout = float(env.get(ENV_TRANSFER_TIMEOUT) or DEFAULT_TRANSFER_TIMEOUT_S)
-        transport = _transport(recovery, store, ctx, agreement.movers, transfer_timeout, env)
-    result = recovery.restore(checkpoint_step, plan=plan, transport=transport)
-    _outcome.publish_result(store, ctx.prefix, recovery.rank, result, env=env)
-    return result
+    @classmethod
+    def join(
+        cls, rank: int, world_size: int, *, timeout: float, env: Mapping[str, str] | None = None
+    ) -> RoundSession | None:
+        """Connect to the round's store; None when not running under the plugin."""
+        env = os.environ if env is None else env
+        ctx = RoundContext.from_env(env)
+        if ctx is None:
+            return None
+        from torch.distributed import TCPStore
 
+        store = TCPStore(ctx.host, ctx.port, is_master=False, timeout=timedelta(seconds=timeout))
+        return cls(ctx, store, rank, world_size, env)
 
-def _live_shard_key(recovery: PeerRecovery) -> str:
-    """The live state's key as snapshots record it (optimizer state created, then undone)."""
-    undo = recovery.state.materialize()
-    try:
-        return canonical_key(recovery.shard_key(recovery.state.flat()).to_json())
-    finally:
-        if undo is not None:
-            undo()
-
-
-def _agree(
-    recovery: PeerRecovery,
-    store: Any,
-    ctx: RoundContext,
-    checkpoint_step: int | None,
-    timeout: float,
-) -> Agreement:
-    me = {
-        "rank": recovery.rank,
-        "shard_key": _live_shard_key(recovery),
-        "checkpoint_step": checkpoint_step,
-    }
-    store.set(exchange.worker_key(ctx.prefix, recovery.rank), exchange.encode(me))
-    (directive,) = exchange.read_all(store, [directive_key(ctx.prefix)], timeout, "directive")
-    agents = exchange.read_all(
-        store, [exchange.agent_key(ctx.prefix, o) for o in range(ctx.nnodes)], timeout, "agents"
-    )
-    plans = exchange.read_all(
-        store, [plan_key(ctx.prefix, o) for o in range(ctx.nnodes)], timeout, "plans"
-    )
-    for agent, plan in zip(agents, plans, strict=True):
-        agent["plan"] = plan.get("plan")
-    workers = exchange.read_all(
-        store,
-        [exchange.worker_key(ctx.prefix, r) for r in range(recovery.world_size)],
-        timeout,
-        "workers",
-    )
-    return agree(
-        nnodes=ctx.nnodes,
-        world_size=recovery.world_size,
-        pods=[_pod_report(a) for a in agents],
-        ranks=[_rank_report(w) for w in workers],
-        load_checkpoint=directive.get("load_checkpoint"),
-        pods_per_replica=directive.get("pods_per_replica"),
-    )
-
-
-def _pod_report(raw: Mapping[str, Any]) -> PodReport:
-    try:
-        holdings = tuple(
-            Holding(int(h["rank"]), int(h["step"]), str(h["shard_key"]), int(h.get("nbytes", 0)))
-            for h in raw["holdings"]
-        )
-        plan = raw.get("plan")
-        ordinal = int(raw["ordinal"])
-        return PodReport(
-            ordinal,
-            holdings,
-            None if plan is None else PlanEntry.from_json(plan, f"pod {ordinal}'s plan"),
-            str(raw.get("host") or "") or None,
-        )
-    except (KeyError, TypeError, ValueError) as error:
-        raise exchange.ExchangeError(f"malformed agent record: {error}") from None
-
-
-def _rank_report(raw: Mapping[str, Any]) -> RankReport:
-    try:
-        step = raw.get("checkpoint_step")
-        return RankReport(
-            int(raw["rank"]), str(raw["shard_key"]), None if step is None else int(step)
-        )
-    except (KeyError, TypeError, ValueError) as error:
-        raise exchange.ExchangeError(f"malformed worker record: {error}") from None
-
-
-def _transport(
-    recovery: PeerRecovery,
-    store: Any,
-    ctx: RoundContext,
-    members: Sequence[int],
-    timeout: float,
-    env: Mapping[str, str],
-) -> _RecoveryTransport:
-    """A gloo group of the ranks that move bytes, and the transport on it."""
-    import torch.distributed as dist
-
-    from peer_recovery.transport import PGTransport
-
-    pg_store = dist.PrefixStore(f"{ctx.prefix}pg/", store)
-    pg = dist.ProcessGroupGloo(
-        pg_store, members.index(recovery.rank), len(members), timedelta(seconds=timeout)
-    )
-    wire = _DiesMidStream(pg) if env.get(_ENV_FAULT) == "sender-dies-midstream" else pg
-    device = _state_device(recovery)
-    inner = PGTransport(wire, timeout, device, state_dict=recovery.template)
-    marker = exchange.load_checkpoint_key(ctx.run_id)
-
-    def fail(error: BaseException) -> None:
-        reason = f"round {ctx.round_no}: rank {recovery.rank}: {error}".splitlines()[0]
-        log.error(
-            "peer-recovery: transfer failed, exiting with %d: %s", EXIT_TRANSFER_FAILED, reason
-        )
+    def agree(
+        self, live_shard_key: str, checkpoint_step: int | None, timeout: float
+    ) -> RankPlan | None:
+        """This rank's plan for the round, or None: every rank loads the checkpoint."""
+        ctx = self.ctx
         try:
-            store.set(marker, exchange.encode({"round": ctx.round_no, "reason": reason}))
-        finally:
-            logging.shutdown()
-            sys.stderr.flush()
-            os._exit(EXIT_TRANSFER_FAILED)
+            agreement = self._agree(live_shard_key, checkpoint_step, timeout)
+        except (ExchangeError, ValueError) as error:
+            log.warning("peer-recovery: rank %d: no agreement this round: %s", self.rank, error)
+            self._publish_agreed(None, f"no agreement: {error}")
+            return None
+        log.info("peer-recovery: round %d: %s", ctx.round_no, agreement.reason)
+        self.agreement = agreement
+        self._publish_agreed(agreement, "")
+        if not agreement.ok:
+            log.warning("peer-recovery: restore falls back to the checkpoint: %s", agreement.reason)
+            return None
+        role = agreement.roles[self.rank]
+        assert agreement.step is not None
+        return RankPlan(
+            agreement.step,
+            receive_from=role.source if role.action is Action.PEER else None,
+            send_to=role.send_to,
+        )
 
-    return _RecoveryTransport(inner, list(members), pg, fail, recovery.template)
+    def moves_bytes(self) -> bool:
+        """Does this rank send or receive (and so need a transport)?"""
+        return self.agreement is not None and self.rank in self.agreement.movers
 
+    def transport(self, template: Callable[[], object], device: Any) -> _RecoveryTransport:
+        """A gloo group of the ranks that move bytes, and the transport on it."""
+        import torch.distributed as dist
 
-def _state_device(recovery: PeerRecovery) -> Any:
-    """Where the registered model lives (fresh received tensors go there); CPU by default."""
-    import torch
+        from peer_recovery.transport import PGTransport
 
-    for obj in recovery.state.objects.values():
-        if isinstance(obj, torch.nn.Module):
-            for tensor in (*obj.parameters(), *obj.buffers()):
-                return tensor.device
-    return torch.device("cpu")
+        assert self.agreement is not None
+        members = self.agreement.movers
+        ctx, env = self.ctx, self.env
+        timeout = float(env.get(ENV_TRANSFER_TIMEOUT) or DEFAULT_TRANSFER_TIMEOUT_S)
+        pg_store = dist.PrefixStore(keys.pg_prefix(ctx.prefix), self.store)
+        pg = dist.ProcessGroupGloo(
+            pg_store, members.index(self.rank), len(members), timedelta(seconds=timeout)
+        )
+        wire = _DiesMidStream(pg) if env.get(_ENV_FAULT) == "sender-dies-midstream" else pg
+        inner = PGTransport(wire, timeout, device, state_dict=template)
+        marker_key = keys.load_checkpoint_key(ctx.run_id)
+        store, rank = self.store, self.rank
+
+        def fail(error: BaseException) -> None:
+            reason = f"round {ctx.round_no}: rank {rank}: {error}".splitlines()[0]
+            log.error(
+                "peer-recovery: transfer failed, exiting with %d: %s", EXIT_TRANSFER_FAILED, reason
+            )
+            try:
+                publish(store, marker_key, LoadCheckpointMarker(ctx.round_no, reason))
+            finally:
+                logging.shutdown()
+                sys.stderr.flush()
+                os._exit(EXIT_TRANSFER_FAILED)
+
+        return _RecoveryTransport(inner, list(members), pg, fail, template)
+
+    def report(self, result: Any) -> None:
+        """Publish whether this rank restored (``result``: a ``RestoreResult`` or None), for
+        the pod's agent. Never raises: reporting must not break a recovery."""
+        ctx = self.ctx
+        try:
+            record = RankResult(
+                rank=self.rank,
+                restored=result is not None,
+                step=None if result is None else result.step,
+                bytes=0 if result is None else int(result.bytes),
+                seconds=0.0 if result is None else float(result.seconds),
+            )
+            publish(self.store, keys.result_key(ctx.prefix, ctx.ordinal, ctx.local_rank), record)
+        except Exception as error:
+            log.warning("peer-recovery: could not publish the restore result: %s", error)
+
+    # --- the exchange ----------------------------------------------------------------------
+
+    def _agree(self, live_shard_key: str, checkpoint_step: int | None, timeout: float) -> Agreement:
+        ctx, store = self.ctx, self.store
+        me = WorkerRecord(self.rank, live_shard_key, checkpoint_step)
+        publish(store, keys.worker_key(ctx.prefix, self.rank), me)
+        directive_key = keys.directive_key(ctx.prefix)
+        (raw_directive,) = read_all(store, [directive_key], timeout, "directive")
+        directive = Directive.from_json(raw_directive, directive_key)
+        pods = range(ctx.nnodes)
+        agent_keys = [keys.agent_key(ctx.prefix, o) for o in pods]
+        plan_keys = [keys.plan_key(ctx.prefix, o) for o in pods]
+        worker_keys = [keys.worker_key(ctx.prefix, r) for r in range(self.world_size)]
+        agents = [
+            AgentRecord.from_json(raw, key)
+            for raw, key in zip(
+                read_all(store, agent_keys, timeout, "agents"), agent_keys, strict=True
+            )
+        ]
+        plans = [
+            PlanRecord.from_json(raw, key).plan
+            for raw, key in zip(
+                read_all(store, plan_keys, timeout, "plans"), plan_keys, strict=True
+            )
+        ]
+        workers = [
+            WorkerRecord.from_json(raw, key)
+            for raw, key in zip(
+                read_all(store, worker_keys, timeout, "workers"), worker_keys, strict=True
+            )
+        ]
+        return agree(
+            nnodes=ctx.nnodes,
+            world_size=self.world_size,
+            pods=[
+                PodReport(a.ordinal, a.holdings, plan, a.host or None)
+                for a, plan in zip(agents, plans, strict=True)
+            ],
+            ranks=workers,
+            load_checkpoint=directive.load_checkpoint,
+            pods_per_replica=directive.pods_per_replica,
+        )
+
+    def _publish_agreed(self, agreement: Agreement | None, reason: str) -> None:
+        """This rank's view of ``agreement`` (None when none was reached: ``reason`` says
+        why), for the pod's agent. Never raises."""
+        ctx = self.ctx
+        try:
+            role = None if agreement is None else agreement.roles.get(self.rank)
+            source = None if role is None else role.source
+            record = RankAgreed(
+                rank=self.rank,
+                local_world_size=ctx.local_world_size,
+                ok=bool(agreement is not None and agreement.ok),
+                step=None if agreement is None else agreement.step,
+                action=None if role is None else role.action.value,
+                source_ordinal=None if source is None else self._layout().pod_of(source),
+                planned_by=None
+                if role is None or role.planned_by is None
+                else role.planned_by.value,
+                reason=reason or ("" if agreement is None else agreement.reason),
+            )
+            publish(self.store, keys.agreed_key(ctx.prefix, ctx.ordinal, ctx.local_rank), record)
+        except Exception as error:  # reporting must never break a recovery
+            log.warning("peer-recovery: could not publish the agreement for the agent: %s", error)
+
+    def _layout(self) -> Layout:
+        return Layout(self.ctx.nnodes, self.world_size)
 
 
 class _DiesMidStream:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import enum
 import logging
 import os
 import time
@@ -35,6 +34,9 @@ from typing import Any
 
 import torch.distributed as dist
 
+from peer_recovery import peer_restore
+from peer_recovery.protocol.records import canonical_key
+from peer_recovery.rank_plan import RankPlan, Role
 from peer_recovery.shard_key import ShardKey
 from peer_recovery.snapshots import settings
 from peer_recovery.snapshots.live import LiveState, Stateful, flat_digest
@@ -51,36 +53,6 @@ __all__ = ["PeerRecovery", "RankPlan", "RestoreResult", "Role"]
 log = logging.getLogger("peer_recovery.recovery")
 
 DEFAULT_VOTE_TIMEOUT_S = 120.0
-
-
-class Role(str, enum.Enum):
-    LOCAL = "local"  # load this rank's own snapshot
-    RECEIVE = "receive"  # receive the state from a peer holding the same shard
-    SEND = "send"  # load the own snapshot, then stream it to peers
-
-
-@dataclass(frozen=True)
-class RankPlan:
-    """This rank's part in a restore, as the agreement step decided it.
-
-    ``step`` is the agreed resume step; ``receive_from`` the global rank streaming to this
-    rank (role RECEIVE); ``send_to`` the ranks this rank streams its stored ``step`` to
-    after loading it (role SEND). Neither set: role LOCAL.
-    """
-
-    step: int
-    receive_from: int | None = None
-    send_to: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.receive_from is not None and self.send_to:
-            raise ValueError("a rank that receives its state cannot also send it")
-
-    @property
-    def role(self) -> Role:
-        if self.receive_from is not None:
-            return Role.RECEIVE
-        return Role.SEND if self.send_to else Role.LOCAL
 
 
 @dataclass(frozen=True)
@@ -232,17 +204,55 @@ class PeerRecovery:
 
         Every rank must call this, with the same ``checkpoint_step``; every rank takes part
         in the same collectives whatever fails locally, so a failure never turns into a
-        hang. ``plan`` and ``transport`` (a ``peer_recovery.transport.PGTransport``) come
-        from the agreement step of the peer-restore work; without them all ranks restore
-        locally, at the newest step every rank holds intact. Under torchrun's
-        ``peer-recovery`` rendezvous backend, a call without them goes through the
-        round's agreement first (``peer_recovery.peer_restore``), which calls back here.
+        hang. ``plan`` and ``transport`` (a ``peer_recovery.transport.PGTransport``) say
+        this rank's part; without them all ranks restore locally, at the newest step every
+        rank holds intact. Under torchrun's ``peer-recovery`` rendezvous backend, a call
+        without them first joins the round's agreement (:mod:`peer_recovery.peer_restore`),
+        which gives this rank its plan and transport.
         """
         if plan is None and transport is None:
-            from peer_recovery import peer_restore
+            session = peer_restore.RoundSession.join(
+                self.rank, self.world_size, timeout=self.vote_timeout_s
+            )
+            if session is not None:
+                return self._restore_in_round(session, checkpoint_step)
+        return self._restore(checkpoint_step, plan, transport)
 
-            if peer_restore.in_round():
-                return peer_restore.restore(self, checkpoint_step)
+    def _restore_in_round(
+        self, session: peer_restore.RoundSession, checkpoint_step: int | None
+    ) -> RestoreResult | None:
+        plan = session.agree(self._live_shard_key(), checkpoint_step, self.vote_timeout_s)
+        if plan is None:
+            return None
+        transport = (
+            session.transport(self.template, self._device()) if session.moves_bytes() else None
+        )
+        result = self._restore(checkpoint_step, plan, transport)
+        session.report(result)
+        return result
+
+    def _live_shard_key(self) -> str:
+        """The live state's key as snapshots record it (optimizer state created, then undone)."""
+        undo = self.state.materialize()
+        try:
+            return canonical_key(self.shard_key(self.state.flat()).to_json())
+        finally:
+            if undo is not None:
+                undo()
+
+    def _device(self) -> Any:
+        """Where the registered model lives (fresh received tensors go there); CPU by default."""
+        import torch
+
+        for obj in self.state.objects.values():
+            if isinstance(obj, torch.nn.Module):
+                for tensor in (*obj.parameters(), *obj.buffers()):
+                    return tensor.device
+        return torch.device("cpu")
+
+    def _restore(
+        self, checkpoint_step: int | None, plan: RankPlan | None, transport: Any
+    ) -> RestoreResult | None:
         self.wait()
         started = time.perf_counter()
         pg = self._vote_group()

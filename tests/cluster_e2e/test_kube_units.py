@@ -19,12 +19,12 @@ from peer_recovery.contract.errors import ApiError, Conflict, Unreachable
 from peer_recovery.contract.moves import Move
 from peer_recovery.contract.names import ConditionReason
 from peer_recovery.contract.records import for_target
-from peer_recovery.kube.identity import PodIdentity, pod_identity
-from peer_recovery.kube.outcome import RankAgreed, RankResult
+from peer_recovery.kube.identity import pod_identity
 from peer_recovery.kube.plans import KubePlanSource, read_plan
 from peer_recovery.kube.report import PodRound, moves, runtime_record
-from peer_recovery.kube.setup import cluster_plan_source
+from peer_recovery.kube.setup import cluster_integration
 from peer_recovery.kube.status import apply_moves, deliver
+from peer_recovery.protocol.records import PodIdentity, RankAgreed, RankResult
 
 ME = PodIdentity("ddp-worker-1", "uid-new", "ns", "ddp", "worker", 1, "node-2")
 SOURCE = PodIdentity("ddp-master-0", "uid-m", "ns", "ddp", "master", 0, "node-0")
@@ -68,13 +68,13 @@ def test_identity_from_downward_api_env() -> None:
 
 def test_plan_source_selection() -> None:
     env = {"POD_NAME": "j-master-0", "POD_UID": "u", "POD_NAMESPACE": "n"}
-    assert cluster_plan_source({}, {}) is None
-    assert cluster_plan_source({"plan_source": "none"}, env) is None
-    assert cluster_plan_source({}, env) is not None
+    assert cluster_integration({}, {}) is None
+    assert cluster_integration({"plan_source": "none"}, env) is None
+    assert cluster_integration({}, env) is not None
     with pytest.raises(ValueError, match="needs the pod identity env"):
-        cluster_plan_source({}, {"PEER_RECOVERY_PLAN_SOURCE": "kubernetes"})
+        cluster_integration({}, {"PEER_RECOVERY_PLAN_SOURCE": "kubernetes"})
     with pytest.raises(ValueError, match="not one of"):
-        cluster_plan_source({"plan_source": "etcd"}, env)
+        cluster_integration({"plan_source": "etcd"}, env)
 
 
 # --- reading the plan -----------------------------------------------------------------------

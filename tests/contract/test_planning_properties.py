@@ -7,7 +7,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer_recovery.contract.planning import PodRecord, plan_sources
+from peer_recovery.contract.planning import PodRecord, assign_sources
 
 NODES = st.sampled_from([None, "n1", "n2", "n3"])
 ZONES = st.sampled_from([None, "z1", "z2"])
@@ -57,7 +57,7 @@ def test_a_plan_only_names_healthy_pods_of_the_same_shard_position(job: tuple) -
     pods, targets, k, busy = job
     by_ordinal = {p.ordinal: p for p in pods}
     kk = k or 1
-    plan = plan_sources(targets, pods, pods_per_replica=k, busy_sources=busy)
+    plan = assign_sources(targets, pods, pods_per_replica=k, busy_sources=busy)
     assert [a.target for a in plan] == sorted(targets)
     for assignment in plan:
         assert assignment.reason
@@ -77,12 +77,14 @@ def test_a_plan_only_names_healthy_pods_of_the_same_shard_position(job: tuple) -
 @given(jobs(), st.randoms(use_true_random=False))
 def test_a_plan_does_not_depend_on_input_order(job: tuple, random: object) -> None:
     pods, targets, k, busy = job
-    expected = plan_sources(targets, pods, pods_per_replica=k, busy_sources=busy)
+    expected = assign_sources(targets, pods, pods_per_replica=k, busy_sources=busy)
     for _ in range(3):
         shuffled = [list(pods), list(targets), list(busy)]
         for part in shuffled:
             random.shuffle(part)  # type: ignore[attr-defined]
-        again = plan_sources(shuffled[1], shuffled[0], pods_per_replica=k, busy_sources=shuffled[2])
+        again = assign_sources(
+            shuffled[1], shuffled[0], pods_per_replica=k, busy_sources=shuffled[2]
+        )
         assert again == expected
 
 
@@ -94,7 +96,7 @@ def test_no_source_serves_more_targets_than_necessary(job: tuple) -> None:
     (in-flight recoveries included)."""
     pods, targets, k, busy = job
     kk = k or 1
-    plan = plan_sources(targets, pods, pods_per_replica=k, busy_sources=busy)
+    plan = assign_sources(targets, pods, pods_per_replica=k, busy_sources=busy)
     load = Counter(busy) + Counter(a.source for a in plan if a.source is not None)
     for assignment in plan:
         if assignment.source is None:
@@ -109,7 +111,7 @@ def test_no_source_serves_more_targets_than_necessary(job: tuple) -> None:
 def test_targets_spread_over_distinct_sources_when_enough_qualify(job: tuple) -> None:
     pods, targets, k, _ = job
     kk = k or 1
-    plan = plan_sources(targets, pods, pods_per_replica=k)
+    plan = assign_sources(targets, pods, pods_per_replica=k)
     by_position: dict[int, list[int]] = {}
     for assignment in plan:
         if assignment.source is not None:

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from peer_recovery.agreement import Action, Holding, PodReport, RankReport, agree
+from peer_recovery.agreement import Action, PodReport, agree
 from peer_recovery.contract.names import Mode, PlannedBy
-from peer_recovery.plan_sources import PlanEntry
+from peer_recovery.protocol.records import Holding, PlanEntry, WorkerRecord
 
 KEY = "full-replica"
 
@@ -22,8 +22,8 @@ def _pods(held: dict[int, list[int]], key_of=lambda r: KEY, plans=None) -> list[
     ]
 
 
-def _ranks(n: int, key_of=lambda r: KEY, checkpoint_step=None) -> list[RankReport]:
-    return [RankReport(r, key_of(r), checkpoint_step) for r in range(n)]
+def _ranks(n: int, key_of=lambda r: KEY, checkpoint_step=None) -> list[WorkerRecord]:
+    return [WorkerRecord(r, key_of(r), checkpoint_step) for r in range(n)]
 
 
 def test_everyone_local_resumes_at_the_newest_step_without_moving_bytes() -> None:
@@ -158,7 +158,7 @@ def test_several_ranks_per_pod_map_sources_position_by_position() -> None:
         PodReport(0, (Holding(0, 5, "a"), Holding(1, 5, "b"))),
         PodReport(1, ()),
     ]
-    ranks = [RankReport(0, "a"), RankReport(1, "b"), RankReport(2, "a"), RankReport(3, "b")]
+    ranks = [WorkerRecord(0, "a"), WorkerRecord(1, "b"), WorkerRecord(2, "a"), WorkerRecord(3, "b")]
     result = agree(nnodes=2, world_size=4, pods=pods, ranks=ranks)
     assert result.roles[2].source == 0 and result.roles[3].source == 1
     assert result.roles[0].send_to == (2,) and result.roles[1].send_to == (3,)

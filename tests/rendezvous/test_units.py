@@ -1,4 +1,5 @@
-"""The plugin's parts without torchrun: ordinals, launch checks, plan sources, the exchange."""
+"""The plugin's parts without torchrun: ordinals, launch checks, plan sources, the wiring,
+the store protocol's codec."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from peer_recovery.contract.names import Mode, PlannedBy
-from peer_recovery.plan_sources import LocalPlanSource, PlanEntry, PlanSourceError
-from peer_recovery.rendezvous import exchange
+from peer_recovery.plan_sources import LocalPlanSource, NoPlanSource
+from peer_recovery.protocol import codec, keys
+from peer_recovery.protocol.records import Holding, PlanEntry, PlanError
 from peer_recovery.rendezvous.identity import ordinal_from_env
 from peer_recovery.rendezvous.launch import LaunchConfigError, check_launch, launch_problems
-from peer_recovery.rendezvous.round import RoundPublisher, directive_key, plan_key
+from peer_recovery.rendezvous.round import RoundPublisher
 
 # --- identity ---------------------------------------------------------------------------
 
@@ -119,22 +121,22 @@ def test_a_malformed_plan_file_is_refused_with_what_was_wrong(
 ) -> None:
     path = tmp_path / "plan.json"
     path.write_text(document)
-    with pytest.raises(PlanSourceError, match=message) as caught:
+    with pytest.raises(PlanError, match=message) as caught:
         LocalPlanSource(path).plan_for(run_id="j", target=2, round_no=1, timeout=0)
     assert str(path) in str(caught.value)
 
 
-# --- the exchange -----------------------------------------------------------------------
+# --- the store protocol's codec -----------------------------------------------------------------------
 
 
 def test_values_from_the_store_are_json_objects_within_a_cap() -> None:
-    assert exchange.decode(exchange.encode({"a": 1}), "x") == {"a": 1}
-    with pytest.raises(exchange.ExchangeError, match="not valid JSON"):
-        exchange.decode(b"\x80\x04pickle", "agent 1")
-    with pytest.raises(exchange.ExchangeError, match="expected a JSON object"):
-        exchange.decode(b"[1]", "agent 1")
-    with pytest.raises(exchange.ExchangeError, match="exceeds"):
-        exchange.decode(b" " * (exchange.MAX_VALUE_BYTES + 1), "agent 1")
+    assert codec.decode(codec.encode({"a": 1}), "x") == {"a": 1}
+    with pytest.raises(codec.ExchangeError, match="not valid JSON"):
+        codec.decode(b"\x80\x04pickle", "agent 1")
+    with pytest.raises(codec.ExchangeError, match="expected a JSON object"):
+        codec.decode(b"[1]", "agent 1")
+    with pytest.raises(codec.ExchangeError, match="exceeds"):
+        codec.decode(b" " * (codec.MAX_VALUE_BYTES + 1), "agent 1")
 
 
 @pytest.fixture
@@ -159,26 +161,24 @@ class _CountingSource:
 
 
 def test_a_round_publishes_holdings_plans_and_consumes_a_load_checkpoint_marker(store) -> None:
-    run, prefix = "job", exchange.round_prefix("job", 7)
-    held = [{"rank": 1, "step": 5, "shard_key": "k", "nbytes": 10}]
+    run, prefix = "job", keys.round_prefix("job", 7)
+    held = [Holding(rank=1, step=5, shard_key="k", nbytes=10)]
     entry = PlanEntry(0, 1, Mode.PEER, PlannedBy.OPERATOR)
     source = _CountingSource(entry)
-    store.set(
-        exchange.load_checkpoint_key(run), exchange.encode({"reason": "round 6: rank 0 failed"})
-    )
+    store.set(keys.load_checkpoint_key(run), codec.encode({"reason": "round 6: rank 0 failed"}))
     # Pod 1 holds a snapshot: it publishes without asking for a plan.
     RoundPublisher(lambda: held, source).publish(store, run, 7, 1, 2)
     assert source.calls == 0
     # Pod 0 (rank 0's agent) rejoins empty: it asks, and publishes the directive once.
     RoundPublisher(lambda: [], source, plan_timeout=0.1).publish(store, run, 7, 0, 2)
     assert source.calls == 1
-    agent1 = exchange.decode(store.get(exchange.agent_key(prefix, 1)), "a")
-    assert agent1["holdings"] == held and agent1["ordinal"] == 1
-    assert exchange.decode(store.get(plan_key(prefix, 0)), "p")["plan"] == entry.to_json()
-    assert exchange.decode(store.get(plan_key(prefix, 1)), "p")["plan"] is None
-    directive = exchange.decode(store.get(directive_key(prefix)), "d")
+    agent1 = codec.decode(store.get(keys.agent_key(prefix, 1)), "a")
+    assert agent1["holdings"] == [h.to_json() for h in held] and agent1["ordinal"] == 1
+    assert codec.decode(store.get(keys.plan_key(prefix, 0)), "p")["plan"] == entry.to_json()
+    assert codec.decode(store.get(keys.plan_key(prefix, 1)), "p")["plan"] is None
+    directive = codec.decode(store.get(keys.directive_key(prefix)), "d")
     assert directive["load_checkpoint"] == "round 6: rank 0 failed"
-    assert not store.check([exchange.load_checkpoint_key(run)])  # consumed
+    assert not store.check([keys.load_checkpoint_key(run)])  # consumed
 
 
 def test_no_pod_waits_for_a_plan_when_no_pod_holds_a_snapshot(store) -> None:
@@ -200,13 +200,15 @@ def test_no_pod_waits_for_a_plan_when_no_pod_holds_a_snapshot(store) -> None:
     for thread in publishers:
         thread.join(timeout=60)
     assert source.calls == 0 and time.monotonic() - started < 30
-    prefix = exchange.round_prefix("job", 1)
-    assert all(exchange.decode(store.get(plan_key(prefix, o)), "p")["plan"] is None for o in (0, 1))
+    prefix = keys.round_prefix("job", 1)
+    assert all(
+        codec.decode(store.get(keys.plan_key(prefix, o)), "p")["plan"] is None for o in (0, 1)
+    )
 
 
 def test_importing_the_entry_point_is_cheap() -> None:
     code = (
-        "import sys, peer_recovery.rendezvous as r; r.handler_creator();"
+        "import sys, peer_recovery.plugin as r; r.handler_creator();"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'kubernetes', 'kopf'}))"
     )
     result = subprocess.run(
@@ -269,3 +271,21 @@ def test_every_handler_method_but_the_backend_name_is_forwarded(store) -> None:
         "get_backend",
         "next_rendezvous",
     }
+
+
+def test_the_wiring_chooses_the_plan_source_and_the_round_observers(tmp_path) -> None:
+    from peer_recovery.kube.plans import KubePlanSource
+    from peer_recovery.plugin import round_publisher
+
+    pod = {"POD_NAME": "j-worker-1", "POD_UID": "u", "POD_NAMESPACE": "n"}
+    plans = tmp_path / "plans.json"
+    from_file = round_publisher({"plan_file": str(plans)}, pod)
+    assert isinstance(from_file._plan_source, LocalPlanSource) and not from_file._observers
+    in_a_pod = round_publisher({}, pod)
+    assert isinstance(in_a_pod._plan_source, KubePlanSource)
+    assert len(in_a_pod._observers) == 1  # the cluster agent reports each round
+    alone = round_publisher({"plan_timeout": "3"}, {})
+    assert isinstance(alone._plan_source, NoPlanSource) and not alone._observers
+    assert alone._plan_timeout == 3.0
+    with pytest.raises(ValueError, match="plan_timeout"):
+        round_publisher({"plan_timeout": "soon"}, {})

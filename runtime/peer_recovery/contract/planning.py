@@ -1,7 +1,7 @@
 """The planner: which healthy pod streams its state to which rejoining pod.
 
 Pure, torch-free, no I/O, deterministic. The operator and the runtime's in-band fallback
-call the same :func:`plan_sources`, so they can never disagree about who streams to whom.
+call the same :func:`assign_sources`, so they can never disagree about who streams to whom.
 Its inputs are plain records that assume neither Kubernetes nor torch:
 
 - the operator builds a :class:`PodRecord` per pod from the API (Ready condition,
@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Assignment", "Locality", "PodRecord", "plan_sources", "shard_position"]
+__all__ = ["Assignment", "Locality", "PodRecord", "assign_sources", "shard_position"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def shard_position(ordinal: int, pods_per_replica: int | None) -> int:
     return ordinal % _replication(pods_per_replica)
 
 
-def plan_sources(
+def assign_sources(
     targets: Iterable[int],
     pods: Iterable[PodRecord],
     *,

@@ -1,16 +1,16 @@
 """The agent's side of cluster integration: one hook per rendezvous round, one reporter
 thread per round.
 
-:class:`ClusterAgent` is created by the plan-source selection when the pod has an identity
-(``POD_NAME``/``POD_UID``/``POD_NAMESPACE``). The rendezvous plugin's ``RoundPublisher``
-calls :meth:`ClusterAgent.round_published` after it has published this pod's manifests and
-plan; the agent then
+:class:`ClusterAgent` is created by the cluster integration (``setup``) when the pod has an
+identity (``POD_NAME``/``POD_UID``/``POD_NAMESPACE``). The rendezvous plugin's
+``RoundPublisher`` calls :meth:`ClusterAgent.round_published` after it has published this
+pod's manifests and plan; the agent then
 
 1. publishes this pod's identity under the round's prefix (``pod/<ordinal>``), so that the
    pod that rejoins can name its source in a runtime-planned PeerRecovery;
 2. ends the previous round's reporter wait (its round is over);
 3. starts a daemon thread that follows this pod's part of the round through its workers'
-   records (``outcome``), writes ``Streaming`` as soon as the agreement is in (one try),
+   ``outcome`` records, writes ``Streaming`` as soon as the agreement is in (one try),
    then the terminal phase once the results are in, retrying while the API server is
    unreachable, up to ``PEER_RECOVERY_STATUS_RETRY_S`` (default 120 s).
 
@@ -36,18 +36,12 @@ from typing import Any, Final
 from peer_recovery._env import nonnegative_seconds
 from peer_recovery.contract.records import for_target, job_uid
 from peer_recovery.kube.client import RecoveryApi
-from peer_recovery.kube.identity import PodIdentity
-from peer_recovery.kube.outcome import (
-    RankAgreed,
-    RankResult,
-    agreed_key,
-    result_key,
-    wait_records,
-)
 from peer_recovery.kube.plans import KubePlanSource
 from peer_recovery.kube.report import PodRound, moves, runtime_record
 from peer_recovery.kube.status import apply_moves, create_or_get, deliver
-from peer_recovery.rendezvous import exchange
+from peer_recovery.protocol import keys
+from peer_recovery.protocol.codec import ExchangeError, decode, publish, wait_records
+from peer_recovery.protocol.records import AgentRecord, PodIdentity, RankAgreed, RankResult
 
 __all__ = [
     "DEFAULT_REPORT_WAIT_S",
@@ -55,7 +49,6 @@ __all__ = [
     "ENV_REPORT_WAIT",
     "ENV_STATUS_RETRY",
     "ClusterAgent",
-    "identity_key",
 ]
 
 log = logging.getLogger("peer_recovery.kube.agent")
@@ -66,10 +59,6 @@ ENV_REPORT_WAIT: Final = "PEER_RECOVERY_REPORT_WAIT_S"
 #: How long the reporter waits for its workers' agreement, then for their results.
 DEFAULT_REPORT_WAIT_S: Final = 900.0
 _STORE_WAIT_S: Final = 120.0
-
-
-def identity_key(prefix: str, ordinal: int) -> str:
-    return f"{prefix}pod/{ordinal}"
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
@@ -111,9 +100,9 @@ class ClusterAgent:
     def round_published(
         self, store: Any, run_id: str, round_no: int, ordinal: int, nnodes: int
     ) -> None:
-        prefix = exchange.round_prefix(run_id, round_no)
+        prefix = keys.round_prefix(run_id, round_no)
         try:
-            store.set(identity_key(prefix, ordinal), exchange.encode(self.identity.to_json()))
+            publish(store, keys.identity_key(prefix, ordinal), self.identity)
         except Exception as error:  # never stop the job for reporting
             log.warning("peer-recovery: cannot publish this pod's identity: %s", error)
         self._register_flush()
@@ -181,27 +170,24 @@ class ClusterAgent:
         nnodes: int,
         over: threading.Event,
     ) -> None:
-        agents = wait_records(
-            store,
-            [exchange.agent_key(prefix, o) for o in range(nnodes)],
-            timeout=_STORE_WAIT_S,
-            stop=over,
-        )
-        if agents is None:
+        agent_keys = [keys.agent_key(prefix, o) for o in range(nnodes)]
+        raw_agents = wait_records(store, agent_keys, timeout=_STORE_WAIT_S, stop=over)
+        if raw_agents is None:
             return
-        mine = agents[ordinal].get("holdings") or []
-        rejoining = not mine and any(a.get("holdings") for a in agents)
+        agents = [AgentRecord.from_json(r, k) for r, k in zip(raw_agents, agent_keys, strict=True)]
+        rejoining = not agents[ordinal].holdings and any(a.holdings for a in agents)
         wait = self.report_wait
-        first = wait_records(store, [agreed_key(prefix, ordinal, 0)], timeout=wait, stop=over)
+        first_key = keys.agreed_key(prefix, ordinal, 0)
+        first = wait_records(store, [first_key], timeout=wait, stop=over)
         if first is None:
             log.info("peer-recovery: round %d: no agreement from this pod's workers", round_no)
             return
-        local_world = RankAgreed.from_json(first[0], "local rank 0").local_world_size
-        keys = [agreed_key(prefix, ordinal, r) for r in range(local_world)]
-        raw = wait_records(store, keys, timeout=wait, stop=over)
+        local_world = RankAgreed.from_json(first[0], first_key).local_world_size
+        agreed_keys = [keys.agreed_key(prefix, ordinal, r) for r in range(local_world)]
+        raw = wait_records(store, agreed_keys, timeout=wait, stop=over)
         if raw is None:
             return
-        agreed = [RankAgreed.from_json(r, k) for r, k in zip(raw, keys, strict=True)]
+        agreed = [RankAgreed.from_json(r, k) for r, k in zip(raw, agreed_keys, strict=True)]
         ledger = self.plan_source.ledger.get(round_no)
         identities = _identities(store, prefix, nnodes)
         pr = PodRound(
@@ -215,10 +201,12 @@ class ClusterAgent:
                     then="it is written with the final status", level=logging.WARNING)  # fmt: skip
         results = None
         if all(a.ok for a in agreed):
-            keys = [result_key(prefix, ordinal, r) for r in range(local_world)]
-            raw = wait_records(store, keys, timeout=wait, stop=over)
+            result_keys = [keys.result_key(prefix, ordinal, r) for r in range(local_world)]
+            raw = wait_records(store, result_keys, timeout=wait, stop=over)
             if raw is not None:
-                results = [RankResult.from_json(r, k) for r, k in zip(raw, keys, strict=True)]
+                results = [
+                    RankResult.from_json(r, k) for r, k in zip(raw, result_keys, strict=True)
+                ]
         final = dataclasses.replace(pr, results=results, ended=results is None)
         window = self.retry_window if rejoining else 0.0
         self._write(final, ordinal, rejoining, identities, deadline=time.monotonic() + window)
@@ -270,10 +258,10 @@ def _identities(store: Any, prefix: str, nnodes: int) -> dict[int, PodIdentity]:
     """The identities the round's agents published (those that are pods)."""
     found: dict[int, PodIdentity] = {}
     for ordinal in range(nnodes):
-        key = identity_key(prefix, ordinal)
+        key = keys.identity_key(prefix, ordinal)
         try:
             if store.check([key]):
-                found[ordinal] = PodIdentity.from_json(exchange.decode(store.get(key), key), key)
-        except (ValueError, exchange.ExchangeError) as error:
+                found[ordinal] = PodIdentity.from_json(decode(store.get(key), key), key)
+        except (ValueError, ExchangeError) as error:
             log.warning("peer-recovery: ignoring %s: %s", key, error)
     return found

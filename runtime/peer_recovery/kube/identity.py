@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Final
+
+from peer_recovery.protocol.records import PodIdentity
 
 __all__ = [
     "ENV_JOB_NAME",
@@ -27,7 +28,6 @@ __all__ = [
     "ENV_POD_NAMESPACE",
     "ENV_POD_UID",
     "IDENTITY_ENV",
-    "PodIdentity",
     "pod_identity",
 ]
 
@@ -44,45 +44,6 @@ IDENTITY_ENV: Final = {
 }
 
 _POD_NAME = re.compile(r"^(?P<job>.+)-(?P<type>[a-z0-9]+)-(?P<index>[0-9]+)$")
-
-
-@dataclass(frozen=True)
-class PodIdentity:
-    """This pod, as a PeerRecovery's ``spec.target`` / ``spec.source`` records it."""
-
-    pod: str
-    uid: str
-    namespace: str
-    job: str
-    replica_type: str
-    replica_index: int
-    node: str = ""
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "pod": self.pod,
-            "uid": self.uid,
-            "namespace": self.namespace,
-            "job": self.job,
-            "replicaType": self.replica_type,
-            "replicaIndex": self.replica_index,
-            "node": self.node,
-        }
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, object], where: str) -> PodIdentity:
-        """Parse what another agent published; errors name ``where``."""
-        try:
-            index = raw["replicaIndex"]
-            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-                raise ValueError(f"replicaIndex must be an int >= 0, got {index!r}")
-            fields = [raw[k] for k in ("pod", "uid", "namespace", "job", "replicaType")]
-            if not all(isinstance(f, str) and f for f in fields):
-                raise ValueError(f"pod, uid, namespace, job, replicaType must be text: {fields}")
-            node = raw.get("node") or ""
-            return cls(*fields, index, str(node))  # type: ignore[arg-type]
-        except (KeyError, ValueError) as error:
-            raise ValueError(f"{where}: malformed pod identity: {error}") from None
 
 
 def pod_identity(env: Mapping[str, str]) -> PodIdentity | None:

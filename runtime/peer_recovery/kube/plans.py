@@ -24,8 +24,7 @@ from peer_recovery.contract import names
 from peer_recovery.contract.errors import ApiError, Unreachable
 from peer_recovery.contract.records import for_target
 from peer_recovery.kube.client import RecoveryApi
-from peer_recovery.kube.identity import PodIdentity
-from peer_recovery.plan_sources import PlanEntry
+from peer_recovery.protocol.records import PlanEntry, PodIdentity
 
 __all__ = ["KubePlanSource", "PlanLedger", "PlanReading", "read_plan"]
 

@@ -1,7 +1,7 @@
 """Which status writes one round's outcome calls for (pure: no I/O, no clock).
 
-The agent learns from its workers (``outcome``) what the round's agreement decided for this
-pod's ranks and whether their restore and the all-or-nothing vote succeeded. From that,
+The agent learns from its workers (their ``outcome`` records) what the round's agreement
+decided for this pod's ranks and whether their restore and the all-or-nothing vote succeeded. From that,
 :func:`moves` gives the phase moves to make on this pod's PeerRecovery, in order:
 
 - no agreement was reached, or it says "load the checkpoint" -> ``FellBack``;
@@ -27,8 +27,7 @@ from peer_recovery.contract.bodies import PodRef, build_peer_recovery
 from peer_recovery.contract.moves import Move
 from peer_recovery.contract.names import ANNOTATION_RESTART_COUNT, ConditionReason
 from peer_recovery.contract.records import RecoveryRecord
-from peer_recovery.kube.identity import PodIdentity
-from peer_recovery.kube.outcome import RankAgreed, RankResult
+from peer_recovery.protocol.records import PodIdentity, RankAgreed, RankResult
 
 __all__ = ["PodRound", "moves", "runtime_record"]
 

@@ -1,58 +1,45 @@
-"""Choosing the Kubernetes plan source, and wiring its reporter, for the rendezvous plugin.
+"""Choosing the cluster integration for this agent: the Kubernetes plan reader and the
+status reporter that rides on the same client.
 
-``plan_source_from_config`` (``peer_recovery.plan_sources``) asks :func:`cluster_plan_source`
-when no plan file is configured. Precedence: rdzv-conf ``plan_source``, then
+The plugin's wiring (:mod:`peer_recovery.plugin`) asks :func:`cluster_integration` when no
+plan file is configured. Precedence: rdzv-conf ``plan_source``, then
 ``$PEER_RECOVERY_PLAN_SOURCE``, then ``auto``:
 
 - ``kubernetes``: required; a pod identity (``POD_NAME``, ``POD_UID``, ``POD_NAMESPACE``
   from the downward API) must be present, else the agent fails at start with the fix;
 - ``auto``: used when the identity is present (a pod), skipped when it is absent;
 - ``none``: never (plans are made in-band and nothing is reported).
-
-The returned source answers ``plan_for`` (the reader) and ``round_published`` (the hook the
-``RoundPublisher`` calls after each round's publication: the reporter).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 from peer_recovery.kube.agent import ClusterAgent
 from peer_recovery.kube.client import KubeRecoveryApi
 from peer_recovery.kube.identity import IDENTITY_ENV, pod_identity
 from peer_recovery.kube.plans import KubePlanSource
-from peer_recovery.plan_sources import PlanEntry
 
-__all__ = ["ENV_PLAN_SOURCE", "ClusterPlanSource", "cluster_plan_source"]
+__all__ = ["ENV_PLAN_SOURCE", "ClusterIntegration", "cluster_integration"]
 
 ENV_PLAN_SOURCE: Final = "PEER_RECOVERY_PLAN_SOURCE"
 _CHOICES: Final = ("auto", "kubernetes", "none")
 
 
-class ClusterPlanSource:
-    """The Kubernetes reader plus the per-round reporter hook."""
+@dataclass(frozen=True)
+class ClusterIntegration:
+    """The plan source to ask, and the agent to tell when each round is published."""
 
-    def __init__(self, reader: KubePlanSource, agent: ClusterAgent) -> None:
-        self.reader, self.agent = reader, agent
-
-    def plan_for(
-        self, *, run_id: str, target: int, round_no: int, timeout: float
-    ) -> PlanEntry | None:
-        return self.reader.plan_for(
-            run_id=run_id, target=target, round_no=round_no, timeout=timeout
-        )
-
-    def round_published(
-        self, store: Any, run_id: str, round_no: int, ordinal: int, nnodes: int
-    ) -> None:
-        self.agent.round_published(store, run_id, round_no, ordinal, nnodes)
+    plan_source: KubePlanSource
+    agent: ClusterAgent
 
 
-def cluster_plan_source(
+def cluster_integration(
     config: Mapping[str, Any], env: Mapping[str, str]
-) -> ClusterPlanSource | None:
-    """The cluster plan source for this agent, or None (see the module docstring)."""
+) -> ClusterIntegration | None:
+    """The cluster integration for this agent, or None (see the module docstring)."""
     choice = str(config.get("plan_source") or env.get(ENV_PLAN_SOURCE) or "auto").lower()
     if choice not in _CHOICES:
         raise ValueError(
@@ -72,4 +59,4 @@ def cluster_plan_source(
         return None
     frozen = dict(env)
     reader = KubePlanSource(identity, lambda: KubeRecoveryApi(frozen))
-    return ClusterPlanSource(reader, ClusterAgent.from_env(identity, reader, frozen))
+    return ClusterIntegration(reader, ClusterAgent.from_env(identity, reader, frozen))

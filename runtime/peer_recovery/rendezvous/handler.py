@@ -13,8 +13,9 @@ forwards every method and property to it, except that:
   agent is replaced the new agent waits for an address nobody publishes (or a new rank 0
   publishes one the others never read). ``use_agent_store`` is forwarded and so reports
   False; rank 0's worker hosts the workers' store, as with every non-shared torchrun.
-- after each round it publishes this pod's snapshot manifests and plan (see
-  :mod:`peer_recovery.rendezvous.round`) and points its workers at them.
+- after each round it calls the round hook it was made with (the plugin's wiring passes
+  :meth:`peer_recovery.rendezvous.round.RoundPublisher.publish`, which publishes this
+  pod's snapshot holdings and plan) and points its workers at the round's keys.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final
 
 from torch.distributed import PrefixStore, Store
 from torch.distributed.elastic.rendezvous import (
@@ -35,13 +36,18 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousStoreInfo,
 )
 
-from peer_recovery.rendezvous import BACKEND_NAME, exchange
+from peer_recovery.protocol import keys
+from peer_recovery.protocol.codec import publish, read_all
+from peer_recovery.protocol.records import OrdinalClaim
 from peer_recovery.rendezvous.identity import ordinal_from_env
 from peer_recovery.rendezvous.launch import check_launch, torchrun_max_restarts
 
-__all__ = ["BACKEND_NAME", "PeerRecoveryRendezvousHandler", "create_handler"]
+__all__ = ["BACKEND_NAME", "PeerRecoveryRendezvousHandler", "RoundHook", "create_handler"]
 
 log = logging.getLogger(__name__)
+
+#: ``torchrun --rdzv-backend=peer-recovery``; also what ``get_backend()`` reports.
+BACKEND_NAME: Final = "peer-recovery"
 
 _DISABLE_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 #: Bound on waiting for the other agents' ordinals once c10d's round is complete.
@@ -114,13 +120,14 @@ class PeerRecoveryRendezvousHandler(RendezvousHandler):
                 f"peer-recovery: pod ordinal {self._ordinal} (from {self._ordinal_from}) is out "
                 f"of range for a round of {world_size} nodes"
             )
-        me = {"ordinal": self._ordinal, "host": socket.gethostname(), "pid": os.getpid()}
-        store.set(f"peer-recovery/ordinal/{c10d_rank}", exchange.encode(me))
-        keys = [f"peer-recovery/ordinal/{r}" for r in range(world_size)]
-        agents = exchange.read_all(store, keys, self._pin_timeout, "agent ordinals")
+        me = OrdinalClaim(self._ordinal, socket.gethostname(), os.getpid())
+        publish(store, keys.ordinal_claim_key(c10d_rank), me)
+        claim_keys = [keys.ordinal_claim_key(r) for r in range(world_size)]
+        raw = read_all(store, claim_keys, self._pin_timeout, "agent ordinals")
         claims: dict[int, list[str]] = {}
-        for agent in agents:
-            claims.setdefault(int(agent["ordinal"]), []).append(f"{agent['host']}:{agent['pid']}")
+        for value, key in zip(raw, claim_keys, strict=True):
+            claim = OrdinalClaim.from_json(value, key)
+            claims.setdefault(claim.ordinal, []).append(f"{claim.host}:{claim.pid}")
         twice = {o: who for o, who in claims.items() if len(who) > 1}
         if twice:
             detail = "; ".join(f"ordinal {o} claimed by {', '.join(w)}" for o, w in twice.items())
@@ -128,9 +135,9 @@ class PeerRecoveryRendezvousHandler(RendezvousHandler):
 
     def _agree_round(self, store: Store, run_id: str) -> int:
         """A job-wide round number, strictly increasing across rounds (fresh key prefix)."""
-        key = "peer-recovery/round-number"
+        key = keys.ROUND_NUMBER_KEY
         if self._ordinal == 0:
-            number = self._base_store.add(exchange.rounds_key(run_id), 1)
+            number = self._base_store.add(keys.rounds_key(run_id), 1)
             store.set(key, str(number))
         store.wait([key], timedelta(seconds=self._pin_timeout))
         return int(store.get(key).decode())
@@ -138,11 +145,11 @@ class PeerRecoveryRendezvousHandler(RendezvousHandler):
     def _point_workers(self, run_id: str, round_no: int, world_size: int) -> None:
         """Workers inherit the agent's environment when torchrun starts them."""
         host, port = self._endpoint
-        os.environ[exchange.ENV_STORE] = f"{host}:{port}"
-        os.environ[exchange.ENV_ROUND_PREFIX] = exchange.round_prefix(run_id, round_no)
-        os.environ[exchange.ENV_ROUND] = str(round_no)
-        os.environ[exchange.ENV_NNODES] = str(world_size)
-        os.environ[exchange.ENV_ORDINAL] = str(self._ordinal)
+        os.environ[keys.ENV_STORE] = f"{host}:{port}"
+        os.environ[keys.ENV_ROUND_PREFIX] = keys.round_prefix(run_id, round_no)
+        os.environ[keys.ENV_ROUND] = str(round_no)
+        os.environ[keys.ENV_NNODES] = str(world_size)
+        os.environ[keys.ENV_ORDINAL] = str(self._ordinal)
 
     # --- forwarded unchanged -----------------------------------------------------------
 
@@ -182,8 +189,12 @@ def _log_to_stderr() -> None:
         root.setLevel(os.environ.get("PEER_RECOVERY_LOGLEVEL", "INFO"))
 
 
-def create_handler(params: RendezvousParameters) -> PeerRecoveryRendezvousHandler:
-    """torchrun's creator for ``--rdzv-backend=peer-recovery`` (via the entry point)."""
+def create_handler(
+    params: RendezvousParameters,
+    round_hook: Callable[[Mapping[str, Any], Mapping[str, str]], RoundHook | None],
+) -> PeerRecoveryRendezvousHandler:
+    """The handler for ``--rdzv-backend=peer-recovery``; ``round_hook(config, env)`` makes
+    the hook called after each round (the plugin's wiring decides what it publishes)."""
     _log_to_stderr()
     from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
@@ -203,9 +214,6 @@ def create_handler(params: RendezvousParameters) -> PeerRecoveryRendezvousHandle
     os.environ[_DISABLE_SHARED_STORE] = "1"
     backend, store = create_backend(params)
     inner = create_dynamic_handler(store, backend, params)
-    from peer_recovery.rendezvous.round import RoundPublisher
-
-    publisher = RoundPublisher.from_config(params.config, os.environ)
     return PeerRecoveryRendezvousHandler(
         inner,
         base_store=store,
@@ -213,5 +221,5 @@ def create_handler(params: RendezvousParameters) -> PeerRecoveryRendezvousHandle
         ordinal=ordinal,
         ordinal_from=ordinal_from,
         local_addr=params.local_addr,
-        on_round=publisher.publish,
+        on_round=round_hook(params.config, os.environ),
     )

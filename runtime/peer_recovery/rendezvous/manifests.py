@@ -8,28 +8,22 @@ line, so it is never published. Torch-free.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
+from peer_recovery.protocol.records import Holding, canonical_key
 from peer_recovery.snapshots.manifest import Manifest, ManifestError
 from peer_recovery.snapshots.settings import DEFAULT_ROOT, ENV_DIR
 
-__all__ = ["canonical_key", "holdings_in", "manifest_reader"]
+__all__ = ["holdings_in", "manifest_reader"]
 
 log = logging.getLogger(__name__)
 
 
-def canonical_key(shard_key_json: Any) -> str:
-    """One string per shard key, so that keys compare as strings in the agreement."""
-    return json.dumps(shard_key_json, sort_keys=True, separators=(",", ":"))
-
-
-def holdings_in(root: Path) -> list[dict[str, Any]]:
-    """Every readable snapshot under ``root`` as ``{rank, step, shard_key, nbytes}``."""
-    found: list[dict[str, Any]] = []
+def holdings_in(root: Path) -> list[Holding]:
+    """Every readable snapshot under ``root``."""
+    found: list[Holding] = []
     for path in sorted(root.rglob("slot-*.json")) if root.is_dir() else []:
         try:
             manifest = Manifest.decode(path.read_bytes())
@@ -40,16 +34,16 @@ def holdings_in(root: Path) -> list[dict[str, Any]]:
             log.warning("peer-recovery: not publishing %s: %s", path, error)
             continue
         found.append(
-            {
-                "rank": manifest.rank,
-                "step": manifest.step,
-                "shard_key": canonical_key(manifest.shard_key.to_json()),
-                "nbytes": manifest.replicated.nbytes,
-            }
+            Holding(
+                rank=manifest.rank,
+                step=manifest.step,
+                shard_key=canonical_key(manifest.shard_key.to_json()),
+                nbytes=manifest.replicated.nbytes,
+            )
         )
     return found
 
 
-def manifest_reader(env: Mapping[str, str]) -> Callable[[], list[dict[str, Any]]]:
+def manifest_reader(env: Mapping[str, str]) -> Callable[[], list[Holding]]:
     root = Path(env.get(ENV_DIR) or DEFAULT_ROOT)
     return lambda: holdings_in(root)
