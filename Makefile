@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo     run the main job locally: peer recovery of a replaced rank (no cluster)"
 	@echo "make test     set up and run the whole test suite"
-	@echo "make lint     ruff"
+	@echo "make lint     ruff, and the import layers (import-linter)"
 	@echo "make bench    benchmarks, printed as ratios against their anchors"
 	@echo "make tools    build the test control plane's binaries from Go modules"
 	@echo "make cluster  run the test control plane in the foreground"
@@ -37,6 +37,7 @@ test: venv tools
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # Every benchmark script prints ratios against an anchor measured in the same run.
 # Add yours with `BENCHMARKS += benchmarks/<name>.py`.

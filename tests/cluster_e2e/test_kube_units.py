@@ -7,15 +7,13 @@ same code against the real control plane.
 
 from __future__ import annotations
 
-import copy
-import threading
 from typing import Any
 
 import pytest
 
 from peer_recovery.contract import names
 from peer_recovery.contract.bodies import PodRef, build_peer_recovery, build_status
-from peer_recovery.contract.errors import ApiError, Conflict, Unreachable
+from peer_recovery.contract.errors import ApiError, Unreachable
 from peer_recovery.contract.moves import Move
 from peer_recovery.contract.names import ConditionReason
 from peer_recovery.contract.records import for_target
@@ -25,6 +23,7 @@ from peer_recovery.kube.report import PodRound, moves, runtime_record
 from peer_recovery.kube.setup import cluster_integration
 from peer_recovery.kube.status import apply_moves, deliver
 from peer_recovery.protocol.records import PodIdentity, RankAgreed, RankResult
+from tests.fake_api import FakeApi
 
 ME = PodIdentity("ddp-worker-1", "uid-new", "ns", "ddp", "worker", 1, "node-2")
 SOURCE = PodIdentity("ddp-master-0", "uid-m", "ns", "ddp", "master", 0, "node-0")
@@ -105,60 +104,6 @@ def test_newest_live_attempt_wins() -> None:
     assert reading.entry is not None and reading.entry.source == 3
 
 
-class FakeApi:
-    """An in-memory RecoveryApi; ``down`` makes every call Unreachable, ``race`` bumps the
-    object between a read and the next write once (a 409 for the writer)."""
-
-    def __init__(self, *objects: dict[str, Any]) -> None:
-        self.objects = {o["metadata"]["name"]: copy.deepcopy(o) for o in objects}
-        self.down = False
-        self.race: dict[str, Any] | None = None
-        self.patches: list[tuple[str, str]] = []
-        self.lock = threading.Lock()
-
-    def _check(self) -> None:
-        if self.down:
-            raise Unreachable("connection refused")
-
-    def list_recoveries(
-        self, namespace: str, job: str, *, timeout: float | None = None
-    ) -> list[dict[str, Any]]:
-        self._check()
-        return [copy.deepcopy(o) for o in self.objects.values()]
-
-    def get_recovery(self, namespace: str, name: str) -> dict[str, Any] | None:
-        self._check()
-        found = self.objects.get(name)
-        return copy.deepcopy(found) if found else None
-
-    def create_recovery(self, namespace: str, made: Any) -> dict[str, Any] | None:
-        self._check()
-        name = made["metadata"]["name"]
-        if name in self.objects:
-            return None
-        self.objects[name] = {
-            **copy.deepcopy(made),
-            "metadata": {**made["metadata"], "resourceVersion": "1"},
-        }
-        return copy.deepcopy(self.objects[name])
-
-    def patch_recovery_status(
-        self, namespace: str, name: str, status: Any, rv: str
-    ) -> dict[str, Any]:
-        self._check()
-        obj = self.objects[name]
-        if self.race is not None:
-            obj["status"] = {**(obj.get("status") or {}), **self.race}
-            obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
-            self.race = None
-        if obj["metadata"]["resourceVersion"] != rv:
-            raise Conflict("the object has been modified")
-        obj["status"] = dict(status)
-        obj["metadata"]["resourceVersion"] = str(int(rv) + 1)
-        self.patches.append((name, status["phase"]))
-        return copy.deepcopy(obj)
-
-
 def test_reader_waits_within_its_bound_and_records_why_it_gave_up() -> None:
     fake = FakeApi()
     fake.down = True
@@ -167,7 +112,7 @@ def test_reader_waits_within_its_bound_and_records_why_it_gave_up() -> None:
     _, note, reachable = source.ledger.get(4) or (None, "", True)
     assert "no operator plan within 0.3s" in note and "unreachable" in note and not reachable
     fake.down = False
-    fake.objects["x"] = body("Planned")
+    fake.add(body("Planned"))
     entry = source.plan_for(run_id="r", target=2, round_no=5, timeout=5)
     assert entry is not None and entry.source == 0
 
@@ -239,9 +184,9 @@ SUCCEED = [
 
 def test_moves_are_written_in_order_and_a_retry_is_idempotent() -> None:
     fake = FakeApi(body("Planned"))
-    name = next(iter(fake.objects))
+    name = next(iter(fake.recoveries))[1]
     apply_moves(fake, "ns", name, SUCCEED)
-    status = fake.objects[name]["status"]
+    status = fake.recovery(name)["status"]
     assert (status["phase"], status["step"], status["bytes"]) == ("Succeeded", 6, 10)
     assert [c["type"] for c in status["conditions"]] == ["Streaming", "Succeeded"]
     apply_moves(fake, "ns", name, SUCCEED)  # again, e.g. after a lost answer
@@ -250,23 +195,23 @@ def test_moves_are_written_in_order_and_a_retry_is_idempotent() -> None:
 
 def test_a_conflict_is_re_read_and_re_validated() -> None:
     fake = FakeApi(body("Streaming"))
-    name = next(iter(fake.objects))
+    name = next(iter(fake.recoveries))[1]
     fake.race = {"phase": "Failed", "message": "deadline (operator)"}  # lands first
     apply_moves(fake, "ns", name, SUCCEED[1:])
-    assert fake.objects[name]["status"]["phase"] == "Failed"  # not overwritten
+    assert fake.recovery(name)["status"]["phase"] == "Failed"  # not overwritten
     assert fake.patches == []
 
 
 def test_moves_outside_the_table_are_refused() -> None:
     fake = FakeApi(body(None))  # Pending, planned by the operator
-    name = next(iter(fake.objects))
+    name = next(iter(fake.recoveries))[1]
     apply_moves(fake, "ns", name, SUCCEED)
     assert fake.patches == []  # Pending -> Streaming is not a runtime move
 
 
 def test_deliver_retries_while_unreachable_until_back_or_the_bound() -> None:
     fake = FakeApi(body("Planned"))
-    name = next(iter(fake.objects))
+    name = next(iter(fake.recoveries))[1]
     fake.down = True
     naps: list[float] = []
 
@@ -276,7 +221,7 @@ def test_deliver_retries_while_unreachable_until_back_or_the_bound() -> None:
             fake.down = False  # the API server is back
 
     deliver(lambda: apply_moves(fake, "ns", name, SUCCEED), deadline=1e12, what="t", sleep=nap)
-    assert fake.objects[name]["status"]["phase"] == "Succeeded"
+    assert fake.recovery(name)["status"]["phase"] == "Succeeded"
     assert naps == [0.5, 1.0, 2.0]
     fake.down = True
     assert deliver(lambda: fake.list_recoveries("ns", "ddp"), deadline=0, what="t") is None

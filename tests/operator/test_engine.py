@@ -17,7 +17,8 @@ import pytest
 from peer_recovery.contract import names
 from peer_recovery_operator.config import OperatorConfig
 from peer_recovery_operator.engine import Engine
-from tests.operator.fakes import T0, FakeApi, job_body, job_pod_bodies, pod_body
+from tests.fake_api import FakeApi
+from tests.operator.bodies import T0, job_body, job_pod_bodies, pod_body
 
 
 class Clock:

@@ -12,7 +12,7 @@ from peer_recovery_operator.config import ConfigError, OperatorConfig, from_sour
 from peer_recovery_operator.detection import KnownPod, detect_change, detect_missed_replacement
 from peer_recovery_operator.lifecycle import Action, decide
 from peer_recovery_operator.views import BadInput, job_view, pod_view
-from tests.operator.fakes import T0, job_body, pod_body, ts
+from tests.operator.bodies import T0, job_body, pod_body, ts
 
 CONFIG = OperatorConfig(namespaces=("ns",), max_attempts=2)
 

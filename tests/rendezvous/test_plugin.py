@@ -38,7 +38,7 @@ def test_torchrun_finds_the_plugin_through_its_entry_point() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "peer_recovery.rendezvous"
+    assert result.stdout.strip() == "peer_recovery.plugin"
 
 
 def test_ranks_stay_pinned_when_a_pod_is_replaced_and_agents_rejoin_in_another_order(
