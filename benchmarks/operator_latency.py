@@ -10,7 +10,7 @@
    them in opted-in PyTorchJobs and half in no job. Anchor: its RSS with no pods.
 
 Run: ``.venv/bin/python benchmarks/operator_latency.py [--quick]`` (needs ``make tools``).
-Prints a table; targets from the issue: p99 < 500 ms at 1024 pods, RSS < 300 MB.
+Prints a table; targets: p99 < 500 ms at 1024 pods, RSS < 300 MB (docs/operator.md).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each check returns a :class:`Check`: passed, failed or skipped, what was seen, a
 The facts come either from a manifest (:func:`facts_from_manifest`: a Pod, or each replica
 template of a PyTorchJob) or from inside a running pod (``peer_recovery.cli`` gathers them:
 environment, ``/dev/shm``'s mount, the ServiceAccount token, a SelfSubjectAccessReview per
-right, the torchrun command line). What recovery needs (DESIGN.md):
+right, the torchrun command line). What recovery needs (docs/design.md):
 
 - the pod's identity through the downward API: ``POD_NAME``, ``POD_UID``, ``POD_NAMESPACE``;
 - ``/dev/shm`` from a memory-backed emptyDir big enough for two snapshots;

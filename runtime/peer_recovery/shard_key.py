@@ -1,9 +1,9 @@
 """Shard keys: what a snapshot holds, so that only a matching state is ever restored.
 
-DESIGN.md: a shard key records the world size, the rank's position in the parallel layout
-without the replicate dimension, and a digest of the state's names, shapes and dtypes. Two
-ranks hold the same shard exactly when their keys are equal, which is how a restore (local
-now, from a peer with the recovery issue) decides whether bytes may be loaded at all.
+A shard key (docs/design.md, "Identity") records the world size, the rank's position in the
+parallel layout without the replicate dimension, and a digest of the state's names, shapes
+and dtypes. Two ranks hold the same shard exactly when their keys are equal, which is how a
+restore, local or from a peer, decides whether bytes may be loaded at all.
 
 This module is torch-free on purpose: keys travel in manifests that the rendezvous plugin
 publishes from the agent, which never imports torch. The digest is computed from plain

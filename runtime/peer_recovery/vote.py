@@ -1,15 +1,15 @@
 """The all-or-nothing commit, and the small agreement on which step to restore.
 
-After every rank has restored (locally here; from a peer with the recovery issue), all
-ranks vote: each contributes whether it succeeded, the step it restored and, when it
+After every rank has restored (from its own snapshot or from a peer), all ranks vote: each contributes whether it succeeded, the step it restored and, when it
 failed, why. Every rank sees every vote, so every rank returns the same answer and logs the
 same reason: only if all succeeded does any rank report success. Votes travel as fixed-size
 byte tensors over a gloo group (no pickle), and the group's timeout bounds every call, so a
 rank that never arrives turns into a failed vote rather than a hang.
 
 ``newest_common_step`` is the local-restore agreement: each rank offers the steps of its
-usable snapshots and all restore the newest step every rank offers. (The recovery issue's
-planner replaces it when peers may supply missing shards.)
+usable snapshots and all restore the newest step every rank offers. Under the torchrun
+plugin the round's agreement (``peer_recovery.agreement``) decides the step instead, since
+peers may supply missing shards there.
 
 ``decide`` is the pure part: ballots in, outcome and reason out.
 """

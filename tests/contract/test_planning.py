@@ -1,4 +1,4 @@
-"""The planner's rules, one at a time (DESIGN.md, Flow step 3)."""
+"""The planner's rules, one at a time (docs/design.md, "The flow", step 3)."""
 
 from __future__ import annotations
 

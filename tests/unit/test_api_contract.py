@@ -1,5 +1,5 @@
-"""``peer_recovery.api`` spells the contract of DESIGN.md exactly; users and manifests
-depend on these strings."""
+"""``peer_recovery.contract.names`` spells the contract of docs/design.md exactly; users and
+manifests depend on these strings."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Which pod ordinal this torchrun agent stands for (DESIGN.md, "Identity").
+"""Which pod ordinal this torchrun agent stands for (docs/design.md, "Identity").
 
 The ordinal is the node rank the training-operator gives the pod: ``PET_NODE_RANK`` or
 ``RANK`` when the job has a Master, else the pod's replica index, which a job without a
