@@ -13,8 +13,8 @@ import torch
 
 from peer_recovery.transport import engine
 from peer_recovery.transport.engine import Wire, send_messages
+from peer_recovery.transport.messages import plan_messages
 from peer_recovery.transport.metadata import TensorSpec
-from peer_recovery.transport.plan import plan_messages
 
 
 class _Work:

@@ -16,13 +16,13 @@ from peer_recovery.transport import Limits, MetadataError
 from peer_recovery.transport._views import byte_view
 from peer_recovery.transport.describe import describe_state, index_targets, map_leaves
 from peer_recovery.transport.header import Header, metadata_crc, pack_header, unpack_header
+from peer_recovery.transport.messages import Bucket, Chunk, bucket_runs, plan_messages
 from peer_recovery.transport.metadata import (
     TensorLeaf,
     TensorSpec,
     decode_metadata,
     encode_metadata,
 )
-from peer_recovery.transport.plan import Bucket, Chunk, bucket_runs, plan_messages
 from tests.transport._cases import DTYPES, assert_same, random_tensor, tensor_bytes
 
 

@@ -27,8 +27,8 @@ import torch.distributed as dist
 
 from peer_recovery.transport._views import byte_view, checksum
 from peer_recovery.transport.errors import IntegrityError, TransferError, TransferTimeout
+from peer_recovery.transport.messages import Bucket, Chunk, Message, bucket_runs
 from peer_recovery.transport.metadata import TensorSpec
-from peer_recovery.transport.plan import Bucket, Chunk, Message, bucket_runs
 
 __all__ = ["DATA_TAG", "Wire", "post", "recv_messages", "send_messages", "wait_work"]
 

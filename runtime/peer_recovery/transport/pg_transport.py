@@ -68,6 +68,7 @@ from peer_recovery.transport.header import (
     pack_header,
     unpack_header,
 )
+from peer_recovery.transport.messages import Bucket, Message, bucket_runs, plan_messages
 from peer_recovery.transport.metadata import (
     Metadata,
     TensorLeaf,
@@ -76,7 +77,6 @@ from peer_recovery.transport.metadata import (
     encode_metadata,
     keystr,
 )
-from peer_recovery.transport.plan import Bucket, Message, bucket_runs, plan_messages
 
 __all__ = ["DEFAULT_INTEGRITY", "PGTransport", "TransferStats"]
 

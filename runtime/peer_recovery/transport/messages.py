@@ -1,4 +1,4 @@
-"""Planning of the data messages of a transfer: pure, deterministic, no I/O.
+"""The data messages of a transfer, laid out: pure, deterministic, no I/O.
 
 Sender and receiver compute the same plan from the same tensor sizes and the three sizes the
 sender announces in the metadata, so no per-message framing travels on the wire:
