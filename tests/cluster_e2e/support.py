@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 
 from peer_recovery.contract import names
 from peer_recovery.demo.local_job import LocalJob
+from testbed.operator_process import CHART
 from tests.controlplane import pytorchjob as pj
 from tests.controlplane.fixtures import wait_default_service_account
-from tests.operator.cluster_support import CHART
 
 T = TypeVar("T")
 

@@ -144,8 +144,8 @@ def test_console_script_passes_the_example_and_fails_a_broken_one(tmp_path: Path
 def test_in_pod_permissions_are_asked_of_the_api_server(
     control_plane: Any, namespace: str, tmp_path: Path
 ) -> None:
+    from testbed.operator_process import CRD
     from tests.cluster_e2e.support import RUNTIME_SA, render_runtime_rbac
-    from tests.operator.cluster_support import CRD
 
     control_plane.kubectl("apply", "-f", str(CRD))
     kubeconfig = control_plane.service_account_kubeconfig(namespace, RUNTIME_SA)

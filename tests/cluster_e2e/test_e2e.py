@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from testbed.operator_process import operator_under_rbac
 from tests.cluster_e2e.support import (
     ClusterJob,
     job_events,
@@ -27,7 +28,6 @@ from tests.cluster_e2e.support import (
     wait_controllers_settled,
     wait_for,
 )
-from tests.operator.cluster_support import operator_under_rbac
 
 pytestmark = [pytest.mark.cluster, pytest.mark.multiproc, pytest.mark.slow]
 

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
+from testbed.operator_process import CHART, CRD
 from tests.cluster_e2e.support import RUNTIME_SA, render_runtime_rbac
 from tests.controlplane.fixtures import require_bin_dir
-from tests.operator.cluster_support import CHART, CRD
 
 EXPECTED = [
     {"apiGroups": ["peerrecovery.io"], "resources": ["peerrecoveries"],

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import yaml
 
+from testbed.operator_process import CHART, render_rbac
 from tests.controlplane.fixtures import require_bin_dir
-from tests.operator.cluster_support import CHART, render_rbac
 
 WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
 

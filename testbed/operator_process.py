@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "peer-recovery"
 CRD = CHART / "crds" / "peerrecoveries.yaml"
 RBAC_TEMPLATES = ("templates/operator-rbac.yaml", "templates/operator-serviceaccount.yaml")
