@@ -67,6 +67,20 @@ class _JobWork:
     def __bool__(self) -> bool:
         return bool(self.detections or self.candidates or self.lifecycle)
 
+    def keep_for_retry(self, newer: _JobWork | None) -> _JobWork:
+        """What a failed round leaves to retry, merged with work queued meanwhile.
+
+        Detections and catch-up candidates are edges: nothing re-derives them, so they are
+        kept. Lifecycle verdicts are dropped: the next sweep decides them again on the
+        state it then sees.
+        """
+        kept = _JobWork(detections=list(self.detections), candidates=dict(self.candidates))
+        if newer is not None:
+            kept.detections += newer.detections
+            kept.candidates.update(newer.candidates)
+            kept.lifecycle.update(newer.lifecycle)
+        return kept
+
 
 class Engine:
     def __init__(
@@ -87,6 +101,8 @@ class Engine:
         self._parked: dict[JobKey, tuple[float, set[tuple[Slot, bool]]]] = {}
         self._lookups: dict[JobKey, asyncio.Task[None]] = {}
         self._warned: set[str] = set()
+        #: Seconds before retrying a failed round: the first delay, doubled up to the cap.
+        self.retry_backoff: tuple[float, float] = (0.5, 30.0)
 
     # --- watch events ---------------------------------------------------------------------
 
@@ -255,6 +271,7 @@ class Engine:
         return work
 
     async def _drain(self, key: JobKey) -> None:
+        delay, cap = self.retry_backoff
         try:
             await asyncio.sleep(0)  # let the events of this loop iteration join the round
             while self._work.get(key):
@@ -271,8 +288,17 @@ class Engine:
                 try:
                     written = await asyncio.to_thread(self._round, snap, work)
                 except Exception:
-                    logger.exception("round for PyTorchJob %s/%s failed; will retry", *key)
-                    written = []
+                    # Any failure (an API error, a reset connection, a timeout): the round's
+                    # detections go back on the queue, so a replacement is never dropped.
+                    logger.exception(
+                        "round for PyTorchJob %s/%s failed; retrying in %.1fs", *key, delay
+                    )
+                    self.metrics.round_failures.inc()
+                    self._work[key] = work.keep_for_retry(self._work.get(key))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, cap)
+                    continue
+                delay = self.retry_backoff[0]
                 for body in written:
                     self._fold(body)
         finally:

@@ -57,6 +57,11 @@ class Metrics:
             buckets=_BUCKETS,
             registry=r,
         )
+        self.round_failures = Counter(
+            "peer_recovery_round_failures",
+            "Rounds of API work on a job that failed; their detections are queued again.",
+            registry=r,
+        )
         self.watch_events = Counter(
             "peer_recovery_watch_events",
             "Watch events handled, by resource (pods, pytorchjobs, nodes, peerrecoveries).",

@@ -122,7 +122,8 @@ class Recorder:
     def move(
         self, rec: RecoveryRecord, proposed: names.Phase, message: str, reason: ConditionReason
     ) -> dict[str, Any] | None:
-        """The contract's checked move; None when it is no longer allowed (or not needed)."""
+        """The contract's checked move, re-decided on the object just read: None when it is
+        no longer allowed, not needed, or ``rec`` (the view it was decided on) is stale."""
         result = move_phase(
             self._api,
             rec.namespace,
@@ -131,6 +132,7 @@ class Recorder:
             actor=names.Actor.OPERATOR,
             clock=self._clock,
             retries=_RETRIES,
+            decided_on=rec.phase,
         )
         return result.body if result.outcome is Outcome.WRITTEN else None
 

@@ -335,3 +335,54 @@ def test_pods_first_seen_live_are_never_caught_up() -> None:
         assert fake.recoveries == {} and "list_job_pods" not in fake.calls
 
     run(scenario)
+
+
+class _FlakyCreate(FakeApi):
+    """The first ``failures`` creates die with a connection reset (not an API error)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def create_recovery(self, namespace: str, body: Any) -> dict[str, Any] | None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionResetError("connection reset by peer")
+        return super().create_recovery(namespace, body)
+
+
+def test_a_replacement_is_not_lost_when_one_api_call_fails() -> None:
+    async def scenario() -> None:
+        fake, clock = _FlakyCreate(failures=1), Clock()
+        engine = Engine(fake, OperatorConfig(namespaces=("ns",), catch_up_grace=10.0), clock=clock)
+        engine.retry_backoff = (0.01, 0.05)  # seconds: first delay, cap
+        start_job(engine)
+        engine.pod_event("ADDED", pod_body("train", "worker", 0, uid="new", created=40))
+        await settle(engine)
+        rec = only(fake)
+        assert rec["spec"]["target"]["podUID"] == "new"
+        assert rec["status"]["phase"] == "Planned"
+        assert engine.metrics.round_failures._value.get() == 1
+
+    run(scenario)
+
+
+def test_a_sweep_decision_on_a_stale_view_does_not_touch_a_moved_recovery() -> None:
+    async def scenario() -> None:
+        engine, fake, clock = make()
+        start_job(engine)
+        engine.pod_event("ADDED", pod_body("train", "worker", 0, uid="new", created=40))
+        await settle(engine)
+        feed_back(engine, fake)
+        rec = only(fake)
+        name = rec["metadata"]["name"]
+        # Past the plan deadline in the operator's cached view (still Planned) ...
+        clock.now += timedelta(seconds=engine.config.plan_deadline + 1)
+        # ... but the runtime has just moved it to Streaming; the watch has not caught up.
+        fake.runtime_sets_phase("ns", name, "Streaming")
+        engine.sweep()
+        await settle(engine)
+        assert fake.recovery(name)["status"]["phase"] == "Streaming"
+        assert "Failed" not in fake.by_phase()
+
+    run(scenario)

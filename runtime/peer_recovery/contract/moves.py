@@ -67,6 +67,8 @@ class Outcome(str, enum.Enum):
     GONE = "gone"
     #: Conflicts every time, up to the bound.
     GAVE_UP = "gave-up"
+    #: The object is no longer in the phase the move was decided on: decide again.
+    STALE = "stale"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +119,15 @@ def move_phase(
     actor: Actor,
     clock: Callable[[], datetime],
     retries: int = _CONFLICT_RETRIES,
+    decided_on: Phase | None = None,
 ) -> MoveResult:
     """Make ``move`` on PeerRecovery ``name`` if the phase table allows it from the version
-    just read (see the module docstring)."""
+    just read (see the module docstring).
+
+    ``decided_on`` is the phase the caller saw when it decided on the move (a cached view):
+    when the object just read is in another phase, nothing is written (``STALE``), because
+    the decision may not hold any more (a deadline measured in Planned says nothing about an
+    attempt that is Streaming now)."""
     current: dict[str, Any] | None = None
     for _ in range(retries):
         current = api.get_recovery(namespace, name)
@@ -128,6 +136,10 @@ def move_phase(
         phase = phase_of(current)
         if phase is move.phase:
             return MoveResult(Outcome.ALREADY, current, f"already {phase.value}")
+        if decided_on is not None and phase is not decided_on:
+            why = f"decided on {decided_on.value}, but it is {phase.value} now"
+            log.info("peer-recovery: not moving %s/%s: %s", namespace, name, why)
+            return MoveResult(Outcome.STALE, current, why)
         planned_by = (current.get("spec") or {}).get("plannedBy", "operator")
         decision = check_transition(phase, move.phase, actor, planned_by=planned_by)
         if not decision.allowed:
