@@ -24,7 +24,7 @@ from typing import Any
 
 from peer_recovery.contract import names
 from peer_recovery.contract.names import is_operator_reason
-from peer_recovery.contract.records import RecordError, parse_recovery
+from peer_recovery.contract.records import RecordError, parse_recovery, parse_time
 from peer_recovery_operator import lifecycle
 from peer_recovery_operator.config import OperatorConfig
 from peer_recovery_operator.detection import (
@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 #: A job still unknown this long after its first pod was seen is looked up directly (the
 #: PyTorchJob watch may be missing because the CRD is not installed).
 UNKNOWN_JOB_CHECK_SECONDS = 10.0
+#: How long the pods of a deleted job are recognised as such (the garbage collector deletes
+#: them within seconds; their events then carry nothing to act on).
+DELETED_JOB_MEMORY_SECONDS = 600.0
 
 
 def utcnow() -> datetime:
@@ -101,6 +104,8 @@ class Engine:
         self._parked: dict[JobKey, tuple[float, set[tuple[Slot, bool]]]] = {}
         self._lookups: dict[JobKey, asyncio.Task[None]] = {}
         self._warned: set[str] = set()
+        #: Deleted jobs: (UID, deletion time, when forgotten) by key; their pods are ignored.
+        self._deleted: dict[JobKey, tuple[str, datetime, float]] = {}
         #: Seconds before retrying a failed round: the first delay, doubled up to the cap.
         self.retry_backoff: tuple[float, float] = (0.5, 30.0)
 
@@ -116,6 +121,8 @@ class Engine:
         except BadInput as error:
             self._warn(f"pod:{(body.get('metadata') or {}).get('uid')}", "pod", str(error))
             return
+        if self._of_deleted_job(pod, body):
+            return  # the garbage collector is removing a deleted job's pods
         if event_type == "DELETED":
             self.state.pod_gone(pod)
             return
@@ -139,9 +146,9 @@ class Engine:
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
         if event_type == "DELETED":
-            self._parked.pop(key, None)
-            self.state.forget_job(*key)
+            self._forget_job(key, meta)
             return
+        self._deleted.pop(key, None)  # a job of this name exists (again)
         try:
             job = job_view(body)
         except BadInput as error:
@@ -155,6 +162,33 @@ class Engine:
             pod = self.state.pod_in(slot)
             if pod is not None:
                 self._first_sight(key, pod, listed=listed)
+
+    def _forget_job(self, key: JobKey, meta: Mapping[str, Any]) -> None:
+        """Free everything of a deleted job: state, queued work, parked pods, gauges."""
+        self._parked.pop(key, None)
+        self._work.pop(key, None)
+        for record in self.state.forget_job(*key):
+            self.metrics.recovery_changed(record, None)
+        try:
+            deleted_at = parse_time(meta.get("deletionTimestamp"), "deletionTimestamp")
+        except RecordError:
+            deleted_at = self._clock()
+        self._deleted[key] = (str(meta.get("uid") or ""), deleted_at, time.monotonic())
+
+    def _of_deleted_job(self, pod: Any, body: Mapping[str, Any]) -> bool:
+        """Is ``pod`` one of a deleted job's (by its owner's UID, else by its age)?"""
+        deleted = self._deleted.get((pod.namespace, pod.job))
+        if deleted is None:
+            return False
+        uid, deleted_at, _ = deleted
+        owners = [
+            str(ref.get("uid"))
+            for ref in (body.get("metadata") or {}).get("ownerReferences") or ()
+            if ref.get("kind") == names.PYTORCHJOB_KIND and ref.get("uid")
+        ]
+        if owners:
+            return uid in owners
+        return pod.created <= deleted_at
 
     def node_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         name = str((body.get("metadata") or {}).get("name", ""))
@@ -239,6 +273,9 @@ class Engine:
         self._check_parked()
 
     def _check_parked(self) -> None:
+        horizon = time.monotonic() - DELETED_JOB_MEMORY_SECONDS
+        for key in [k for k, (_, _, forgotten) in self._deleted.items() if forgotten < horizon]:
+            del self._deleted[key]
         for key, (since, _slots) in list(self._parked.items()):
             if time.monotonic() - since > UNKNOWN_JOB_CHECK_SECONDS and key not in self._lookups:
                 self._parked[key] = (time.monotonic() + 1e9, _slots)  # look it up once

@@ -71,7 +71,7 @@ def decide(
     ``attempts_in_episode`` counts the attempts already made for this target incarnation
     and restart, this one included.
     """
-    if recovery.planned_by != names.PlannedBy.OPERATOR.value:
+    if recovery.planned_by is not names.PlannedBy.OPERATOR:
         return _KEEP
     if recovery.phase.terminal:
         if (
@@ -98,7 +98,7 @@ def decide(
     why = _trouble(recovery, source_pod, age, config)
     if not why:
         return _KEEP
-    if recovery.mode == names.Mode.PEER.value and attempts_in_episode < config.max_attempts:
+    if recovery.mode is names.Mode.PEER and attempts_in_episode < config.max_attempts:
         return Verdict(Action.REPLAN, why, ConditionReason.REPLANNING)
     return Verdict(
         Action.FAIL,
@@ -113,7 +113,7 @@ def _trouble(
     recovery: RecoveryRecord, source_pod: PodView | None, age: float, config: OperatorConfig
 ) -> str:
     """Why a live attempt cannot go on, or "" when it can."""
-    if recovery.mode == names.Mode.PEER.value and recovery.source_pod:
+    if recovery.mode is names.Mode.PEER and recovery.source_pod:
         if source_pod is None:
             return f"source pod {recovery.source_pod} is gone"
         if source_pod.uid != recovery.source_uid:

@@ -80,7 +80,7 @@ class Metrics:
         for view, delta in ((old, -1), (new, +1)):
             if view is None:
                 continue
-            self.recoveries.labels(view.phase.value, view.mode, view.reason).inc(delta)
+            self.recoveries.labels(view.phase.value, view.mode.value, view.reason.value).inc(delta)
             if not view.phase.terminal:
                 self.active.inc(delta)
 

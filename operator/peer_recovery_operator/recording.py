@@ -100,7 +100,7 @@ class Recorder:
 
     def promote(self, snap: JobSnapshot, rec: RecoveryRecord) -> list[dict[str, Any]]:
         """Finish the status write of a recovery left Pending (the operator stopped in between)."""
-        if rec.mode == names.Mode.LOCAL.value or rec.source_pod:
+        if rec.mode is names.Mode.LOCAL or rec.source_pod:
             phase, reason = names.Phase.PLANNED, ConditionReason.SOURCE_CHOSEN
         else:
             phase, reason = names.Phase.FELL_BACK, ConditionReason.NO_SOURCE
@@ -225,7 +225,7 @@ class Recorder:
         target = detection.target
         written: list[dict[str, Any]] = []
         for rec in snap.recoveries:
-            if rec.phase.terminal or rec.planned_by != names.PlannedBy.OPERATOR.value:
+            if rec.phase.terminal or rec.planned_by is not names.PlannedBy.OPERATOR:
                 continue
             if (rec.target_type, rec.target_index) != (target.replica_type, target.replica_index):
                 continue
@@ -254,9 +254,9 @@ def _already_recorded(detection: Detection, recoveries: Sequence[RecoveryRecord]
     for rec in recoveries:
         if rec.target_uid != target.uid:
             continue
-        if detection.reason is names.Reason.POD_REPLACED and rec.reason == detection.reason.value:
+        if detection.reason is names.Reason.POD_REPLACED and rec.reason is detection.reason:
             return True
-        if rec.reason == detection.reason.value and rec.restart_count == target.restarts:
+        if rec.reason is detection.reason and rec.restart_count == target.restarts:
             return True
     return False
 

@@ -89,15 +89,20 @@ class ClusterState:
 
     # --- jobs -----------------------------------------------------------------------------
 
-    def forget_job(self, namespace: str, job: str) -> None:
+    def forget_job(self, namespace: str, job: str) -> list[RecoveryRecord]:
+        """Drop everything of the job; returns the recoveries dropped (for the gauges)."""
         self.jobs.pop((namespace, job), None)
         for slot in self._job_slots.pop((namespace, job), set()):
             self._retired.pop(slot, None)
             pod = self._slots.pop(slot, None)
             if pod is not None and self._by_name.get((namespace, pod.name)) == slot:
                 del self._by_name[(namespace, pod.name)]
+        dropped = []
         for key in self._job_recoveries.pop((namespace, job), set()):
-            self.recoveries.pop(key, None)
+            record = self.recoveries.pop(key, None)
+            if record is not None:
+                dropped.append(record)
+        return dropped
 
     def sizes(self) -> dict[str, int]:
         return {

@@ -386,3 +386,33 @@ def test_a_sweep_decision_on_a_stale_view_does_not_touch_a_moved_recovery() -> N
         assert "Failed" not in fake.by_phase()
 
     run(scenario)
+
+
+def _gauge(engine: Engine, phase: str) -> float:
+    labels = {"phase": phase, "mode": "Peer", "reason": "PodReplaced"}
+    return engine.metrics.registry.get_sample_value("peer_recovery_recoveries", labels) or 0.0
+
+
+def test_deleting_a_job_frees_its_state_and_gauges_and_ignores_its_dying_pods() -> None:
+    async def scenario() -> None:
+        engine, fake, _ = make()
+        pods = start_job(engine)
+        engine.pod_event("ADDED", pod_body("train", "worker", 0, uid="new", created=40))
+        await settle(engine)
+        feed_back(engine, fake)
+        assert _gauge(engine, "Planned") == 1
+        assert engine.metrics.active._value.get() == 1
+        engine.job_event("DELETED", job_body())
+        assert _gauge(engine, "Planned") == 0 and engine.metrics.active._value.get() == 0
+        assert engine.state.sizes()["recoveries"] == 0 and engine.state.sizes()["pods"] == 0
+        # The garbage collector now deletes the pods: their events are the job's last words.
+        for pod in pods:
+            pod["metadata"]["deletionTimestamp"] = "2025-01-01T00:10:00Z"
+            engine.pod_event("MODIFIED", pod)
+            engine.pod_event("DELETED", pod)
+        assert engine._parked == {} and engine.state.sizes()["pods"] == 0
+        # A new job of the same name starts over.
+        start_job(engine)
+        assert engine.state.sizes()["pods"] == 4
+
+    run(scenario)
