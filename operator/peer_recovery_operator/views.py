@@ -153,7 +153,11 @@ def pod_view(body: Mapping[str, Any], job: str | None = None) -> PodView:
         replica_type=str(replica_type).lower(),
         replica_index=int(raw_index),
         created=_time(meta.get("creationTimestamp"), f"{where}: metadata.creationTimestamp"),
-        restarts=sum(int(c.get("restartCount") or 0) for c in statuses),
+        restarts=sum(
+            int(c.get("restartCount") or 0)
+            for c in statuses
+            if c.get("name") == names.PYTORCH_CONTAINER
+        ),
         ready=ready,
         terminating=bool(meta.get("deletionTimestamp")),
         node=str(spec.get("nodeName") or ""),

@@ -184,3 +184,15 @@ def test_catch_up_measures_lateness_from_the_end_of_the_creation_burst() -> None
     assert detect_missed_replacement(pod, burst, grace=grace, recorded_uids=()) is None
     late = pod_view(pod_body(uid="q", created=60))
     assert detect_missed_replacement(late, burst, grace=grace, recorded_uids=()) is not None
+
+
+def test_only_restarts_of_the_pytorch_container_count() -> None:
+    known = KnownPod.of(pod_view(pod_body(uid="a")))
+    sidecar = pod_body(uid="a")
+    sidecar["status"]["containerStatuses"].append({"name": "log-shipper", "restartCount": 3})
+    assert pod_view(sidecar).restarts == 0
+    assert detect_change(known, pod_view(sidecar)) is None
+    trainer = pod_body(uid="a", restarts=1)
+    trainer["status"]["containerStatuses"].append({"name": "log-shipper", "restartCount": 3})
+    assert pod_view(trainer).restarts == 1
+    assert detect_change(known, pod_view(trainer)) is not None

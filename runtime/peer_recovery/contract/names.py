@@ -33,6 +33,7 @@ __all__ = [
     "PYTORCHJOB_KIND",
     "PYTORCHJOB_PLURAL",
     "PYTORCHJOB_VERSION",
+    "PYTORCH_CONTAINER",
     "SHORT_NAME",
     "SINGULAR",
     "VERSION",
@@ -86,6 +87,9 @@ LABEL_REPLICA_TYPE: Final = "training.kubeflow.org/replica-type"
 LABEL_REPLICA_INDEX: Final = "training.kubeflow.org/replica-index"
 LABEL_OPERATOR_NAME: Final = "training.kubeflow.org/operator-name"
 LABEL_JOB_ROLE: Final = "training.kubeflow.org/job-role"
+#: The container the training-operator requires in every replica (it validates the name);
+#: only its restarts are restarts of the training process (sidecars' are not).
+PYTORCH_CONTAINER: Final = "pytorch"
 
 # --- Labels peer-recovery puts on every PeerRecovery ----------------------------------------
 
