@@ -24,7 +24,7 @@ from typing import Any
 
 from peer_recovery.contract import names
 from peer_recovery.contract.names import is_operator_reason
-from peer_recovery.contract.records import RecordError, parse_recovery, parse_time
+from peer_recovery.contract.records import RecordError, RecoveryRecord, parse_recovery, parse_time
 from peer_recovery_operator import lifecycle
 from peer_recovery_operator.config import OperatorConfig
 from peer_recovery_operator.detection import (
@@ -244,18 +244,27 @@ class Engine:
     # --- the lifecycle sweep --------------------------------------------------------------
 
     def sweep(self) -> None:
-        """Check every recovery against its deadlines and its pods; queue what needs acting."""
+        """Check the operator's live recoveries against their deadlines and their pods, and
+        closed attempts whose re-plan may be missing; queue what needs acting.
+
+        Finished records need nothing, so they are not looked at one by one: the episodes
+        (attempts for one target incarnation and restart) are indexed once per sweep, so a
+        sweep costs time in proportion to the records, not to their square.
+        """
         now = self._clock()
+        episodes: dict[tuple[str, str, str, int, str], list[RecoveryRecord]] = {}
+        for r in self.state.recoveries.values():
+            episode_key = (r.namespace, r.job, r.target_uid, r.restart_count, r.reason.value)
+            episodes.setdefault(episode_key, []).append(r)
         for rec in list(self.state.recoveries.values()):
+            if not lifecycle.may_need_action(rec):
+                continue
             key = (rec.namespace, rec.job)
             job = self.state.jobs.get(key)
             if job is None:
                 continue
-            episode = [
-                r
-                for r in self.state.job_recoveries(*key)
-                if (r.target_uid, r.restart_count, r.reason)
-                == (rec.target_uid, rec.restart_count, rec.reason)
+            episode = episodes[
+                (rec.namespace, rec.job, rec.target_uid, rec.restart_count, rec.reason.value)
             ]
             verdict = lifecycle.decide(
                 rec,

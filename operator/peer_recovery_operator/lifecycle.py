@@ -33,7 +33,7 @@ from peer_recovery.contract.records import RecoveryRecord
 from peer_recovery_operator.config import OperatorConfig
 from peer_recovery_operator.views import PodView
 
-__all__ = ["Action", "Verdict", "decide"]
+__all__ = ["Action", "Verdict", "decide", "may_need_action"]
 
 
 class Action(str, enum.Enum):
@@ -52,6 +52,20 @@ class Verdict:
 
 
 _KEEP = Verdict(Action.KEEP)
+
+
+def may_need_action(recovery: RecoveryRecord) -> bool:
+    """False when :func:`decide` would say KEEP whatever the pods and the clock: a record the
+    runtime planned, or a finished one other than an attempt closed for re-planning (rule 4).
+    Lets the sweep skip the bulk of records, which are finished."""
+    if recovery.planned_by is not names.PlannedBy.OPERATOR:
+        return False
+    if recovery.phase.terminal:
+        return (
+            recovery.phase is names.Phase.FAILED
+            and recovery.status_reason == ConditionReason.REPLANNING
+        )
+    return True
 
 
 def decide(

@@ -10,7 +10,7 @@ from peer_recovery.contract import names
 from peer_recovery.contract.records import parse_recovery
 from peer_recovery_operator.config import ConfigError, OperatorConfig, from_sources
 from peer_recovery_operator.detection import KnownPod, detect_change, detect_missed_replacement
-from peer_recovery_operator.lifecycle import Action, decide
+from peer_recovery_operator.lifecycle import Action, decide, may_need_action
 from peer_recovery_operator.views import BadInput, job_view, pod_view
 from tests.operator.bodies import T0, job_body, pod_body, ts
 
@@ -196,3 +196,19 @@ def test_only_restarts_of_the_pytorch_container_count() -> None:
     trainer["status"]["containerStatuses"].append({"name": "log-shipper", "restartCount": 3})
     assert pod_view(trainer).restarts == 1
     assert detect_change(known, pod_view(trainer)) is not None
+
+
+def test_may_need_action_agrees_with_decide_on_records_it_skips() -> None:
+    # Every record the sweep skips must be one decide() keeps whatever the pods and time.
+    for phase in ("Pending", "Planned", "Streaming", "Succeeded", "Failed", "FellBack"):
+        for by in ("operator", "runtime"):
+            for reason in ("SourceChosen", "Replanning", "DeadlineExceeded"):
+                rec = _rec(phase, by=by, reason=reason)
+                if may_need_action(rec):
+                    continue
+                for kwargs in ({}, {"source": None}, {"slot_uid": "other"}, {"now": 10**6}):
+                    assert _decide(rec, **kwargs).action is Action.KEEP, (phase, by, reason)
+    assert may_need_action(_rec("Planned"))
+    assert may_need_action(_rec("Failed", reason="Replanning"))
+    assert not may_need_action(_rec("Succeeded"))
+    assert not may_need_action(_rec("Planned", by="runtime"))
