@@ -98,7 +98,7 @@ def test_body_has_contract_fields_and_owner() -> None:
         "kind": "PyTorchJob",
         "name": "train",
         "uid": "uid-job",
-        "controller": True,
+        "controller": False,
         "blockOwnerDeletion": False,
     }
     assert body["spec"] == {

@@ -184,7 +184,9 @@ def build_peer_recovery(
                     "kind": PYTORCHJOB_KIND,
                     "name": job_name,
                     "uid": job_uid,
-                    "controller": True,
+                    # False: the PyTorchJob's controller (the training-operator) does not
+                    # manage this object; the reference is for garbage collection only.
+                    "controller": False,
                     # False: deleting the job in the foreground need not wait for its
                     # records, and creators need no update rights on pytorchjobs/finalizers.
                     "blockOwnerDeletion": False,
