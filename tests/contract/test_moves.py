@@ -83,3 +83,10 @@ def test_status_for_keeps_one_condition_per_phase() -> None:
     current["status"]["conditions"] = [{"type": "Failed", "reason": "old"}]
     status = status_for(current, FAIL, NOW)
     assert [c["reason"] for c in status["conditions"]] == ["DeadlineExceeded"]
+
+
+def test_conditions_carry_the_generation_they_were_decided_on() -> None:
+    current = recovery("Planned")
+    assert "observedGeneration" not in status_for(current, FAIL, NOW)["conditions"][-1]
+    current["metadata"]["generation"] = 3
+    assert status_for(current, FAIL, NOW)["conditions"][-1]["observedGeneration"] == 3

@@ -81,7 +81,8 @@ class MoveResult:
 
 def status_for(current: Mapping[str, Any], move: Move, now: datetime) -> dict[str, Any]:
     """The status to merge-patch onto ``current`` for ``move``: the contract's fields and
-    the conditions, one per phase type (the latest replaces an earlier one)."""
+    the conditions, one per phase type (the latest replaces an earlier one), each with the
+    ``metadata.generation`` of the object it was decided on."""
     attempt = int((current.get("spec") or {}).get("attempt", 1))
     message = move.message[:MESSAGE_MAX]
     status = build_status(
@@ -97,15 +98,17 @@ def status_for(current: Mapping[str, Any], move: Move, now: datetime) -> dict[st
         for c in (current.get("status") or {}).get("conditions") or ()
         if c.get("type") != move.phase.value
     ]
-    conditions.append(
-        {
-            "type": move.phase.value,
-            "status": "True",
-            "reason": ConditionReason(move.reason).value,
-            "message": message,
-            "lastTransitionTime": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-    )
+    condition: dict[str, Any] = {
+        "type": move.phase.value,
+        "status": "True",
+        "reason": ConditionReason(move.reason).value,
+        "message": message,
+        "lastTransitionTime": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    generation = (current.get("metadata") or {}).get("generation")
+    if isinstance(generation, int) and not isinstance(generation, bool) and generation >= 0:
+        condition["observedGeneration"] = generation
+    conditions.append(condition)
     status["conditions"] = conditions
     return status
 
