@@ -15,6 +15,7 @@ jobs or the loop; pods are only read.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -55,6 +56,8 @@ UNKNOWN_JOB_CHECK_SECONDS = 10.0
 #: How long the pods of a deleted job are recognised as such (the garbage collector deletes
 #: them within seconds; their events then carry nothing to act on).
 DELETED_JOB_MEMORY_SECONDS = 600.0
+#: How many reported problems are remembered (so each is reported once).
+WARNED_MEMORY = 4096
 
 
 def utcnow() -> datetime:
@@ -103,7 +106,9 @@ class Engine:
         self._running: dict[JobKey, asyncio.Task[None]] = {}
         self._parked: dict[JobKey, tuple[float, set[tuple[Slot, bool]]]] = {}
         self._lookups: dict[JobKey, asyncio.Task[None]] = {}
-        self._warned: set[str] = set()
+        #: What was reported already (oldest first), so each problem is reported once; bounded
+        #: so a stream of distinct bad objects cannot grow it without end.
+        self._warned: collections.OrderedDict[str, None] = collections.OrderedDict()
         #: Deleted jobs: (UID, deletion time, when forgotten) by key; their pods are ignored.
         self._deleted: dict[JobKey, tuple[str, datetime, float]] = {}
         #: Seconds before retrying a failed round: the first delay, doubled up to the cap.
@@ -418,7 +423,9 @@ class Engine:
         """Report bad input once: a log line, a metric, and an Event on the job if we have it."""
         if once_key in self._warned:
             return
-        self._warned.add(once_key)
+        self._warned[once_key] = None
+        while len(self._warned) > WARNED_MEMORY:
+            self._warned.popitem(last=False)
         self.metrics.input_warnings.labels(kind).inc()
         logger.warning("ignoring malformed input: %s", message)
         if job_body is not None:

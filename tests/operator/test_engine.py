@@ -416,3 +416,20 @@ def test_deleting_a_job_frees_its_state_and_gauges_and_ignores_its_dying_pods() 
         assert engine.state.sizes()["pods"] == 4
 
     run(scenario)
+
+
+def test_each_problem_is_reported_once_and_the_memory_of_them_is_bounded() -> None:
+    async def scenario() -> None:
+        engine, fake, _ = make()
+        bad = pod_body("train", "worker", 0)
+        del bad["metadata"]["labels"][names.LABEL_REPLICA_TYPE]
+        for uid in ("x", "x", "y"):
+            bad["metadata"]["uid"] = uid
+            engine.pod_event("ADDED", bad)
+        assert engine.metrics.input_warnings.labels("pod")._value.get() == 2
+        for i in range(5000):
+            bad["metadata"]["uid"] = f"u{i}"
+            engine.pod_event("ADDED", bad)
+        assert len(engine._warned) <= 4096
+
+    run(scenario)
