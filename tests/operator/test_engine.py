@@ -420,7 +420,7 @@ def test_deleting_a_job_frees_its_state_and_gauges_and_ignores_its_dying_pods() 
 
 def test_each_problem_is_reported_once_and_the_memory_of_them_is_bounded() -> None:
     async def scenario() -> None:
-        engine, fake, _ = make()
+        engine, _, _ = make()
         bad = pod_body("train", "worker", 0)
         del bad["metadata"]["labels"][names.LABEL_REPLICA_TYPE]
         for uid in ("x", "x", "y"):
