@@ -271,3 +271,38 @@ def test_kubectl_explain_prints_descriptions(plane: Any) -> None:
     assert "UID of this incarnation of the pod" in text
     phase = " ".join(plane.kubectl("explain", "peerrecovery.status.phase").stdout.split())
     assert "Terminal phases never change" in phase
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "message"),
+    [
+        ("Succeeded", "Planned", "a finished PeerRecovery never changes phase"),
+        ("FellBack", "Failed", "a finished PeerRecovery never changes phase"),
+        ("Streaming", "Planned", "status.phase only moves forward"),
+        ("Planned", "Pending", "status.phase only moves forward"),
+    ],
+)
+def test_the_api_server_refuses_a_phase_moved_backward_or_out_of_a_finished_one(
+    plane: Any, job: dict[str, Any], before: str, after: str, message: str
+) -> None:
+    """A writer that skips the contract's checks is refused by the API server too."""
+    namespace = job["metadata"]["namespace"]
+    name = _create(plane, _recovery(job))
+    assert (
+        _patch(plane, namespace, name, {"status": {"phase": before}}, status=True).returncode == 0
+    )
+    result = _patch(plane, namespace, name, {"status": {"phase": after}}, status=True)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert _get(plane, namespace, name)["status"]["phase"] == before
+
+
+def test_the_api_server_accepts_forward_moves_and_writes_that_keep_the_phase(
+    plane: Any, job: dict[str, Any]
+) -> None:
+    namespace = job["metadata"]["namespace"]
+    name = _create(plane, _recovery(job))
+    for phase in ("Pending", "Planned", "Streaming", "Streaming", "Succeeded"):
+        result = _patch(plane, namespace, name, {"status": {"phase": phase}}, status=True)
+        assert result.returncode == 0, result.stderr
+    kept = _patch(plane, namespace, name, {"status": {"message": "done"}}, status=True)
+    assert kept.returncode == 0, kept.stderr
