@@ -52,7 +52,7 @@ def test_names_match_api(crd: dict[str, Any], version: dict[str, Any]) -> None:
         "plural": names.PLURAL,
         "singular": names.SINGULAR,
         "shortNames": [names.SHORT_NAME],
-        "categories": ["all"],
+        "categories": [names.CATEGORY],
     }
     assert version["name"] == names.VERSION
     assert version["served"] and version["storage"]

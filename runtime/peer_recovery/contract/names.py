@@ -18,6 +18,7 @@ __all__ = [
     "ANNOTATION_PODS_PER_REPLICA",
     "ANNOTATION_RESTART_COUNT",
     "API_VERSION",
+    "CATEGORY",
     "GROUP",
     "KIND",
     "LABEL_JOB_NAME",
@@ -56,6 +57,8 @@ KIND: Final = "PeerRecovery"
 PLURAL: Final = "peerrecoveries"
 SINGULAR: Final = "peerrecovery"
 SHORT_NAME: Final = "precov"
+#: The CRD's category: ``kubectl get peer-recovery`` (deliberately not ``all``).
+CATEGORY: Final = "peer-recovery"
 
 # --- The Kubeflow PyTorchJob it serves ------------------------------------------------------
 
