@@ -47,6 +47,24 @@ def test_rbac_is_least_privilege(values: dict[str, str]) -> None:
     assert ("RoleBinding" in kinds) == bool(values)
 
 
+def test_the_namespaced_rights_are_exactly_the_calls_the_operator_makes() -> None:
+    helm = require_bin_dir() / "helm"
+    granted = {
+        (group, resource): set(rule["verbs"])
+        for rule in rules(render_rbac(helm, "rel", "ops"))
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        if resource not in ("nodes", "namespaces", "customresourcedefinitions")
+    }
+    assert granted == {
+        ("", "pods"): {"get", "list", "watch"},
+        ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch"},
+        ("peerrecovery.io", "peerrecoveries"): {"get", "list", "watch", "create"},
+        ("peerrecovery.io", "peerrecoveries/status"): {"patch"},
+        ("", "events"): {"create"},
+    }
+
+
 def test_deployment_is_one_replica_with_recreate() -> None:
     import subprocess
 

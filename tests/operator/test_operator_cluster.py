@@ -246,7 +246,9 @@ def test_operator_account_has_no_rights_beyond_its_role(
         )
         return result.stdout.strip()
 
-    assert can("watch", "pods") == "yes" and can("patch", "peerrecoveries/status") == "yes"
+    assert can("watch", "pods") == "yes"
+    assert can("patch", "peerrecoveries", "--subresource=status") == "yes"
+    assert can("patch", "peerrecoveries") == "no"  # only the status subresource
     for verb_resource in (
         ("get", "secrets"),
         ("patch", "pods"),
