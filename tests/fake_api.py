@@ -127,6 +127,15 @@ class FakeApi:
             self.patches.append((name, str(status.get("phase"))))
             return copy.deepcopy(stored)
 
+    def delete_recovery(self, namespace: str, name: str, resource_version: str) -> bool:
+        self._check("delete_recovery")
+        with self._lock:
+            stored = self.recoveries.get((namespace, name))
+            if stored is None or stored["metadata"]["resourceVersion"] != resource_version:
+                return False
+            del self.recoveries[(namespace, name)]
+            return True
+
     # --- the operator's seam --------------------------------------------------------------
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:

@@ -69,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--sweep-interval", type=float, metavar="S", help="how often deadlines are checked (2)")
     add(
+        "--keep-finished",
+        type=int,
+        metavar="N",
+        help="finished PeerRecoveries kept per pod, newest first (5)",
+    )
+    add(
+        "--finished-ttl",
+        type=float,
+        metavar="S",
+        help="delete finished PeerRecoveries older than this (604800: 7 days)",
+    )
+    add(
         "--liveness", metavar="URL", help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz"
     )
     add("--metrics-address", metavar="HOST:PORT", help="serve Prometheus /metrics here")

@@ -40,6 +40,10 @@ class OperatorConfig:
     catch_up_grace: float = 60.0
     #: How often deadlines and vanished sources are checked.
     sweep_interval: float = 2.0
+    #: Finished PeerRecoveries kept per pod slot (the newest); older ones are deleted.
+    keep_finished: int = 5
+    #: Finished PeerRecoveries older than this (seconds) are deleted (default: 7 days).
+    finished_ttl: float = 7 * 24 * 3600.0
     #: kopf's liveness endpoint, e.g. ``http://0.0.0.0:8080/healthz``; empty disables it.
     liveness: str = ""
     #: ``HOST:PORT`` of the Prometheus endpoint; empty disables it.
@@ -55,13 +59,15 @@ class OperatorConfig:
             raise ConfigError("--namespace and --all-namespaces exclude each other")
         if not self.namespaces and not self.all_namespaces:
             raise ConfigError("give --namespace NS (repeatable) or --all-namespaces")
-        for name in ("plan_deadline", "stream_deadline", "sweep_interval"):
+        for name in ("plan_deadline", "stream_deadline", "sweep_interval", "finished_ttl"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_flag(name)} must be > 0, got {getattr(self, name)!r}")
         if self.catch_up_grace < 0:
             raise ConfigError(f"--catch-up-grace must be >= 0, got {self.catch_up_grace!r}")
         if self.max_attempts < 1:
             raise ConfigError(f"--max-attempts must be >= 1, got {self.max_attempts!r}")
+        if self.keep_finished < 1:
+            raise ConfigError(f"--keep-finished must be >= 1, got {self.keep_finished!r}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         if self.metrics_address:

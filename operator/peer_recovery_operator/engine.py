@@ -37,6 +37,7 @@ from peer_recovery_operator.detection import (
 from peer_recovery_operator.kube import ClusterApi
 from peer_recovery_operator.metrics import Metrics
 from peer_recovery_operator.recording import JobSnapshot, Recorder
+from peer_recovery_operator.retention import Expired, expired
 from peer_recovery_operator.state import ClusterState, JobKey, Slot
 from peer_recovery_operator.views import (
     BadInput,
@@ -69,9 +70,11 @@ class _JobWork:
     detections: list[tuple[Detection, float]] = dataclasses.field(default_factory=list)
     candidates: dict[str, Any] = dataclasses.field(default_factory=dict)  # uid -> PodView
     lifecycle: dict[str, tuple[Any, lifecycle.Verdict]] = dataclasses.field(default_factory=dict)
+    #: Finished records to delete under the retention policy, by name.
+    expired: dict[str, Expired] = dataclasses.field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.detections or self.candidates or self.lifecycle)
+        return bool(self.detections or self.candidates or self.lifecycle or self.expired)
 
     def keep_for_retry(self, newer: _JobWork | None) -> _JobWork:
         """What a failed round leaves to retry, merged with work queued meanwhile.
@@ -85,6 +88,7 @@ class _JobWork:
             kept.detections += newer.detections
             kept.candidates.update(newer.candidates)
             kept.lifecycle.update(newer.lifecycle)
+            kept.expired.update(newer.expired)
         return kept
 
 
@@ -250,7 +254,8 @@ class Engine:
 
     def sweep(self) -> None:
         """Check the operator's live recoveries against their deadlines and their pods, and
-        closed attempts whose re-plan may be missing; queue what needs acting.
+        closed attempts whose re-plan may be missing; queue what needs acting, and the
+        deletion of finished records past the retention policy.
 
         Finished records need nothing, so they are not looked at one by one: the episodes
         (attempts for one target incarnation and restart) are indexed once per sweep, so a
@@ -284,7 +289,18 @@ class Engine:
             )
             if verdict.action is not lifecycle.Action.KEEP:
                 self._enqueue(key).lifecycle.setdefault(rec.name, (rec, verdict))
+        self._expire(now)
         self._check_parked()
+
+    def _expire(self, now: datetime) -> None:
+        """Queue the deletion of finished records past the retention policy."""
+        known = [
+            r for r in self.state.recoveries.values() if (r.namespace, r.job) in self.state.jobs
+        ]
+        policy = {"keep": self.config.keep_finished, "ttl": self.config.finished_ttl}
+        for found in expired(known, now=now, **policy):
+            rec = found.record
+            self._enqueue((rec.namespace, rec.job)).expired.setdefault(rec.name, found)
 
     def _check_parked(self) -> None:
         horizon = time.monotonic() - DELETED_JOB_MEMORY_SECONDS
@@ -337,7 +353,7 @@ class Engine:
                     recoveries=tuple(self.state.job_recoveries(*key)),
                 )
                 try:
-                    written = await asyncio.to_thread(self._round, snap, work)
+                    written, deleted = await asyncio.to_thread(self._round, snap, work)
                 except Exception:
                     # Any failure (an API error, a reset connection, a timeout): the round's
                     # detections go back on the queue, so a replacement is never dropped.
@@ -352,12 +368,25 @@ class Engine:
                 delay = self.retry_backoff[0]
                 for body in written:
                     self._fold(body)
+                for namespace, name in deleted:
+                    self.recovery_event(
+                        "DELETED", {"metadata": {"namespace": namespace, "name": name}}
+                    )
         finally:
             self._running.pop(key, None)
 
-    def _round(self, snap: JobSnapshot, work: _JobWork) -> list[dict[str, Any]]:
-        """One job's API work, on a worker thread."""
+    def _round(
+        self, snap: JobSnapshot, work: _JobWork
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        """One job's API work, on a worker thread: the bodies written, the records deleted."""
         written: list[dict[str, Any]] = []
+        deleted: list[tuple[str, str]] = []
+        for found in work.expired.values():
+            rec = found.record
+            if self._api.delete_recovery(rec.namespace, rec.name, rec.resource_version):
+                logger.info("deleted %s/%s: %s", rec.namespace, rec.name, found.why)
+                self.metrics.lifecycle.labels("retention").inc()
+                deleted.append((rec.namespace, rec.name))
         detections = list(work.detections)
         if work.candidates:
             snap, found = self._verify_catch_up(snap, list(work.candidates.values()))
@@ -372,7 +401,7 @@ class Engine:
             elif verdict.action is lifecycle.Action.FAIL:
                 assert verdict.condition_reason is not None  # every FAIL verdict names one
                 written += self._recorder.fail(rec, verdict.why, verdict.condition_reason)
-        return written
+        return written, deleted
 
     def _verify_catch_up(
         self, snap: JobSnapshot, candidates: list[Any]

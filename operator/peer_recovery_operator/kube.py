@@ -49,6 +49,10 @@ class ClusterApi(Protocol):
         self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str
     ) -> dict[str, Any]: ...
 
+    def delete_recovery(self, namespace: str, name: str, resource_version: str) -> bool:
+        """Delete the version read; False when it is gone or changed since (not deleted)."""
+        ...
+
     def post_event(
         self, involved: Mapping[str, str], *, type_: str, reason: str, message: str
     ) -> None:
@@ -154,6 +158,24 @@ class KubernetesApi:
         if result is None:
             raise Conflict(f"PeerRecovery {namespace}/{name} is gone")
         return result
+
+    def delete_recovery(self, namespace: str, name: str, resource_version: str) -> bool:
+        from kubernetes.client import V1DeleteOptions, V1Preconditions
+
+        options = V1DeleteOptions(preconditions=V1Preconditions(resource_version=resource_version))
+        try:
+            deleted = self._call(
+                self._custom.delete_namespaced_custom_object,
+                names.GROUP,
+                names.VERSION,
+                namespace,
+                names.PLURAL,
+                name,
+                body=options,
+            )
+        except Conflict:
+            return False  # changed since it was read: the next sweep decides again
+        return deleted is not None
 
     def post_event(
         self, involved: Mapping[str, str], *, type_: str, reason: str, message: str

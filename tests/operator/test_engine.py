@@ -433,3 +433,48 @@ def test_each_problem_is_reported_once_and_the_memory_of_them_is_bounded() -> No
         assert len(engine._warned) <= 4096
 
     run(scenario)
+
+
+def test_finished_records_beyond_the_retention_policy_are_deleted() -> None:
+    from tests.operator.test_retention import rec
+
+    async def scenario() -> None:
+        engine, fake, _ = make(keep_finished=2)
+        start_job(engine)
+        uid = "train-worker-0-uid-1"  # the pod in the slot (so nothing is superseded)
+        history = [rec("Succeeded", attempt=i + 1, restarts=i, at=i, uid=uid) for i in range(5)]
+        for record in history:
+            body = fake.add(_body_of(record))
+            engine.recovery_event("ADDED", body)
+        live = fake.add(_body_of(rec("Streaming", attempt=9, restarts=9, at=20, uid=uid)))
+        engine.recovery_event("ADDED", live)
+        engine.sweep()
+        await settle(engine)
+        kept = sorted(n for (_, n) in fake.recoveries)
+        assert kept == sorted([history[3].name, history[4].name, live["metadata"]["name"]])
+        assert engine.state.sizes()["recoveries"] == 3
+        assert engine.metrics.lifecycle.labels("retention")._value.get() == 3
+        engine.sweep()  # nothing more to do
+        await settle(engine)
+        assert len(fake.recoveries) == 3
+
+    run(scenario)
+
+
+def _body_of(record: Any) -> dict[str, Any]:
+    """A stored body for a parsed record of tests/operator/test_retention.py."""
+    from peer_recovery.contract.bodies import build_peer_recovery, build_status
+
+    body = build_peer_recovery(
+        namespace=record.namespace, job_name=record.job, job_uid="job-uid-train",
+        target=record.target, mode=record.mode, reason=record.reason,
+        attempt=record.attempt, planned_by=record.planned_by,
+    )  # fmt: skip
+    body["metadata"]["annotations"] = {"peerrecovery.io/restart-count": str(record.restart_count)}
+    body["status"] = build_status(record.phase, attempt=record.attempt)
+    stamp = record.phase_since.strftime("%Y-%m-%dT%H:%M:%SZ")
+    body["status"]["conditions"] = [
+        {"type": record.phase.value, "status": "True", "reason": record.status_reason,
+         "lastTransitionTime": stamp}
+    ]  # fmt: skip
+    return body

@@ -258,3 +258,33 @@ def test_operator_account_has_no_rights_beyond_its_role(
     ):
         assert can(*verb_resource) == "no", verb_resource
     assert can("list", "pods", ns="default") == "no"
+
+
+def finish(custom: Any, namespace: str, name: str) -> None:
+    """Play the runtime: move a Planned recovery to Streaming, then Succeeded."""
+    for phase in ("Streaming", "Succeeded"):
+        custom.patch_namespaced_custom_object_status(
+            names.GROUP, names.VERSION, namespace, names.PLURAL, name,
+            {"status": {"phase": phase, "observedAttempt": 1}},
+        )  # fmt: skip
+
+
+def test_finished_records_past_the_retention_policy_are_deleted(
+    control_plane: Any, namespace: str, crd: None, client: Any, custom: Any, tmp_path: Path
+) -> None:
+    """Under the chart's RBAC, the operator keeps only the newest finished record of a pod."""
+    ready_job(client, namespace, "a", workers=2, annotations=ENABLED)
+    log = tmp_path / "operator.log"
+    with operator_under_rbac(control_plane, namespace, log, "--keep-finished", "1"):
+        first = replace(client, namespace, "a-worker-0")
+        older = wait_recovery(custom, namespace, uid=first["metadata"]["uid"])["metadata"]["name"]
+        finish(custom, namespace, older)
+        second = replace(client, namespace, "a-worker-0")
+        newer = wait_recovery(custom, namespace, uid=second["metadata"]["uid"])["metadata"]["name"]
+        assert older in [r["metadata"]["name"] for r in recoveries(custom, namespace)]
+        finish(custom, namespace, newer)
+        wait_for(
+            "the older finished record to be deleted",
+            lambda: [r["metadata"]["name"] for r in recoveries(custom, namespace)] == [newer],
+            timeout=60,
+        )
