@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help test lint bench tools cluster demo venv clean manifests
+.PHONY: help test lint bench tools cluster demo venv clean manifests images
 
 help:
 	@echo "make demo     run the main job locally: peer recovery of a replaced rank (no cluster)"
@@ -19,6 +19,8 @@ help:
 	@echo "make tools    build the test control plane's binaries from Go modules"
 	@echo "make cluster  run the test control plane in the foreground"
 	@echo "make manifests  re-render manifests/install.yaml from the chart (default values)"
+	@echo "make images  build the operator and example trainer images (needs docker, podman,"
+	@echo "             nerdctl or buildah; says so and fails without one)"
 
 venv: $(STAMP)
 
@@ -67,6 +69,11 @@ demo: venv
 # manifests/install.yaml is the chart rendered with default values; a test fails on drift.
 manifests: tools
 	@manifests/render.sh
+
+# ghcr.io/peer-recovery/{operator,trainer}:<version> from operator/Dockerfile and
+# examples/trainer/Dockerfile; IMAGE_REGISTRY=... and CONTAINER_BUILDER=... change them.
+images:
+	@tools/images.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
