@@ -2,7 +2,7 @@
 # Renders manifests/install.yaml from charts/peer-recovery with the chart's default values:
 # the Namespace, the PeerRecovery CRD and every object `helm install peer-recovery
 # charts/peer-recovery -n peer-recovery` would create. `make manifests` runs this;
-# tests/packaging/test_install_manifest.py fails when the file and the chart drift apart.
+# tests/packaging/test_chart.py fails when the file and the chart drift apart.
 #
 #   manifests/render.sh [OUTPUT]    (default: manifests/install.yaml; "-" for stdout)
 #   HELM=/path/to/helm manifests/render.sh   (default: .tools/bin/helm, then helm on PATH)

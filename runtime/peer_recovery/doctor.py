@@ -16,11 +16,11 @@ right, the torchrun command line). What recovery needs (docs/design.md):
 
 from __future__ import annotations
 
-import re
+import math
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from peer_recovery.contract.annotations import AnnotationError, parse_job_annotations
 from peer_recovery.kube.identity import IDENTITY_ENV
@@ -40,6 +40,7 @@ __all__ = [
     "facts_from_manifest",
     "parse_quantity",
     "run_checks",
+    "torchrun_flags",
 ]
 
 #: (verb, resource, subresource) the runtime needs in its namespace.
@@ -97,20 +98,23 @@ class PodFacts:
 
 # --- quantities -----------------------------------------------------------------------------
 
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?(?:[eE][0-9]+)?)([KMGTPE]i?|[kmu]|)$")
-_SUFFIX = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
-           "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
-           "Ei": 2**60, "m": 10**-3, "u": 10**-6}  # fmt: skip
-
 
 def parse_quantity(text: str | int) -> int:
-    """A Kubernetes quantity ("8Gi", "500M", "1e9", 1024) in bytes; ValueError names it."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    match = _QUANTITY.match(str(text).strip())
-    if match is None:
+    """A Kubernetes quantity ("8Gi", "500M", "1e9", 1024) in bytes, read by the Kubernetes
+    client's own parser so the doctor agrees with the API server; a fraction of a byte is
+    rounded up. ValueError names the value."""
+    # Imported here: the runtime imports no Kubernetes client at module level.
+    from kubernetes.utils.quantity import parse_quantity as kube_quantity
+
+    if isinstance(text, bool):
         raise ValueError(f"{text!r} is not a quantity (e.g. 512Mi, 8Gi, 2G, 1000000)")
-    return int(float(match[1]) * _SUFFIX[match[2]])
+    try:
+        value = kube_quantity(text)
+    except (ValueError, TypeError, ArithmeticError):
+        raise ValueError(f"{text!r} is not a quantity (e.g. 512Mi, 8Gi, 2G, 1000000)") from None
+    if value < 0:
+        raise ValueError(f"{text!r} is negative; a size is a quantity >= 0")
+    return math.ceil(value)
 
 
 # --- the checks -----------------------------------------------------------------------------
@@ -206,34 +210,68 @@ def _torchrun_args(argv: Sequence[str]) -> list[str] | None:
     return None
 
 
-#: torchrun's flags that take no value (every other flag takes one).
+#: The torchrun flags the check reads, by their argparse destination.
+_FLAGS: Final = {"rdzv-backend": "rdzv_backend", "rdzv-id": "rdzv_id", "nnodes": "nnodes",
+                 "max-restarts": "max_restarts"}  # fmt: skip
+#: torchrun's flags that take no value, for the fallback parser (every other takes one).
 _BOOLEAN_FLAGS: Final = frozenset(
     {"--standalone", "-m", "--module", "--no-python", "--no_python", "--run-path", "--run_path"}
 )
 
 
-def _own_args(args: Sequence[str]) -> list[str]:
-    """torchrun's own arguments: up to the training script (whose flags are not torchrun's)."""
+def _by_torchrun(args: Sequence[str]) -> dict[str, str | None] | None:
+    """The flags as torchrun itself reads them (its own parser: every spelling, abbreviation
+    and value-taking flag it knows), None given on the command line; None where torch is not
+    installed (the torch-free ``peer-recovery[cli]``) or torchrun would refuse the line."""
+    try:
+        from torch.distributed.run import get_args_parser
+    except ImportError:
+        return None
+    parser = get_args_parser()
+    # Its defaults come from this process's PET_* variables; the pod's are applied later.
+    parser.set_defaults(**dict.fromkeys(_FLAGS.values()))
+
+    def refuse(message: str) -> NoReturn:
+        raise ValueError(message)
+
+    parser.error = refuse  # type: ignore[method-assign]
+    try:
+        parsed, _ = parser.parse_known_args(list(args))
+    except (ValueError, SystemExit):
+        return None
+    return {
+        name: None if getattr(parsed, dest, None) is None else str(getattr(parsed, dest))
+        for name, dest in _FLAGS.items()
+    }
+
+
+def _by_hand(args: Sequence[str]) -> dict[str, str | None]:
+    """The flags read without torch: either spelling, ``--f=v`` or ``--f v``, up to the
+    training script (whose own flags are not torchrun's)."""
     i = 0
     while i < len(args) and args[i].startswith("-"):
         i += 1 if ("=" in args[i] or args[i] in _BOOLEAN_FLAGS) else 2
-    return list(args[: min(i, len(args))])
-
-
-def _flag(args: Sequence[str], env: Mapping[str, str], name: str) -> str | None:
-    """A torchrun flag's value (either spelling, ``--f=v`` or ``--f v``), else ``PET_<F>``."""
-    spellings = {f"--{name}", f"--{name.replace('-', '_')}"}
-    own = _own_args(args)
-    found: str | None = None
-    for i, token in enumerate(own):
-        key, eq, value = token.partition("=")
-        if key in spellings:
-            found = value if eq else (own[i + 1] if i + 1 < len(own) else "")
-    if found is None:
-        found = env.get("PET_" + name.upper().replace("-", "_"))
-        if found is not None and found.startswith("fieldRef:"):
-            found = None
+    own = list(args[: min(i, len(args))])
+    found: dict[str, str | None] = dict.fromkeys(_FLAGS)
+    for name, dest in _FLAGS.items():
+        spellings = {f"--{name}", f"--{dest}"}
+        for j, token in enumerate(own):
+            key, eq, value = token.partition("=")
+            if key in spellings:
+                found[name] = value if eq else (own[j + 1] if j + 1 < len(own) else "")
     return found
+
+
+def torchrun_flags(args: Sequence[str], env: Mapping[str, str]) -> dict[str, str | None]:
+    """The values of the flags in ``_FLAGS``: from the command line (torchrun's parser where
+    torch is installed, else :func:`_by_hand`), else the pod's ``PET_<FLAG>`` variable (what
+    torchrun reads when a flag is absent), else None."""
+    flags = _by_torchrun(args) or _by_hand(args)
+    for name, dest in _FLAGS.items():
+        if flags[name] is None:
+            pet = env.get("PET_" + dest.upper())
+            flags[name] = None if pet is None or pet.startswith("fieldRef:") else pet
+    return flags
 
 
 def check_torchrun(facts: PodFacts) -> Check:
@@ -245,25 +283,26 @@ def check_torchrun(facts: PodFacts) -> Check:
         return Check(name, False, f"the command does not run torchrun: {' '.join(facts.argv)[:200]}",
                      "run the script with torchrun --rdzv-backend=peer-recovery ...")  # fmt: skip
     problems: list[str] = []
-    backend = _flag(args, facts.env, "rdzv-backend")
+    flags = torchrun_flags(args, facts.env)
+    backend = flags["rdzv-backend"]
     if backend != _BACKEND:
         problems.append(
             f"--rdzv-backend is {backend or 'unset (static)'}; use --rdzv-backend={_BACKEND}"
         )
-    raw_restarts = _flag(args, facts.env, "max-restarts")
+    raw_restarts = flags["max-restarts"]
     try:
         restarts = int(raw_restarts) if raw_restarts is not None else 0
     except ValueError:
         restarts = 0
         problems.append(f"--max-restarts={raw_restarts!r} is not a number")
-    nnodes = _flag(args, facts.env, "nnodes") or "1"
+    nnodes = flags["nnodes"] or "1"
     low, _, high = nnodes.partition(":")
     try:
         min_nodes, max_nodes = int(low), int(high or low)
     except ValueError:
         min_nodes, max_nodes = 0, -1
         problems.append(f"--nnodes={nnodes!r} is not N or N:N")
-    run_id = _flag(args, facts.env, "rdzv-id") or "none"
+    run_id = flags["rdzv-id"] or "none"
     problems += launch_problems(run_id=run_id, min_nodes=min_nodes, max_nodes=max_nodes,
                                 max_restarts=restarts)  # fmt: skip
     if problems:

@@ -7,6 +7,7 @@ same code against the real control plane.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -220,11 +221,44 @@ def test_deliver_retries_while_unreachable_until_back_or_the_bound() -> None:
         if len(naps) == 3:
             fake.down = False  # the API server is back
 
-    deliver(lambda: apply_moves(fake, "ns", name, SUCCEED), deadline=1e12, what="t", sleep=nap)
+    fractions = iter([0.0, 0.5, 0.9, 0.3])
+    deliver(lambda: apply_moves(fake, "ns", name, SUCCEED), deadline=1e12, what="t", sleep=nap,
+            uniform=fractions.__next__)  # fmt: skip
     assert fake.recovery(name)["status"]["phase"] == "Succeeded"
-    assert naps == [0.5, 1.0, 2.0]
+    # Backoff 0.5, 1, 2 s; each wait between half and all of it.
+    assert naps == pytest.approx([0.25, 0.75, 1.9])
     fake.down = True
     assert deliver(lambda: fake.list_recoveries("ns", "ddp"), deadline=0, what="t") is None
+
+
+class _Enough(BaseException):
+    """Ends a retry loop from its sleep (deliver catches Exception around attempts only)."""
+
+
+def test_pods_retrying_after_an_outage_do_not_wait_in_lockstep() -> None:
+    """Two pods' reporters, each with its own random stream: their waits differ, each stays
+    within half and all of the backoff, and the backoff still doubles up to its cap."""
+
+    def waits(seed: int) -> list[float]:
+        naps: list[float] = []
+
+        def down() -> None:
+            raise Unreachable("connection refused")
+
+        def nap(seconds: float) -> None:
+            naps.append(seconds)
+            if len(naps) == 6:
+                raise _Enough  # stop the loop: enough waits seen
+
+        with pytest.raises(_Enough):
+            deliver(down, deadline=1e12, what="t", sleep=nap, uniform=random.Random(seed).random)
+        return naps
+
+    first, second = waits(1), waits(2)
+    assert first != second
+    for naps in (first, second):
+        for nap, backoff in zip(naps, [0.5, 1.0, 2.0, 4.0, 5.0, 5.0], strict=True):
+            assert backoff / 2 <= nap <= backoff
 
 
 def test_a_refusal_is_retried_only_right_after_an_outage() -> None:

@@ -2,9 +2,9 @@
 functions of paths and ports, so the flags are visible in one place and testable alone.
 
 Invariants: every component listens on 127.0.0.1 only; the controller manager runs just the
-controllers tests rely on (garbage collector, namespace, service accounts, root CA publisher)
-with per-controller service-account credentials, as a real cluster does; KWOK manages only
-nodes annotated ``kwok.x-k8s.io/node=fake``.
+controllers tests rely on (garbage collector, namespace, service accounts, root CA publisher,
+ClusterRole aggregation) with per-controller service-account credentials, as a real cluster
+does; KWOK manages only nodes annotated ``kwok.x-k8s.io/node=fake``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ CONTROLLERS = (
     "namespace-controller",
     "serviceaccount-controller",
     "root-ca-certificate-publisher-controller",
+    # Folds ClusterRoles labelled aggregate-to-view/edit/admin into the default roles.
+    "clusterrole-aggregation-controller",
 )
 
 

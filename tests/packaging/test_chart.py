@@ -61,7 +61,7 @@ def test_values_are_all_documented_and_the_schema_is_closed() -> None:
 def test_default_values_render_a_locked_down_operator(bin_dir: Path) -> None:
     objects = render(bin_dir)
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
+    assert kinds == ["ClusterRole"] * 4 + ["ClusterRoleBinding", "ClusterRoleBinding",
                      "Deployment", "Service", "ServiceAccount"]  # fmt: skip
     deployment = one(objects, "Deployment")
     spec = deployment["spec"]
@@ -107,8 +107,9 @@ def test_other_values_render_what_they_say(bin_dir: Path) -> None:
         "serviceAccount.name=pr-operator",
         "operator.runAsUser=null",
         "operator.nodeSelector.pool=system",
-        "operator.imagePullSecrets={regcred}",
-        "operator.image=registry.example.com/pr:dev",
+        "operator.imagePullSecrets[0].name=regcred",
+        "operator.image.repository=registry.example.com/pr",
+        "operator.image.tag=dev",
         "operator.metricsPort=9100",
         "metrics.service.port=8443",
         "metrics.serviceMonitor.enabled=true",
@@ -162,6 +163,13 @@ def test_switches_turn_objects_off(bin_dir: Path) -> None:
         ("operator.metricsPort=70000", "at '/operator/metricsPort'"),
         ("operator.planDeadline=0", "at '/operator/planDeadline'"),
         ("rbac.create=yes", "at '/rbac/create'"),
+        ("operator.image=registry.example.com/pr:dev", "at '/operator/image'"),
+        ("operator.image.repository=ghcr.io/x/op:1.0", "at '/operator/image/repository'"),
+        ("operator.image.digest=latest", "at '/operator/image/digest'"),
+        ("operator.imagePullSecrets={regcred}", "at '/operator/imagePullSecrets/0'"),
+        ("operator.extraArgs={verbose}", "at '/operator/extraArgs/0'"),
+        ("operator.affinity.nodeAfinity.x=y", "additional properties 'nodeAfinity' not allowed"),
+        ("nameOverride=Peer_Recovery", "at '/nameOverride'"),
         ("metrics.serviceMonitor.interval=soon", "at '/metrics/serviceMonitor/interval'"),
         ("operator.resources.limits.memory=lots", "at '/operator/resources/limits/memory'"),
     ],

@@ -76,11 +76,14 @@ def test_readme_install_examples_and_uninstall(control_plane: Any) -> None:
         selector = f"-l app.kubernetes.io/instance={RELEASE}"
         (deployment,) = sh.objects(f"kubectl -n {NAMESPACE} get deployments {selector}")
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
-        assert container["image"] == "peer-recovery-operator:dev"
+        version = yaml.safe_load((REPO / "charts/peer-recovery/Chart.yaml").read_text())
+        # The name `make images` tags and kind loads: the chart's default for its appVersion.
+        assert container["image"] == f"ghcr.io/peer-recovery/operator:{version['appVersion']}"
+        assert container["imagePullPolicy"] == "Never"
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert len(sh.objects(f"kubectl -n {NAMESPACE} get serviceaccounts {selector}")) == 1
         assert len(sh.objects(f"kubectl -n {NAMESPACE} get services {selector}")) == 1
-        assert len(sh.objects(f"kubectl get clusterroles {selector}")) == 2
+        assert len(sh.objects(f"kubectl get clusterroles {selector}")) == 4  # + view, edit
         assert len(sh.objects(f"kubectl get clusterrolebindings {selector}")) == 2
         assert len(sh.objects(f"kubectl -n {TRAINING} get roles {selector}")) == 1
         sh("kubectl get crd peerrecoveries.peerrecovery.io")

@@ -13,6 +13,7 @@ bounded, until an unreachable API server is back.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -75,13 +76,20 @@ def deliver(
     then: str = "gave up at the retry bound (PEER_RECOVERY_STATUS_RETRY_S)",
     level: int = logging.ERROR,
     sleep: Callable[[float], None] = time.sleep,
+    uniform: Callable[[], float] = random.random,
 ) -> T | None:
     """Run ``attempt`` until it succeeds, retrying while the API server is unreachable, with
     backoff, until ``deadline`` (monotonic); a refusal (403) only right after an outage. Logs why it gave up (``then`` says what follows,
-    at ``level``); never raises."""
+    at ``level``); never raises.
+
+    Each wait is drawn between half and all of the current backoff (``uniform`` gives a
+    fraction in [0, 1)): after an outage the pods of a job spread their retries instead of
+    all hitting the API server in the same instant.
+    """
     delay = 0.5
     outage = False
     while True:
+        wait = delay * (0.5 + uniform() / 2)
         try:
             return attempt()
         except Forbidden as error:
@@ -90,24 +98,24 @@ def deliver(
                 return None
             # Just back from an outage, the API server's authorizer may not have loaded RBAC
             # yet: a refusal then is retried like the outage itself.
-            if time.monotonic() + delay > deadline:
+            if time.monotonic() + wait > deadline:
                 log.log(level, "peer-recovery: could not write %s: %s; %s", what, error, then)
                 return None
             log.warning("peer-recovery: %s: refused right after an outage (%s); retrying in "
-                        "%.1fs", what, error, delay)  # fmt: skip
+                        "%.1fs", what, error, wait)  # fmt: skip
         except Unreachable as error:
             outage = True
-            if time.monotonic() + delay > deadline:
+            if time.monotonic() + wait > deadline:
                 log.log(level, "peer-recovery: could not write %s, the API server is "
                         "unreachable (%s); %s", what, error, then)  # fmt: skip
                 return None
             log.warning("peer-recovery: %s: the API server is unreachable (%s); retrying in "
-                        "%.1fs", what, error, delay)  # fmt: skip
+                        "%.1fs", what, error, wait)  # fmt: skip
         except ApiError as error:
             log.error("peer-recovery: could not write %s: %s", what, error)
             return None
         except Exception as error:  # a bug must not take the agent down
             log.exception("peer-recovery: could not write %s: %s", what, error)
             return None
-        sleep(delay)
+        sleep(wait)
         delay = min(delay * 2, 5.0)

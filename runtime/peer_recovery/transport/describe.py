@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
 from peer_recovery.transport.dist_tensors import describe_dtensor, describe_sharded
@@ -32,6 +31,7 @@ from peer_recovery.transport.metadata import (
     encode_scalar,
     keystr,
 )
+from peer_recovery.transport.torch_compat import ShardedTensor
 
 __all__ = ["Described", "describe_state", "index_targets", "map_leaves"]
 

@@ -11,6 +11,7 @@ Receiver side (fresh leaves; in-place leaves are simply the receiver's own objec
   receiver's coordinate; no process group is created and no collective runs. A receiver
   outside the sender's mesh, or without matching groups, gets a MetadataError naming the
   leaf (receive in place into a DTensor instead).
+  The private torch APIs this takes are in :mod:`peer_recovery.transport.torch_compat`.
 - a ShardedTensor takes over the sender's role: in the global metadata the sender's rank and
   the receiver's rank are swapped, and local shards are placed on the receiver.
 """
@@ -22,18 +23,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed._shard.sharded_tensor import Shard as StShard
-from torch.distributed._shard.sharded_tensor import ShardedTensor, ShardMetadata
-from torch.distributed._shard.sharded_tensor.metadata import (
-    ShardedTensorMetadata,
-    TensorProperties,
-)
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 from peer_recovery.transport.errors import MetadataError
 from peer_recovery.transport.metadata import dtype_from_name, dtype_name
+from peer_recovery.transport.torch_compat import (
+    ShardedTensor,
+    ShardedTensorMetadata,
+    ShardMetadata,
+    StShard,
+    TensorProperties,
+    dtensor_from_spec,
+    group_with_ranks,
+    local_tensor,
+    mesh_from_groups,
+    sharded_from_metadata,
+)
 
 __all__ = ["describe_dtensor", "describe_sharded", "rebuild_dtensor", "rebuild_sharded"]
 
@@ -81,21 +86,13 @@ def describe_dtensor(value: DTensor, where: str) -> tuple[torch.Tensor, dict[str
         "stride": list(value.stride()),
         "requires_grad": value.requires_grad,
     }
-    return value._local_tensor, spec
+    return local_tensor(value), spec
 
 
 def _ints(raw: object, what: str, where: str) -> list[int]:
     if type(raw) is not list or len(raw) > 64 or not all(type(i) is int and i >= 0 for i in raw):
         raise MetadataError(f"{what} must be a short list of non-negative ints", key_path=where)
     return raw
-
-
-def _find_group(ranks: list[int]) -> dist.ProcessGroup | None:
-    """An existing process group whose ranks, in group-rank order, are exactly ``ranks``."""
-    for pg, mapping in dist.distributed_c10d._world.pg_group_ranks.items():
-        if sorted(mapping, key=mapping.__getitem__) == ranks:
-            return pg
-    return None
 
 
 def rebuild_dtensor(local: torch.Tensor, spec: dict[str, Any], where: str) -> DTensor:
@@ -137,7 +134,7 @@ def rebuild_dtensor(local: torch.Tensor, spec: dict[str, Any], where: str) -> DT
         index = list(coord[0])
         index[dim] = slice(None)
         ranks = mesh[tuple(index)].tolist()
-        group = _find_group(ranks)
+        group = group_with_ranks(ranks)
         if group is None:
             raise MetadataError(
                 f"no existing process group with ranks {ranks} for mesh dim {dim}; "
@@ -145,18 +142,11 @@ def rebuild_dtensor(local: torch.Tensor, spec: dict[str, Any], where: str) -> DT
                 key_path=where,
             )
         groups.append(group)
-    device_mesh = DeviceMesh.from_group(
-        groups[0] if mesh.ndim == 1 else groups,
-        device_type,
-        mesh=mesh,
-        mesh_dim_names=tuple(names) if names else None,
-    )
-    meta = TensorMeta(torch.Size(shape), tuple(stride), local.dtype)
-    return DTensor(
-        local,
-        DTensorSpec(device_mesh, placements, tensor_meta=meta),
+    device_mesh = mesh_from_groups(groups, device_type, mesh, tuple(names) if names else None)
+    return dtensor_from_spec(
+        local, device_mesh, placements, shape, stride,
         requires_grad=spec.get("requires_grad") is True,
-    )
+    )  # fmt: skip
 
 
 def _shard_meta(m: ShardMetadata) -> list[Any]:
@@ -231,7 +221,7 @@ def rebuild_sharded(locals_: list[torch.Tensor], spec: dict[str, Any], where: st
         tensor_properties=props,
     )
     try:
-        return ShardedTensor._init_from_local_shards_and_global_metadata(shards, md)
+        return sharded_from_metadata(shards, md)
     except (ValueError, RuntimeError, AssertionError) as exc:
         raise MetadataError(
             f"ShardedTensor metadata is inconsistent: {exc}", key_path=where

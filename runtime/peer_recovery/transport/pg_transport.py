@@ -44,7 +44,6 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
 from peer_recovery.transport.describe import (
@@ -77,6 +76,7 @@ from peer_recovery.transport.metadata import (
     encode_metadata,
     keystr,
 )
+from peer_recovery.transport.torch_compat import ShardedTensor, local_tensor
 
 __all__ = ["DEFAULT_INTEGRITY", "PGTransport", "TransferStats"]
 
@@ -365,7 +365,7 @@ class PGTransport:
                 if usable:
                     if list(target.shape) != leaf.extra.get("shape"):
                         raise MetadataError("DTensor global shape differs", key_path=where)
-                    inplace(leaf.indices[0], target._local_tensor, where)
+                    inplace(leaf.indices[0], local_tensor(target), where)
                     return target
                 return rebuild_dtensor(fresh(leaf.indices[0]), leaf.extra, where)
             if usable:
