@@ -39,10 +39,15 @@ from peer_recovery.protocol.records import canonical_key
 from peer_recovery.rank_plan import RankPlan, Role
 from peer_recovery.shard_key import ShardKey
 from peer_recovery.snapshots import settings
-from peer_recovery.snapshots.live import LiveState, Stateful, flat_digest
+from peer_recovery.snapshots.live import LiveState, Stateful, key_digest
 from peer_recovery.snapshots.local_restore import agree_on_step, load_private, usable_snapshots
 from peer_recovery.snapshots.manifest import Manifest
-from peer_recovery.snapshots.metrics import SnapshotStats, log_restore, log_snapshot
+from peer_recovery.snapshots.metrics import (
+    SnapshotStats,
+    log_restore,
+    log_snapshot,
+    log_snapshot_failed,
+)
 from peer_recovery.snapshots.sizing import SizingError
 from peer_recovery.snapshots.store import SlotWrite, SnapshotStore, all_cpus, plan_sections
 from peer_recovery.snapshots.tree import Flat, flatten
@@ -120,7 +125,11 @@ class PeerRecovery:
 
     # -- identity ------------------------------------------------------------------------
     def shard_key(self, flat: Flat) -> ShardKey:
-        return ShardKey(self.world_size, self.position, flat_digest(flat))
+        """The key of ``flat`` (this state's layout); lazily created optimizer state is left
+        out, so a parameter that never got a gradient does not change it."""
+        return ShardKey(
+            self.world_size, self.position, key_digest(flat, self.state.optimizer_names())
+        )
 
     def template(self) -> Any:
         """The live replicated state dict, optimizer state created: receive in place into it."""
@@ -162,14 +171,20 @@ class PeerRecovery:
         return self._executor
 
     def _commit(self, pending: SlotWrite, background: bool) -> None:
+        """Checksums and manifest. A failure (e.g. a full ``/dev/shm``) is logged and counted,
+        never raised into training: the slot simply holds no snapshot of that step."""
         started = time.perf_counter()
-        manifest = self.store.commit(pending, threads=1 if background else all_cpus())
+        try:
+            manifest = self.store.commit(pending, threads=1 if background else all_cpus())
+        except Exception as error:
+            log_snapshot_failed(self.stats, pending.manifest.step, error)
+            return
         self.stats.last_commit_seconds = time.perf_counter() - started
         self.stats.snapshots += 1
         log_snapshot(self.stats, manifest.slot, background)
 
     def wait(self) -> None:
-        """Wait for a background snapshot to be committed; re-raise its error."""
+        """Wait for background work (a commit, which never raises; the prefault)."""
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()

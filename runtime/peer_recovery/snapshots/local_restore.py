@@ -3,9 +3,10 @@
 Helpers of ``PeerRecovery.restore`` for the roles that load their own slot (LOCAL, SEND).
 
 Invariants:
-- ``usable_snapshots`` removes a slot whose shard key matches neither form of the live
-  state (it can never be restored into this job again); a slot older than the durable
-  checkpoint is skipped but kept (a later restore with an older checkpoint may use it).
+- ``usable_snapshots`` never deletes a snapshot: one whose shard key does not match the
+  live state is quarantined (moved aside whole, logged with why, never scanned, published
+  or loaded again); a slot older than the durable checkpoint is skipped but kept (a later
+  restore with an older checkpoint may use it).
 - ``agree_on_step`` runs the same collectives on every rank whatever failed locally (at most
   two rounds: there are two slots), so a corrupt or missing slot is never a hang.
 """
@@ -52,8 +53,9 @@ def usable_snapshots(
             target = fresh[0]
         else:
             why = live[1].mismatch(manifest.shard_key)
-            reasons.append(f"slot {manifest.slot} (step {manifest.step}) is another shard: {why}")
-            store.remove_slot(manifest.slot)
+            reason = f"slot {manifest.slot} (step {manifest.step}) is another shard: {why}"
+            store.quarantine_slot(manifest.slot, manifest.step, reason)
+            reasons.append(f"{reason} (quarantined)")
             continue
         if checkpoint_step is not None and manifest.step < checkpoint_step:
             reasons.append(
