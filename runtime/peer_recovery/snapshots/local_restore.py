@@ -34,14 +34,14 @@ def usable_snapshots(
     store: SnapshotStore,
     rank: int,
     live: tuple[Flat, ShardKey],
-    fresh: tuple[Flat, ShardKey] | None,
     checkpoint_step: int | None,
 ) -> tuple[list[tuple[Manifest, Flat]], list[str]]:
     """This rank's snapshots that may be restored, each with the live state to load into.
 
-    ``live`` is the live state (optimizer state created) and its key; ``fresh`` the same
-    before a never-stepped optimizer was given state (``None`` if none was): a snapshot
-    taken before the first step matches that one. Also returns why others were passed over.
+    ``live`` is the live state (optimizer state created) and its key; the key leaves out
+    lazily created optimizer state, so a snapshot taken before the first step, or one in
+    which some parameter never had state, matches it too. Also returns why others were
+    passed over.
     """
     manifests, problems = store.scan()
     reasons = list(problems)
@@ -49,8 +49,6 @@ def usable_snapshots(
     for manifest in manifests:
         if manifest.shard_key == live[1]:
             target = live[0]
-        elif fresh is not None and manifest.shard_key == fresh[1]:
-            target = fresh[0]
         else:
             why = live[1].mismatch(manifest.shard_key)
             reason = f"slot {manifest.slot} (step {manifest.step}) is another shard: {why}"
