@@ -325,7 +325,13 @@ class PeerRecovery:
         if self._undo is not None:
             self._undo()  # a never-stepped optimizer has no state again
         if self._backup is not None:
-            self._backup.put_back()  # taken before any state was created or received
+            try:
+                self._backup.put_back()  # taken before any state was created or received
+            except Exception as error:
+                raise RestoreAbandoned(
+                    f"rank {self.rank}: the restore failed ({reason}) and putting the objects "
+                    f"back failed too; this process must not train: {error}"
+                ) from error
         self._undo, self._backup = None, None
         self.last_failure = reason
         log.warning("peer-recovery: restore falls back to the checkpoint: %s", reason)
