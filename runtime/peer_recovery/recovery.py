@@ -12,23 +12,27 @@ and, apart from it, its rank-private state (data-loader position, RNG), then cal
 
 Restore is all-or-nothing across ranks: this rank's part is decided by a ``RankPlan``
 (restore locally, receive from a peer, or restore locally and send to peers). Without a
-plan every rank restores locally at the newest step all ranks hold. Then all ranks vote
-(``peer_recovery.vote``); if any rank failed, every rank returns ``None`` and logs why.
-When ``None`` is returned after this rank had loaded a snapshot, the registered objects
-hold that snapshot: the script must load its checkpoint (or re-initialise) before training.
-When nothing was loaded, the objects are left as they were.
+plan every rank restores locally at the newest step all ranks hold. Ranks that load their
+own slot first check it (checksums, and that every stored tensor fits the live state) and
+send from it; a receiver receives in place after copying its objects aside
+(``snapshots.rollback``). Then all ranks vote (``peer_recovery.vote``).
+
+- If any rank failed, every rank returns ``None``, logs why and keeps it in
+  ``last_failure``; every registered object is then bitwise as it was before the call
+  (nothing was loaded; created optimizer state is dropped; a receiver's objects are put
+  back). Nothing raises where ``None`` is the outcome, including a rank that never joins.
+- If all voted yes, the checked slots are loaded. A load that fails after that raises
+  ``RestoreAbandoned``: the other ranks resume, so this process must end, never train.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +43,18 @@ from peer_recovery.protocol.records import canonical_key
 from peer_recovery.rank_plan import RankPlan, Role
 from peer_recovery.shard_key import ShardKey
 from peer_recovery.snapshots import settings
-from peer_recovery.snapshots.live import LiveState, Stateful, flat_digest
+from peer_recovery.snapshots.live import LiveState, Stateful, key_digest
 from peer_recovery.snapshots.local_restore import agree_on_step, load_private, usable_snapshots
 from peer_recovery.snapshots.manifest import Manifest
-from peer_recovery.snapshots.metrics import SnapshotStats, log_restore, log_snapshot
+from peer_recovery.snapshots.metrics import SnapshotStats, log_restore
+from peer_recovery.snapshots.rollback import Backup
 from peer_recovery.snapshots.sizing import SizingError
-from peer_recovery.snapshots.store import SlotWrite, SnapshotStore, all_cpus, plan_sections
+from peer_recovery.snapshots.store import SnapshotStore, plan_sections
 from peer_recovery.snapshots.tree import Flat, flatten
-from peer_recovery.vote import Ballot, vote
+from peer_recovery.snapshots.writer import SnapshotWriter
+from peer_recovery.vote import Ballot, new_vote_group, vote
 
-__all__ = ["PeerRecovery", "RankPlan", "RestoreResult", "Role"]
+__all__ = ["PeerRecovery", "RankPlan", "RestoreAbandoned", "RestoreResult", "Role"]
 
 log = logging.getLogger("peer_recovery.recovery")
 
@@ -69,6 +75,19 @@ class RestoreResult:
 
 class _Failure(Exception):
     """This rank cannot restore; the message is its ballot's reason."""
+
+
+class RestoreAbandoned(RuntimeError):
+    """Loading failed after every rank voted to resume: this process must not train on."""
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A slot checked and agreed on, to load once every rank voted yes."""
+
+    manifest: Manifest
+    live: Flat
+    role: Role
 
 
 class PeerRecovery:
@@ -103,8 +122,10 @@ class PeerRecovery:
         self.state, self.private = LiveState(state), LiveState(private or {})
         self.stats = SnapshotStats()
         self._pg, self._pg_given = pg, pg is not None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pending: concurrent.futures.Future[None] | None = None
+        self._writer = SnapshotWriter(self.store, self.stats)
+        self._undo: Callable[[], None] | None = None  # drops optimizer state a restore created
+        self._backup: Backup | None = None  # a receiver's objects as they were
+        self.last_failure: str | None = None  # why the last restore() returned None
 
     @classmethod
     def from_env(
@@ -120,7 +141,11 @@ class PeerRecovery:
 
     # -- identity ------------------------------------------------------------------------
     def shard_key(self, flat: Flat) -> ShardKey:
-        return ShardKey(self.world_size, self.position, flat_digest(flat))
+        """The key of ``flat`` (this state's layout); lazily created optimizer state is left
+        out, so a parameter that never got a gradient does not change it."""
+        return ShardKey(
+            self.world_size, self.position, key_digest(flat, self.state.optimizer_names())
+        )
 
     def template(self) -> Any:
         """The live replicated state dict, optimizer state created: receive in place into it."""
@@ -142,46 +167,21 @@ class PeerRecovery:
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"snapshot step must be an int >= 0, got {step!r}")
         self.wait()
-        started = time.perf_counter()
         replicated = self.state.flat()
         private = self.private.flat() if self.private.objects else None
-        pending = self.store.write_data(step, self.shard_key(replicated), replicated, private)
-        stall = time.perf_counter() - started
-        self.stats.last_step, self.stats.last_stall_seconds = step, stall
-        self.stats.last_bytes = pending.manifest.data_bytes
-        self.stats.total_stall_seconds += stall
-        if self.async_snapshot:
-            self._pending = self._background().submit(self._commit, pending, True)
-        else:
-            self._commit(pending, False)
-        return stall
-
-    def _background(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, "peer-recovery-snapshot")
-        return self._executor
-
-    def _commit(self, pending: SlotWrite, background: bool) -> None:
-        started = time.perf_counter()
-        manifest = self.store.commit(pending, threads=1 if background else all_cpus())
-        self.stats.last_commit_seconds = time.perf_counter() - started
-        self.stats.snapshots += 1
-        log_snapshot(self.stats, manifest.slot, background)
+        key = self.shard_key(replicated)
+        return self._writer.write(step, key, replicated, private, self.async_snapshot)
 
     def wait(self) -> None:
-        """Wait for a background snapshot to be committed; re-raise its error."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Wait for a background snapshot's commit (which never raises: a failed one is
+        logged and counted in ``stats``) and other background work."""
+        self._writer.wait()
 
     def close(self, *, remove: bool = True) -> None:
         """Finish pending work; on a clean exit remove the snapshot files (``remove``)."""
         try:
-            self.wait()
+            self._writer.shutdown()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
             if remove:
                 self.store.remove_all()
 
@@ -210,10 +210,15 @@ class PeerRecovery:
         without them first joins the round's agreement (:mod:`peer_recovery.peer_restore`),
         which gives this rank its plan and transport.
         """
-        if plan is None and transport is None:
-            session = peer_restore.RoundSession.join(
-                self.rank, self.world_size, timeout=self.vote_timeout_s
-            )
+        if plan is None and transport is None and peer_restore.in_round():
+            try:
+                session = peer_restore.RoundSession.join(
+                    self.rank, self.world_size, timeout=self.vote_timeout_s
+                )
+            except Exception as error:  # the round's store is unreachable: no agreement
+                self.last_failure = f"could not join the round: {type(error).__name__}: {error}"
+                log.warning("peer-recovery: restore falls back: %s", self.last_failure)
+                return None
             if session is not None:
                 return self._restore_in_round(session, checkpoint_step)
         return self._restore(checkpoint_step, plan, transport)
@@ -223,22 +228,24 @@ class PeerRecovery:
     ) -> RestoreResult | None:
         plan = session.agree(self._live_shard_key(), checkpoint_step, self.vote_timeout_s)
         if plan is None:
+            agreement = session.agreement
+            self.last_failure = (
+                agreement.reason if agreement is not None else "no agreement this round"
+            )
             return None
-        transport = (
-            session.transport(self.template, self._device()) if session.moves_bytes() else None
-        )
+        transport = None
+        if session.moves_bytes():
+            try:
+                transport = session.transport(self.template, self._device())
+            except Exception:  # this rank votes no (no transport); the vote says why
+                log.exception("peer-recovery: rank %d: no transport", self.rank)
         result = self._restore(checkpoint_step, plan, transport)
         session.report(result)
         return result
 
     def _live_shard_key(self) -> str:
-        """The live state's key as snapshots record it (optimizer state created, then undone)."""
-        undo = self.state.materialize()
-        try:
-            return canonical_key(self.shard_key(self.state.flat()).to_json())
-        finally:
-            if undo is not None:
-                undo()
+        """The live state's key as snapshots record it (lazy optimizer state never counts)."""
+        return canonical_key(self.shard_key(self.state.flat()).to_json())
 
     def _device(self) -> Any:
         """Where the registered model lives (fresh received tensors go there); CPU by default."""
@@ -253,90 +260,98 @@ class PeerRecovery:
     def _restore(
         self, checkpoint_step: int | None, plan: RankPlan | None, transport: Any
     ) -> RestoreResult | None:
-        self.wait()
+        """Prepare this rank's part, vote, then load: see the module docstring."""
         started = time.perf_counter()
-        pg = self._vote_group()
-        self._loaded, self._undo, self._fresh_flat = False, None, None
+        self._undo, self._backup = None, None
         failure: str | None = None
         sizing_error: SizingError | None = None
         usable: list[tuple[Manifest, Flat]] = []
         reasons: list[str] = []
-        result: RestoreResult | None = None
+        ready: _Ready | None = None  # what this rank loads once every rank voted yes
+        received: RestoreResult | None = None  # a receiver's state, already in the objects
+        pg, failure = self._vote_group()
         try:
-            live, fresh = self._live()
+            self.wait()
+            if plan is not None and plan.role is Role.RECEIVE:
+                self._backup = Backup(self.state)  # the receive writes in place, before the vote
+            live = self._live()
             # Size and preallocate first, so a too-small store fails at start-up on any path.
             private = self.private.flat() if self.private.objects else None
             self.store.ensure_capacity(plan_sections(live[0], private)[2])
             if plan is None or plan.role is not Role.RECEIVE:
-                usable, reasons = usable_snapshots(
-                    self.store, self.rank, live, fresh, checkpoint_step
-                )
+                usable, reasons = usable_snapshots(self.store, self.rank, live, checkpoint_step)
         except SizingError as error:
-            sizing_error, failure = error, str(error)
+            sizing_error, failure = error, failure or str(error)
         except Exception as error:
             log.exception("peer-recovery: rank %d could not prepare its restore", self.rank)
-            failure = f"{type(error).__name__}: {error}"
+            failure = failure or f"{type(error).__name__}: {error}"
         try:
-            if plan is None:
+            if plan is None and (pg is not None or self.world_size == 1):
                 manifests = [m for m, _ in usable]
                 step, why = agree_on_step(pg, self.store, self.rank, manifests, reasons)
                 failure = failure or why
                 if failure is None and step is not None:
-                    result = self._load_local(step, usable, None, transport)
-            elif failure is None and plan.role is Role.RECEIVE:
-                result = self._receive(plan, transport, checkpoint_step)
-            elif failure is None:
-                result = self._load_local(plan.step, usable, plan, transport)
+                    ready = self._prepare_local(step, usable, None, transport)
+            elif plan is not None and failure is None and plan.role is Role.RECEIVE:
+                received = self._receive(plan, transport, checkpoint_step)
+            elif plan is not None and failure is None:
+                ready = self._prepare_local(plan.step, usable, plan, transport)
         except Exception as error:
             log.exception("peer-recovery: rank %d failed to restore", self.rank)
-            failure, result = f"{type(error).__name__}: {error}", None
-        ballot = Ballot(False, None, failure) if result is None else Ballot(True, result.step)
-        if result is None and not failure:
+            failure, ready, received = f"{type(error).__name__}: {error}", None, None
+        step = ready.manifest.step if ready else (received.step if received else None)
+        ballot = Ballot(True, step) if step is not None else Ballot(False, None, failure or "")
+        if not ballot.ok and not ballot.reason:
             ballot = Ballot(False, None, "no snapshot restored")
         outcome = vote(pg, ballot)
-        if not outcome.ok or result is None:
-            if not self._loaded and self._undo is not None:
-                self._undo()  # leave a never-stepped optimizer as it was
-            log.warning("peer-recovery: restore falls back to the checkpoint: %s", outcome.reason)
+        if not outcome.ok:
+            self._roll_back(outcome.reason)
             if sizing_error is not None:
                 raise sizing_error
             return None
+        result = received if ready is None else self._load_prepared(ready)
+        assert result is not None
+        self.last_failure = None
         seconds = time.perf_counter() - started
         result = dataclasses.replace(result, seconds=seconds)
         # Fault the slots in off the training thread, so the next snapshots do not stall.
-        self._pending = self._background().submit(self.store.prefault)
+        self._writer.submit(self.store.prefault)
         self.stats.restore_seconds, self.stats.restore_bytes = seconds, result.bytes
         log_restore(result.role.value, result.step, result.source, result.bytes, seconds)
         return result
 
-    def _vote_group(self) -> dist.ProcessGroup | None:
-        if (
-            self._pg is None
-            and self.world_size > 1
-            and dist.is_available()
-            and dist.is_initialized()
-        ):
-            timeout = timedelta(seconds=self.vote_timeout_s)
-            self._pg = dist.new_group(backend="gloo", timeout=timeout)
+    def _roll_back(self, reason: str) -> None:
+        """The vote failed: every object back as it was before ``restore()``; say why."""
+        if self._undo is not None:
+            self._undo()  # a never-stepped optimizer has no state again
+        if self._backup is not None:
+            try:
+                self._backup.put_back()  # taken before any state was created or received
+            except Exception as error:
+                raise RestoreAbandoned(
+                    f"rank {self.rank}: the restore failed ({reason}) and putting the objects "
+                    f"back failed too; this process must not train: {error}"
+                ) from error
+        self._undo, self._backup = None, None
+        self.last_failure = reason
+        log.warning("peer-recovery: restore falls back to the checkpoint: %s", reason)
+
+    def _vote_group(self) -> tuple[dist.ProcessGroup | None, str | None]:
         if self._pg is None and self.world_size > 1:
-            raise RuntimeError(
-                f"world size {self.world_size} needs torch.distributed initialised (or pg=) to vote"
-            )
-        return self._pg
+            self._pg, why = new_vote_group(self.world_size, self.vote_timeout_s)
+            return self._pg, why
+        return self._pg, None
 
-    def _live(self) -> tuple[tuple[Flat, ShardKey], tuple[Flat, ShardKey] | None]:
-        """The live state with never-stepped optimizers given state (and, if any, without)."""
-        before = self.state.flat()
+    def _live(self) -> tuple[Flat, ShardKey]:
+        """The live state with never-stepped optimizers given state (undone on failure)."""
         self._undo = self.state.materialize(zero=False)  # every byte is loaded, or undone
-        if self._undo is None:
-            return (before, self.shard_key(before)), None
-        self._fresh_flat = before
-        after = self.state.flat()
-        return (after, self.shard_key(after)), (before, self.shard_key(before))
+        flat = self.state.flat()
+        return flat, self.shard_key(flat)
 
-    def _load_local(
+    def _prepare_local(
         self, step: int, usable: list[tuple[Manifest, Flat]], plan: RankPlan | None, transport: Any
-    ) -> RestoreResult:
+    ) -> _Ready:
+        """Pick and check this rank's slot of ``step`` (and send from it); load nothing yet."""
         found = [(m, f) for m, f in usable if m.step == step]
         if not found:
             raise _Failure(
@@ -347,19 +362,26 @@ class PeerRecovery:
             problem = self.store.verify(manifest)
             if problem:
                 raise _Failure(problem)
-        if self._undo is not None and live is self._fresh_flat:
-            self._undo()  # the snapshot predates the optimizer's first step
-            self._undo = None
-        self._loaded = True
-        nbytes = self.state.load(
-            live, manifest.replicated, self.store.tensors(manifest, manifest.replicated)
-        )
-        private_ok = load_private(self.private, self.store, manifest, self.rank)
+        self.state.check(live, manifest.replicated)  # every stored tensor has its place
         if plan is not None and plan.send_to:
             self._send(plan, transport, manifest)
-        role = plan.role if plan is not None else Role.LOCAL
+        return _Ready(manifest, live, plan.role if plan is not None else Role.LOCAL)
+
+    def _load_prepared(self, ready: _Ready) -> RestoreResult:
+        """Load the checked slot after a passed vote; a failure here must end the process."""
+        manifest = ready.manifest
+        try:
+            nbytes = self.state.load(
+                ready.live, manifest.replicated, self.store.tensors(manifest, manifest.replicated)
+            )
+            private_ok = load_private(self.private, self.store, manifest, self.rank)
+        except Exception as error:
+            raise RestoreAbandoned(
+                f"rank {self.rank}: loading step {manifest.step} failed after every rank voted "
+                f"to resume from it; this process must not train: {error}"
+            ) from error
         return RestoreResult(
-            role, manifest.step, f"local slot {manifest.slot}", nbytes, 0.0, private_ok
+            ready.role, manifest.step, f"local slot {manifest.slot}", nbytes, 0.0, private_ok
         )
 
     def _send(self, plan: RankPlan, transport: Any, manifest: Manifest) -> None:
@@ -381,7 +403,6 @@ class PeerRecovery:
             )
         assert plan.receive_from is not None
         state = transport.recv_checkpoint(plan.receive_from, step=plan.step)
-        self._loaded = True
         flat = flatten(state)
         key = self.shard_key(flat)
         live_key = self.shard_key(self.state.flat())

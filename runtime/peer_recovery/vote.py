@@ -20,11 +20,20 @@ import logging
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Ballot", "VoteOutcome", "all_agree", "decide", "newest_common_step", "vote"]
+__all__ = [
+    "Ballot",
+    "VoteOutcome",
+    "all_agree",
+    "decide",
+    "new_vote_group",
+    "newest_common_step",
+    "vote",
+]
 
 log = logging.getLogger("peer_recovery.vote")
 
@@ -78,6 +87,28 @@ def decide(ballots: Sequence[Ballot]) -> VoteOutcome:
         return VoteOutcome(False, None, {}, f"ranks restored different steps: {by_step}")
     step = steps.pop()
     return VoteOutcome(True, step, {}, f"all {len(ballots)} ranks restored step {step}")
+
+
+def new_vote_group(
+    world_size: int, timeout_s: float
+) -> tuple[dist.ProcessGroup | None, str | None]:
+    """A gloo group of all ranks for the vote, or ``None`` and why.
+
+    Creating it is itself a collective: a rank that never gets there (it failed before
+    ``restore()``) makes it fail on the others after ``timeout_s``. That must end in a
+    failed restore, never an exception, so the error is returned as the reason. Without
+    ``torch.distributed`` initialised there is nothing to wait for: that is a usage error.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"world size {world_size} needs torch.distributed initialised (or pg=) to vote"
+        )
+    try:
+        return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)), None
+    except Exception as error:  # gloo: RuntimeError on a timeout or a lost peer
+        why = f"{type(error).__name__}: {error}".splitlines()[0]
+        log.warning("peer-recovery: no vote group: %s", why)
+        return None, f"could not form the vote group (a rank is missing or too slow): {why}"
 
 
 def _world(pg: dist.ProcessGroup | None) -> int:

@@ -140,7 +140,7 @@ def test_corrupted_slot_is_detected_and_skipped(
     assert "failed its checksum" in report["log"]
 
 
-def test_shard_key_mismatch_is_refused_and_removed(
+def test_shard_key_mismatch_is_refused_and_quarantined(
     dirs: tuple[Path, Path], workers: list[Worker]
 ) -> None:
     store, work = dirs
@@ -149,7 +149,8 @@ def test_shard_key_mismatch_is_refused_and_removed(
     assert report["result"] is None
     assert "another shard" in report["log"] and "state digest" in report["log"]
     assert report["optimizer_state"] == 0  # the never-stepped optimizer was left untouched
-    assert not [f for f in report["files"] if f.endswith(".json")]  # mismatched slots removed
+    assert not [f for f in report["files"] if f.endswith(".json")]  # no longer snapshots
+    assert "quarantine" in report["files"]  # moved aside, not deleted
 
 
 def test_snapshot_older_than_checkpoint_is_never_used(

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from peer_recovery.optim_state import materialize
-from peer_recovery.recovery import PeerRecovery
+from peer_recovery.recovery import PeerRecovery, RestoreAbandoned
 from peer_recovery.shard_key import ShardKey, state_digest
 from peer_recovery.snapshots import settings, sizing
 from peer_recovery.snapshots.manifest import Manifest, ManifestError
@@ -254,3 +254,25 @@ def test_settings_precedence_argument_then_env_then_default() -> None:
         settings.resolve(
             None, settings.ENV_ASYNC, True, settings.parse_bool, {settings.ENV_ASYNC: "maybe"}
         )
+
+
+def test_a_load_that_fails_after_the_vote_passed_ends_the_restore(tmp_path: Path) -> None:
+    """Every rank voted to resume: a failing load must not turn into ``None`` (others train)."""
+
+    class Refuses:
+        def __init__(self) -> None:
+            self.value = 1
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"value": self.value}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            raise ValueError("this build cannot take that value")
+
+    model = torch.nn.Linear(2, 2)
+    PeerRecovery(
+        {"m": model, "r": Refuses()}, directory=str(tmp_path), async_snapshot=False
+    ).snapshot(1)
+    recovery = PeerRecovery({"m": torch.nn.Linear(2, 2), "r": Refuses()}, directory=str(tmp_path))
+    with pytest.raises(RestoreAbandoned, match=r"must not train.*cannot take that value"):
+        recovery.restore()

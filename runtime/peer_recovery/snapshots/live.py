@@ -10,7 +10,7 @@ later snapshot can overwrite the slot safely.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -21,7 +21,7 @@ from peer_recovery.snapshots.manifest import Section
 from peer_recovery.snapshots.store import dtype_name
 from peer_recovery.snapshots.tree import Flat, flatten, path_name, unflatten
 
-__all__ = ["LiveState", "Stateful", "flat_digest"]
+__all__ = ["LiveState", "Stateful", "flat_digest", "key_digest"]
 
 
 class Stateful(Protocol):
@@ -37,6 +37,25 @@ def flat_digest(flat: Flat) -> str:
         for p, t in zip(flat.tensor_paths, flat.tensors, strict=True)
     )
     return state_digest(tensors, (path_name(p) for p in flat.other_paths))
+
+
+def key_digest(flat: Flat, optimizers: Collection[str]) -> str:
+    """The shard-key digest: the state without the optimizers' per-parameter ``state``.
+
+    An optimizer creates a parameter's state lazily, at the first step that parameter has a
+    gradient; a parameter that requires grad but never gets one (an unused head, an idle
+    expert) has none. Which parameters have state therefore depends on the data seen, not
+    on the shard, so it must not enter the key: the model's tensors and the optimizers'
+    ``param_groups`` identify the shard. Whether stored optimizer state fits the live
+    parameters is checked when it is loaded (``LiveState.load``).
+    """
+
+    def lazy(path: tuple[Any, ...]) -> bool:
+        return len(path) >= 2 and path[0] in optimizers and path[1] == "state"
+
+    kept = [(p, t) for p, t in zip(flat.tensor_paths, flat.tensors, strict=True) if not lazy(p)]
+    tensors = ((path_name(p), dtype_name(t.dtype), tuple(t.shape)) for p, t in kept)
+    return state_digest(tensors, (path_name(p) for p in flat.other_paths if not lazy(p)))
 
 
 class LiveState:
@@ -56,6 +75,12 @@ class LiveState:
 
     def flat(self) -> Flat:
         return flatten({name: obj.state_dict() for name, obj in self.objects.items()})
+
+    def optimizer_names(self) -> frozenset[str]:
+        """The names of the registered optimizers (their state is created lazily)."""
+        return frozenset(
+            name for name, obj in self.objects.items() if isinstance(obj, torch.optim.Optimizer)
+        )
 
     def fresh_optimizers(self) -> list[torch.optim.Optimizer]:
         return [
@@ -79,8 +104,12 @@ class LiveState:
 
         return undo
 
-    def load(self, flat: Flat, section: Section, stored: list[torch.Tensor]) -> int:
-        """Copy ``stored`` (tensors laid out as ``section``) into the objects; return bytes."""
+    def check(self, flat: Flat, section: Section) -> tuple[list[torch.Tensor], Any]:
+        """The live tensors a section loads into, and its state around them; raises
+        ``ValueError`` naming what does not fit. Writes nothing, so it may run before the
+        vote: a stored tensor without a live counterpart of its shape and dtype (optimizer
+        state of a parameter that now has none) is refused here, not halfway through a load.
+        """
         live = {path_name(p): t for p, t in zip(flat.tensor_paths, flat.tensors, strict=True)}
         targets = []
         for entry in section.tensors:
@@ -93,13 +122,18 @@ class LiveState:
                     f"is {dtype_name(target.dtype)}{list(target.shape)}"
                 )
             targets.append(target)
-        with torch.no_grad():
-            for source, target in zip(stored, targets, strict=True):
-                target.copy_(source)
         state = unflatten(section.tree, targets)
         missing = set(self.objects) - set(state)
         if missing:
             raise ValueError(f"the snapshot holds no state for {sorted(missing)}")
+        return targets, state
+
+    def load(self, flat: Flat, section: Section, stored: list[torch.Tensor]) -> int:
+        """Copy ``stored`` (tensors laid out as ``section``) into the objects; return bytes."""
+        targets, state = self.check(flat, section)
+        with torch.no_grad():
+            for source, target in zip(stored, targets, strict=True):
+                target.copy_(source)
         for name, obj in self.objects.items():
             obj.load_state_dict(state[name])
         return section.nbytes

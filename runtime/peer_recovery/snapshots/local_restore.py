@@ -3,9 +3,10 @@
 Helpers of ``PeerRecovery.restore`` for the roles that load their own slot (LOCAL, SEND).
 
 Invariants:
-- ``usable_snapshots`` removes a slot whose shard key matches neither form of the live
-  state (it can never be restored into this job again); a slot older than the durable
-  checkpoint is skipped but kept (a later restore with an older checkpoint may use it).
+- ``usable_snapshots`` never deletes a snapshot: one whose shard key does not match the
+  live state is quarantined (moved aside whole, logged with why, never scanned, published
+  or loaded again); a slot older than the durable checkpoint is skipped but kept (a later
+  restore with an older checkpoint may use it).
 - ``agree_on_step`` runs the same collectives on every rank whatever failed locally (at most
   two rounds: there are two slots), so a corrupt or missing slot is never a hang.
 """
@@ -33,14 +34,14 @@ def usable_snapshots(
     store: SnapshotStore,
     rank: int,
     live: tuple[Flat, ShardKey],
-    fresh: tuple[Flat, ShardKey] | None,
     checkpoint_step: int | None,
 ) -> tuple[list[tuple[Manifest, Flat]], list[str]]:
     """This rank's snapshots that may be restored, each with the live state to load into.
 
-    ``live`` is the live state (optimizer state created) and its key; ``fresh`` the same
-    before a never-stepped optimizer was given state (``None`` if none was): a snapshot
-    taken before the first step matches that one. Also returns why others were passed over.
+    ``live`` is the live state (optimizer state created) and its key; the key leaves out
+    lazily created optimizer state, so a snapshot taken before the first step, or one in
+    which some parameter never had state, matches it too. Also returns why others were
+    passed over.
     """
     manifests, problems = store.scan()
     reasons = list(problems)
@@ -48,12 +49,11 @@ def usable_snapshots(
     for manifest in manifests:
         if manifest.shard_key == live[1]:
             target = live[0]
-        elif fresh is not None and manifest.shard_key == fresh[1]:
-            target = fresh[0]
         else:
             why = live[1].mismatch(manifest.shard_key)
-            reasons.append(f"slot {manifest.slot} (step {manifest.step}) is another shard: {why}")
-            store.remove_slot(manifest.slot)
+            reason = f"slot {manifest.slot} (step {manifest.step}) is another shard: {why}"
+            store.quarantine_slot(manifest.slot, manifest.step, reason)
+            reasons.append(f"{reason} (quarantined)")
             continue
         if checkpoint_step is not None and manifest.step < checkpoint_step:
             reasons.append(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-__all__ = ["SnapshotStats", "log_restore", "log_snapshot"]
+__all__ = ["SnapshotStats", "log_restore", "log_snapshot", "log_snapshot_failed"]
 
 log = logging.getLogger("peer_recovery.snapshots")
 
@@ -26,6 +26,8 @@ class SnapshotStats:
     total_stall_seconds: float = 0.0
     restore_seconds: float | None = None
     restore_bytes: int = 0
+    failed_snapshots: int = 0  # snapshots that were not committed (training went on)
+    last_failure: str | None = None  # why the last failed snapshot failed
 
 
 def log_snapshot(stats: SnapshotStats, slot: int, background: bool) -> None:
@@ -48,4 +50,18 @@ def log_restore(role: str, step: int, source: str, nbytes: int, seconds: float) 
         source,
         nbytes,
         seconds,
+    )
+
+
+def log_snapshot_failed(stats: SnapshotStats, step: int, error: BaseException) -> None:
+    """Count and log a snapshot that was not committed; the rank holds no snapshot of it."""
+    stats.failed_snapshots += 1
+    stats.last_failure = f"{type(error).__name__}: {error}"
+    log.error(
+        "peer-recovery: snapshot of step %d failed, training goes on without it "
+        "(this rank holds no snapshot of that step; %d failed so far): %s",
+        step,
+        stats.failed_snapshots,
+        stats.last_failure,
+        exc_info=(type(error), error, error.__traceback__),
     )

@@ -11,7 +11,10 @@ Invariants:
 - A write always goes to the slot that does not hold the newest snapshot, so at most two
   copies of the state exist (memory bounded at two copies) and one of them is always whole.
 - Slot files are preallocated with ``posix_fallocate`` after a sizing check, so a too-small
-  ``/dev/shm`` fails at start-up with a clear message, never with SIGBUS mid-training.
+  ``/dev/shm`` fails at start-up with a clear message, never with SIGBUS mid-training. A
+  failed preallocation gives back only what it added: a committed slot is never truncated.
+- A commit that fails (e.g. a full filesystem) leaves its slot without a manifest and no
+  temp file behind; the other slot is untouched.
 - Data is mapped (``MAP_SHARED``) and copied with torch, so a snapshot costs one copy from
   the training tensors into the page cache of the memory filesystem, and restoring costs one
   copy back, with no serialisation on either side.
@@ -176,9 +179,48 @@ class SnapshotStore:
         if self._newest_slot == slot:
             self._newest_slot = None
 
+    def quarantine_dir(self) -> Path:
+        return self.directory / "quarantine"
+
+    def quarantine_slot(self, slot: int, step: int, why: str) -> Path:
+        """Move a slot aside, whole, instead of deleting it; return where it went.
+
+        The names (``quarantine/step-<S>-slot-<N>.manifest`` and ``.data``) match nothing
+        that is scanned, published or loaded. The manifest moves first, so the slot stops
+        being a snapshot before its data leaves. One quarantined snapshot is kept per slot
+        number (a later one replaces it), so at most two extra copies ever take memory.
+        """
+        self._maps.pop(slot, None)
+        target = self.quarantine_dir()
+        target.mkdir(exist_ok=True, mode=0o700)
+        for old in target.glob(f"step-*-slot-{slot}.*"):
+            old.unlink(missing_ok=True)
+        base = target / f"step-{step}-slot-{slot}"
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.manifest_path(slot), base.with_suffix(".manifest"))
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.data_path(slot), base.with_suffix(".data"))
+        self._fsync_dir()
+        if self._newest_slot == slot:
+            self._newest_slot = None
+        log.warning(
+            "peer-recovery: rank %d: slot %d (step %d) quarantined as %s.*: %s",
+            self.rank,
+            slot,
+            step,
+            base,
+            why,
+        )
+        return base
+
     def remove_all(self) -> None:
         for slot in (0, 1):
             self.remove_slot(slot)
+        if self.quarantine_dir().is_dir():
+            for quarantined in self.quarantine_dir().iterdir():
+                quarantined.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.quarantine_dir().rmdir()
         for leftover in self.directory.glob("*.tmp"):
             leftover.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
@@ -235,11 +277,13 @@ class SnapshotStore:
         for slot in short:
             self._maps.pop(slot, None)
             fd = os.open(self.data_path(slot), os.O_RDWR | os.O_CREAT, 0o600)
+            size_before = os.fstat(fd).st_size  # a committed snapshot may live in it
             try:
                 os.posix_fallocate(fd, 0, per_slot)
             except OSError as error:
                 if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                    os.ftruncate(fd, 0)  # give back what was reserved before failing
+                    # Give back what was reserved beyond the old size; never cut into it.
+                    os.ftruncate(fd, size_before)
                     raise sizing.SizingError(
                         f"{line}: preallocating {sizing.format_bytes(per_slot)} for slot {slot} "
                         f"failed: {os.strerror(error.errno)}"
@@ -298,11 +342,15 @@ class SnapshotStore:
         manifest.validate()
         final = self.manifest_path(manifest.slot)
         temp = final.with_name(final.name + ".tmp")
-        with open(temp, "wb") as handle:
-            handle.write(manifest.encode())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, final)
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(manifest.encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, final)
+        except BaseException:
+            temp.unlink(missing_ok=True)  # the slot stays without a manifest: not a snapshot
+            raise
         self._fsync_dir()
         self._newest_slot = manifest.slot
         return manifest
