@@ -1,0 +1,170 @@
+"""End to end through the real Kubeflow training-operator: a PyTorchJob of torchrun agents
+(the peer-recovery rendezvous backend, the demo's training script) run by the test kubelet;
+a worker pod is deleted as a node loss would, the controller recreates it, the kube-scheduler
+places it, the operator plans, the new pod's runtime restores from a peer, and the
+PeerRecovery ends Succeeded; the job then completes.
+
+Real parts: the control plane, the training-operator (its CRD, webhook and ClusterRole), the
+scheduler, our operator as a subprocess under the chart's RBAC, the chart's runtime Role, and
+torchrun with gloo in every pod. Played: the kubelet (tests/controlplane/kubelet.py says what
+it does not imitate).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from peer_recovery import api
+from tests.cluster_e2e.support import RUNTIME_SA, recovery_for, render_runtime_rbac
+from tests.cluster_fixtures import PEER_RECOVERY_CRD
+from tests.controlplane import trainingjob as tj
+from tests.controlplane._support import free_ports
+from tests.controlplane.cluster import ControlPlane
+from tests.operator.cluster_support import operator_under_rbac
+
+pytestmark = [pytest.mark.cluster, pytest.mark.multiproc, pytest.mark.slow]
+
+JOB = "ddp"
+PODS = 3  # master-0 (ordinal 0), worker-0 (1), worker-1 (2)
+REPLACED = "ddp-worker-1"
+TRAIN_ARGS = ["--width=64", "--layers=1", "--pause-at=6", "--steps=8"]
+TRAIN_ARGS += ["--snapshot-every=3", "--checkpoint-at=3"]
+
+
+@pytest.fixture
+def recovery_setup(
+    real_controller_plane: ControlPlane, real_namespace: str, tmp_path: Path
+) -> Iterator[Any]:
+    """Our CRD, the runtime's RBAC and ServiceAccount, and our operator watching the
+    namespace."""
+    plane, ns = real_controller_plane, real_namespace
+    plane.kubectl("apply", "-f", str(PEER_RECOVERY_CRD))
+    plane.kubectl(
+        "wait", "--for=condition=Established", "crd/peerrecoveries.peerrecovery.io", "--timeout=60s"
+    )
+    plane.kubectl("apply", "-f", "-", input=render_runtime_rbac(plane.bin_dir / "helm", "pr", ns))
+    plane.kubectl("create", "serviceaccount", RUNTIME_SA, "-n", ns)
+    deadlines = ("--plan-deadline", "900", "--stream-deadline", "900")
+    with operator_under_rbac(plane, ns, tmp_path / "operator.log", *deadlines) as proc:
+        yield proc
+
+
+def torchrun_job(out: Path) -> dict[str, Any]:
+    """The DDP example's shape (manifests/examples/ddp-pytorchjob.yaml) for this machine: the
+    master's agent hosts the rendezvous store on a free port, the workers reach it through
+    the master's Service name."""
+    (rdzv_port,) = free_ports(1)
+
+    def command(is_host: int) -> list[str]:
+        conf = f"is_host={is_host},join_timeout=120,last_call_timeout=1,read_timeout=60"
+        return [
+            sys.executable, "-m", "torch.distributed.run",
+            f"--nnodes={PODS}", "--nproc-per-node=1",
+            "--rdzv-backend=peer-recovery", f"--rdzv-endpoint={JOB}-master-0:{rdzv_port}",
+            f"--rdzv-id={JOB}", f"--rdzv-conf={conf}", "--max-restarts=3",
+            "--monitor-interval=0.2", "--local-addr=127.0.0.1",
+            "-m", "peer_recovery.demo.train", f"--out={out}", *TRAIN_ARGS,
+        ]  # fmt: skip
+
+    env = {
+        "PEER_RECOVERY_SNAPSHOT_DIR": "/dev/shm/peer-recovery",
+        "PEER_RECOVERY_PLAN_TIMEOUT": "60",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+    }
+    job = tj.pytorchjob(
+        JOB,
+        command=command(0),
+        workers=PODS - 1,
+        env=env,
+        annotations={api.ANNOTATION_ENABLED: api.ANNOTATION_ENABLED_VALUE},
+        service_account=RUNTIME_SA,
+    )
+    master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    master["command"] = command(1)
+    return job
+
+
+def _files(out: Path, pattern: str, plane: ControlPlane, ns: str) -> list[dict[str, Any]]:
+    paths = [out / pattern.format(r) for r in range(PODS)]
+    tj.wait_for(
+        pattern,
+        lambda: all(p.exists() for p in paths),
+        timeout=300,
+        why=lambda: _pod_logs(plane, ns),
+    )
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def _pod_logs(plane: ControlPlane, ns: str) -> str:
+    logs = []
+    for log in sorted((plane.work_dir / "kubelet" / "pods").glob(f"{ns}_*/*.log")):
+        logs.append(f"--- {log.parent.name}:\n{log.read_text(errors='replace')[-3000:]}")
+    return "\n".join(logs)
+
+
+def test_deleted_worker_is_recreated_by_the_controller_and_recovers_from_a_peer(
+    real_controller_plane: ControlPlane,
+    real_namespace: str,
+    recovery_setup: Any,
+    tmp_path: Path,
+) -> None:
+    plane, ns = real_controller_plane, real_namespace
+    out = tmp_path / "out"
+    out.mkdir()
+    tj.apply(plane, ns, torchrun_job(out))
+    paused = _files(out, "paused-rank{}.json", plane, ns)
+    with plane.api_client() as client:
+        old = tj.job_pods(client, ns, JOB)[REPLACED]
+    (out / "released").touch()
+    # A node loss: the pod goes at once, with its memory emptyDir.
+    plane.kubectl("delete", "pod", REPLACED, "-n", ns, "--grace-period=1", "--wait=false")
+
+    def recreated() -> dict[str, Any] | None:
+        with plane.api_client() as client:
+            pod = tj.job_pods(client, ns, JOB).get(REPLACED)
+        if pod and pod["metadata"]["uid"] != old["metadata"]["uid"] and pod["spec"].get("nodeName"):
+            return pod
+        return None
+
+    new = tj.wait_for("the controller to recreate the pod, scheduled", recreated, timeout=120)
+    uid = new["metadata"]["uid"]
+    final = _files(out, "final-rank{}.json", plane, ns)
+    tj.wait_for(
+        "the job to succeed",
+        lambda: tj.condition(tj.read_job(plane, ns, JOB), "Succeeded"),
+        timeout=300,
+        why=lambda: _pod_logs(plane, ns),
+    )
+    with plane.api_client() as client:
+        rec = tj.wait_for(
+            "a Succeeded PeerRecovery",
+            lambda: recovery_for(client, ns, uid, "Succeeded"),
+            timeout=120,
+            why=lambda: str(recovery_for(client, ns, uid)),
+        )
+    assert rec["spec"]["plannedBy"] == "operator"
+    assert rec["spec"]["target"]["pod"] == REPLACED
+    assert rec["status"]["bytes"] > 0
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for path in out.glob("restore-round*-rank*.json"):
+        report = json.loads(path.read_text())
+        by_round.setdefault(report["round"], []).append(report)
+    restored = sorted(by_round[max(by_round)], key=lambda r: r["rank"])
+    healthy = {p["hash"] for r, p in enumerate(paused) if r != PODS - 1}
+    assert len(healthy) == 1
+    source = rec["spec"]["source"]["ordinal"]
+    roles = {r["rank"]: r["role"] for r in restored}
+    assert roles == {**{r: "local" for r in range(PODS - 1)}, source: "send", PODS - 1: "receive"}
+    assert {r["hash"] for r in restored} == healthy
+    assert all(r["step"] == paused[0]["step"] for r in restored)
+    assert restored[-1]["source"] == f"rank {source}"
+    assert rec["status"]["bytes"] == restored[-1]["bytes"]
+    assert new["spec"]["nodeName"] in plane.nodes  # placed by kube-scheduler
+    assert len({f["hash"] for f in final}) == 1
