@@ -12,7 +12,10 @@ it does not imitate).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any
 import pytest
 
 from peer_recovery import api
+from peer_recovery.demo.local_job import descendants
 from tests.cluster_e2e.support import RUNTIME_SA, recovery_for, render_runtime_rbac
 from tests.cluster_fixtures import PEER_RECOVERY_CRD
 from tests.controlplane import trainingjob as tj
@@ -152,11 +156,7 @@ def test_deleted_worker_is_recreated_by_the_controller_and_recovers_from_a_peer(
     assert rec["spec"]["plannedBy"] == "operator"
     assert rec["spec"]["target"]["pod"] == REPLACED
     assert rec["status"]["bytes"] > 0
-    by_round: dict[int, list[dict[str, Any]]] = {}
-    for path in out.glob("restore-round*-rank*.json"):
-        report = json.loads(path.read_text())
-        by_round.setdefault(report["round"], []).append(report)
-    restored = sorted(by_round[max(by_round)], key=lambda r: r["rank"])
+    restored = _last_round(out)
     healthy = {p["hash"] for r, p in enumerate(paused) if r != PODS - 1}
     assert len(healthy) == 1
     source = rec["spec"]["source"]["ordinal"]
@@ -167,4 +167,58 @@ def test_deleted_worker_is_recreated_by_the_controller_and_recovers_from_a_peer(
     assert restored[-1]["source"] == f"rank {source}"
     assert rec["status"]["bytes"] == restored[-1]["bytes"]
     assert new["spec"]["nodeName"] in plane.nodes  # placed by kube-scheduler
+    assert len({f["hash"] for f in final}) == 1
+
+
+def _last_round(out: Path) -> list[dict[str, Any]]:
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for path in out.glob("restore-round*-rank*.json"):
+        report = json.loads(path.read_text())
+        by_round.setdefault(report["round"], []).append(report)
+    return sorted(by_round[max(by_round)], key=lambda r: r["rank"])
+
+
+def _kill_container(pod: dict[str, Any]) -> None:
+    """SIGKILL the pod's container: torchrun's agent and every worker it started."""
+    pid = int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("local://"))
+    for victim in [*descendants(pid), pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+
+
+def test_worker_crash_under_onfailure_restarts_in_place_and_restores_locally(
+    real_controller_plane: ControlPlane,
+    real_namespace: str,
+    recovery_setup: Any,
+    tmp_path: Path,
+) -> None:
+    """The container dies (exit 137) but the pod stays: the test kubelet restarts it in place
+    with its memory emptyDir intact, so every rank, the crashed one included, restores from
+    its own snapshot, and no peer stream is needed."""
+    plane, ns = real_controller_plane, real_namespace
+    out = tmp_path / "out"
+    out.mkdir()
+    tj.apply(plane, ns, torchrun_job(out))
+    paused = _files(out, "paused-rank{}.json", plane, ns)
+    with plane.api_client() as client:
+        before = tj.job_pods(client, ns, JOB)[REPLACED]
+    (out / "released").touch()
+    _kill_container(before)
+    final = _files(out, "final-rank{}.json", plane, ns)
+    tj.wait_for(
+        "the job to succeed",
+        lambda: tj.condition(tj.read_job(plane, ns, JOB), "Succeeded"),
+        timeout=300,
+        why=lambda: _pod_logs(plane, ns),
+    )
+    with plane.api_client() as client:
+        after = tj.job_pods(client, ns, JOB)[REPLACED]
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    status = after["status"]["containerStatuses"][0]
+    assert status["restartCount"] == 1
+    assert status["lastState"]["terminated"]["exitCode"] == 137
+    restored = _last_round(out)
+    assert [r["role"] for r in restored] == ["local"] * PODS, restored
+    assert len({p["hash"] for p in paused}) == 1
+    assert {r["hash"] for r in restored} == {paused[0]["hash"]}
     assert len({f["hash"] for f in final}) == 1
