@@ -222,3 +222,60 @@ def test_worker_crash_under_onfailure_restarts_in_place_and_restores_locally(
     assert len({p["hash"] for p in paused}) == 1
     assert {r["hash"] for r in restored} == {paused[0]["hash"]}
     assert len({f["hash"] for f in final}) == 1
+
+
+def test_replaced_master_takes_the_rendezvous_store_with_it(
+    real_controller_plane: ControlPlane,
+    real_namespace: str,
+    recovery_setup: Any,
+    tmp_path: Path,
+) -> None:
+    """The master's torchrun agent hosts the rendezvous store (``is_host=1``), so it goes with
+    the pod. The workers' agents lose their store and exit 1; under OnFailure their
+    containers restart in place (snapshots kept) and join the new master's fresh store, whose
+    rounds count from 1 again; the new master pod receives its state from a peer."""
+    plane, ns = real_controller_plane, real_namespace
+    out = tmp_path / "out"
+    out.mkdir()
+    tj.apply(plane, ns, torchrun_job(out))
+    paused = _files(out, "paused-rank{}.json", plane, ns)
+    master = f"{JOB}-master-0"
+    with plane.api_client() as client:
+        before = tj.job_pods(client, ns, JOB)
+    (out / "released").touch()
+    plane.kubectl("delete", "pod", master, "-n", ns, "--grace-period=1", "--wait=false")
+    final = _files(out, "final-rank{}.json", plane, ns)
+    tj.wait_for(
+        "the job to succeed",
+        lambda: tj.condition(tj.read_job(plane, ns, JOB), "Succeeded"),
+        timeout=300,
+        why=lambda: _pod_logs(plane, ns),
+    )
+    with plane.api_client() as client:
+        after = tj.job_pods(client, ns, JOB)
+        uid = after[master]["metadata"]["uid"]
+        rec = tj.wait_for(
+            "a Succeeded PeerRecovery for the new master",
+            lambda: recovery_for(client, ns, uid, "Succeeded"),
+            timeout=120,
+            why=lambda: str(recovery_for(client, ns, uid)),
+        )
+    assert uid != before[master]["metadata"]["uid"]
+    for name in before:
+        if name == master:
+            continue
+        assert after[name]["metadata"]["uid"] == before[name]["metadata"]["uid"]
+        status = after[name]["status"]["containerStatuses"][0]
+        assert status["restartCount"] == 1, status
+        assert status["lastState"]["terminated"]["exitCode"] == 1
+    assert "store has failed" in _pod_logs(plane, ns)  # RendezvousConnectionError
+    restored = _last_round(out)
+    # The new store counted its rounds from 1 again: its round 1 overwrote the first run's.
+    assert {r["round"] for r in restored} == {1}
+    assert not list(out.glob("restore-round2-*"))
+    source = rec["spec"]["source"]["ordinal"]
+    assert restored[0]["role"] == "receive" and restored[0]["source"] == f"rank {source}"
+    assert {r["role"] for r in restored[1:]} == {"send", "local"}
+    assert {r["hash"] for r in restored} == {paused[0]["hash"]}
+    assert all(r["step"] == paused[0]["step"] for r in restored)
+    assert len({f["hash"] for f in final}) == 1
