@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Iterator
@@ -59,18 +60,19 @@ def recovery_setup(
         yield proc
 
 
-def torchrun_job(out: Path) -> dict[str, Any]:
+def torchrun_job(out: Path, *, master: bool = True) -> dict[str, Any]:
     """The DDP example's shape (manifests/examples/ddp-pytorchjob.yaml) for this machine: the
-    master's agent hosts the rendezvous store on a free port, the workers reach it through
-    the master's Service name."""
+    first pod's agent (the master's, or worker-0's in a job without a Master) hosts the
+    rendezvous store on a free port; the others reach it through that pod's Service name."""
     (rdzv_port,) = free_ports(1)
+    host = f"{JOB}-master-0" if master else f"{JOB}-worker-0"
 
-    def command(is_host: int) -> list[str]:
+    def command(is_host: str) -> list[str]:
         conf = f"is_host={is_host},join_timeout=120,last_call_timeout=1,read_timeout=60"
         return [
             sys.executable, "-m", "torch.distributed.run",
             f"--nnodes={PODS}", "--nproc-per-node=1",
-            "--rdzv-backend=peer-recovery", f"--rdzv-endpoint={JOB}-master-0:{rdzv_port}",
+            "--rdzv-backend=peer-recovery", f"--rdzv-endpoint={host}:{rdzv_port}",
             f"--rdzv-id={JOB}", f"--rdzv-conf={conf}", "--max-restarts=3",
             "--monitor-interval=0.2", "--local-addr=127.0.0.1",
             "-m", "peer_recovery.demo.train", f"--out={out}", *TRAIN_ARGS,
@@ -84,14 +86,29 @@ def torchrun_job(out: Path) -> dict[str, Any]:
     }
     job = tj.pytorchjob(
         JOB,
-        command=command(0),
-        workers=PODS - 1,
+        command=command("0"),
+        masters=1 if master else 0,
+        workers=PODS - 1 if master else PODS,
         env=env,
         annotations={api.ANNOTATION_ENABLED: api.ANNOTATION_ENABLED_VALUE},
         service_account=RUNTIME_SA,
     )
-    master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
-    master["command"] = command(1)
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    if master:
+        specs["Master"]["template"]["spec"]["containers"][0]["command"] = command("1")
+    else:
+        # Workers share one template: the shell picks the host by replica index, and the
+        # runtime takes its ordinal from that index (the controller sets no rank env).
+        worker = specs["Worker"]["template"]["spec"]["containers"][0]
+        index = {"fieldRef": {"fieldPath": f"metadata.labels['{tj.REPLICA_INDEX_LABEL}']"}}
+        worker["env"].append({"name": "PEER_RECOVERY_REPLICA_INDEX", "valueFrom": index})
+        is_host = '$([ "$PEER_RECOVERY_REPLICA_INDEX" = 0 ] && echo 1 || echo 0)'
+        line = " ".join(shlex.quote(a) for a in command("IS_HOST"))
+        worker["command"] = [
+            "sh",
+            "-c",
+            "exec " + line.replace("is_host=IS_HOST", f"is_host={is_host}"),
+        ]
     return job
 
 
@@ -278,4 +295,53 @@ def test_replaced_master_takes_the_rendezvous_store_with_it(
     assert {r["role"] for r in restored[1:]} == {"send", "local"}
     assert {r["hash"] for r in restored} == {paused[0]["hash"]}
     assert all(r["step"] == paused[0]["step"] for r in restored)
+    assert len({f["hash"] for f in final}) == 1
+
+
+def test_worker_only_job_recovers_a_replaced_worker_by_replica_index(
+    real_controller_plane: ControlPlane,
+    real_namespace: str,
+    recovery_setup: Any,
+    tmp_path: Path,
+) -> None:
+    """No Master: the controller sets no RANK/PET_NODE_RANK/MASTER_*, so the runtime takes
+    each pod's ordinal from its replica index (a downward-API env var)."""
+    plane, ns = real_controller_plane, real_namespace
+    out = tmp_path / "out"
+    out.mkdir()
+    tj.apply(plane, ns, torchrun_job(out, master=False))
+    paused = _files(out, "paused-rank{}.json", plane, ns)
+    victim = f"{JOB}-worker-{PODS - 1}"
+    with plane.api_client() as client:
+        pods = tj.job_pods(client, ns, JOB)
+    assert set(pods) == {f"{JOB}-worker-{i}" for i in range(PODS)}
+    for pod in pods.values():
+        names = {e["name"] for e in pod["spec"]["containers"][0]["env"]}
+        assert not names & {"RANK", "PET_NODE_RANK", "MASTER_ADDR"}
+    (out / "released").touch()
+    plane.kubectl("delete", "pod", victim, "-n", ns, "--grace-period=1", "--wait=false")
+
+    def recreated() -> dict[str, Any] | None:
+        with plane.api_client() as client:
+            pod = tj.job_pods(client, ns, JOB).get(victim)
+        if pod and pod["metadata"]["uid"] != pods[victim]["metadata"]["uid"]:
+            return pod
+        return None
+
+    uid = tj.wait_for("the controller to recreate the pod", recreated, timeout=120)["metadata"][
+        "uid"
+    ]
+    final = _files(out, "final-rank{}.json", plane, ns)
+    with plane.api_client() as client:
+        rec = tj.wait_for(
+            "a Succeeded PeerRecovery",
+            lambda: recovery_for(client, ns, uid, "Succeeded"),
+            timeout=120,
+            why=lambda: str(recovery_for(client, ns, uid)),
+        )
+    assert rec["spec"]["target"]["pod"] == victim
+    assert rec["spec"]["target"]["ordinal"] == PODS - 1
+    restored = _last_round(out)
+    assert restored[-1]["role"] == "receive"
+    assert {r["hash"] for r in restored} == {paused[0]["hash"]}
     assert len({f["hash"] for f in final}) == 1
