@@ -345,3 +345,54 @@ def test_worker_only_job_recovers_a_replaced_worker_by_replica_index(
     assert restored[-1]["role"] == "receive"
     assert {r["hash"] for r in restored} == {paused[0]["hash"]}
     assert len({f["hash"] for f in final}) == 1
+
+
+def test_suspend_and_resume_replace_every_pod_and_fall_back_to_the_checkpoint(
+    real_controller_plane: ControlPlane,
+    real_namespace: str,
+    recovery_setup: Any,
+    tmp_path: Path,
+) -> None:
+    """Suspending deletes every pod, and their memory with them; on resume every pod is new,
+    so no peer holds a snapshot: each pod's PeerRecovery falls back (no source) and every rank
+    loads the last checkpoint, behind the step the job had reached."""
+    plane, ns = real_controller_plane, real_namespace
+    out = tmp_path / "out"
+    out.mkdir()
+    tj.apply(plane, ns, torchrun_job(out))
+    paused = _files(out, "paused-rank{}.json", plane, ns)
+    before = _pods_of(plane, ns)
+    (out / "released").touch()
+    patch = '{"spec": {"runPolicy": {"suspend": true}}}'
+    plane.kubectl("patch", "pytorchjob", JOB, "-n", ns, "--type=merge", "-p", patch)
+    tj.wait_for("the pods to go", lambda: not _pods_of(plane, ns), timeout=120)
+    assert tj.condition(tj.read_job(plane, ns, JOB), "Suspended")
+    patch = '{"spec": {"runPolicy": {"suspend": false}}}'
+    plane.kubectl("patch", "pytorchjob", JOB, "-n", ns, "--type=merge", "-p", patch)
+    final = _files(out, "final-rank{}.json", plane, ns)
+    after = _pods_of(plane, ns)
+    assert set(after) == set(before)
+    assert {p["metadata"]["uid"] for p in after.values()}.isdisjoint(
+        p["metadata"]["uid"] for p in before.values()
+    )
+    with plane.api_client() as client:
+        for pod in after.values():
+            uid = pod["metadata"]["uid"]
+            rec = tj.wait_for(
+                f"{pod['metadata']['name']}'s PeerRecovery to fall back",
+                lambda uid=uid: recovery_for(client, ns, uid, "FellBack"),
+                timeout=120,
+                why=lambda uid=uid: str(recovery_for(client, ns, uid)),
+            )
+            assert rec["spec"]["reason"] == "PodReplaced"
+            assert "no source for ordinal" in rec["status"]["message"]
+    restored = _last_round(out)
+    assert [r["role"] for r in restored] == ["checkpoint"] * PODS, restored
+    assert {r["step"] for r in restored} == {3} and paused[0]["step"] == 6  # --checkpoint-at=3
+    assert len({r["hash"] for r in restored}) == 1
+    assert len({f["hash"] for f in final}) == 1
+
+
+def _pods_of(plane: ControlPlane, ns: str) -> dict[str, dict[str, Any]]:
+    with plane.api_client() as client:
+        return tj.job_pods(client, ns, JOB)
