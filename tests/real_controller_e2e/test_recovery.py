@@ -60,7 +60,9 @@ def recovery_setup(
         yield proc
 
 
-def torchrun_job(out: Path, *, master: bool = True) -> dict[str, Any]:
+def torchrun_job(
+    out: Path, *, master: bool = True, restart_policy: str = "OnFailure"
+) -> dict[str, Any]:
     """The DDP example's shape (manifests/examples/ddp-pytorchjob.yaml) for this machine: the
     first pod's agent (the master's, or worker-0's in a job without a Master) hosts the
     rendezvous store on a free port; the others reach it through that pod's Service name."""
@@ -88,6 +90,7 @@ def torchrun_job(out: Path, *, master: bool = True) -> dict[str, Any]:
         JOB,
         command=command("0"),
         masters=1 if master else 0,
+        restart_policy=restart_policy,
         workers=PODS - 1 if master else PODS,
         env=env,
         annotations={api.ANNOTATION_ENABLED: api.ANNOTATION_ENABLED_VALUE},
@@ -390,6 +393,48 @@ def test_suspend_and_resume_replace_every_pod_and_fall_back_to_the_checkpoint(
     assert [r["role"] for r in restored] == ["checkpoint"] * PODS, restored
     assert {r["step"] for r in restored} == {3} and paused[0]["step"] == 6  # --checkpoint-at=3
     assert len({r["hash"] for r in restored}) == 1
+    assert len({f["hash"] for f in final}) == 1
+
+
+def test_exitcode_policy_recreates_a_killed_worker_which_recovers_from_a_peer(
+    real_controller_plane: ControlPlane,
+    real_namespace: str,
+    recovery_setup: Any,
+    tmp_path: Path,
+) -> None:
+    """Under ExitCode the pod never restarts in place: the killed container's exit 137 is
+    retryable, so the controller deletes the failed pod and creates a new one, which
+    recovers from a peer as a replaced pod does."""
+    plane, ns = real_controller_plane, real_namespace
+    out = tmp_path / "out"
+    out.mkdir()
+    tj.apply(plane, ns, torchrun_job(out, restart_policy="ExitCode"))
+    paused = _files(out, "paused-rank{}.json", plane, ns)
+    before = _pods_of(plane, ns)[REPLACED]
+    assert before["spec"]["restartPolicy"] == "Never"
+    (out / "released").touch()
+    _kill_container(before)
+
+    def recreated() -> dict[str, Any] | None:
+        pod = _pods_of(plane, ns).get(REPLACED)
+        return pod if pod and pod["metadata"]["uid"] != before["metadata"]["uid"] else None
+
+    uid = tj.wait_for("the controller to recreate the pod", recreated, timeout=120)["metadata"][
+        "uid"
+    ]
+    final = _files(out, "final-rank{}.json", plane, ns)
+    with plane.api_client() as client:
+        rec = tj.wait_for(
+            "a Succeeded PeerRecovery",
+            lambda: recovery_for(client, ns, uid, "Succeeded"),
+            timeout=120,
+            why=lambda: str(recovery_for(client, ns, uid)),
+        )
+    assert rec["spec"]["target"]["pod"] == REPLACED
+    restored = _last_round(out)
+    assert restored[-1]["role"] == "receive"
+    assert restored[-1]["source"] == f"rank {rec['spec']['source']['ordinal']}"
+    assert {r["hash"] for r in restored} == {paused[0]["hash"]}
     assert len({f["hash"] for f in final}) == 1
 
 
