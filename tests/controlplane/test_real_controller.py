@@ -117,11 +117,17 @@ def test_pytorchjob_gets_pods_services_and_env_from_the_controller(
         assert Path(seen["KUBECONFIG"]).is_file()
 
     job = tj.wait_for(
-        "the job's Running condition",
-        lambda: (j := tj.read_job(plane, ns, "envjob")) and tj.condition(j, "Running") and j,
+        "the job Running with 2 active workers",
+        lambda: (
+            (j := tj.read_job(plane, ns, "envjob"))
+            and tj.condition(j, "Running")
+            and j["status"].get("replicaStatuses", {}).get("Worker", {}).get("active") == 2
+            and j
+        ),
         timeout=60,
+        why=lambda: json.dumps(tj.read_job(plane, ns, "envjob").get("status")),
     )
-    assert job["status"]["replicaStatuses"]["Worker"]["active"] == 2
+    assert job["status"]["replicaStatuses"]["Master"]["active"] == 1
 
 
 def test_local_nodes_are_ready_and_labelled(real_controller_plane: ControlPlane) -> None:
@@ -151,7 +157,16 @@ def test_onfailure_restarts_the_container_in_place_and_the_job_succeeds(
         why=lambda: json.dumps(tj.read_job(plane, ns, "crash").get("status")),
     )
     assert not tj.condition(job, "Failed")
-    pods = _pods(plane, ns, "crash")
+    # The job succeeds with its master; the worker may still be finishing its second run.
+    pods = tj.wait_for(
+        "both pods to succeed",
+        lambda: (
+            (p := _pods(plane, ns, "crash"))
+            and all(x["status"].get("phase") == "Succeeded" for x in p.values())
+            and p
+        ),
+        timeout=60,
+    )
     assert set(pods) == {"crash-master-0", "crash-worker-0"}
     for pod in pods.values():
         status = pod["status"]["containerStatuses"][0]
