@@ -44,6 +44,7 @@ __all__ = [
     "NAMESPACE",
     "SERVICE_ACCOUNT",
     "WEBHOOK_CONFIGURATION",
+    "ManifestsMissingError",
     "WebhookTls",
     "cluster_role",
     "crd",

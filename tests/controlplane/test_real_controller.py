@@ -14,6 +14,7 @@ import pytest
 from tests.controlplane import trainingjob as tj
 from tests.controlplane._proc import group_alive
 from tests.controlplane.cluster import ControlPlane
+from tests.controlplane.fixtures import require_bin_dir, wait_default_service_account
 from tests.controlplane.kubelet import LOCAL_NODE_LABEL
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
@@ -275,3 +276,34 @@ def test_suspend_deletes_the_pods_and_resume_recreates_them(
     assert {p["metadata"]["uid"] for p in after.values()}.isdisjoint(
         p["metadata"]["uid"] for p in before.values()
     )
+
+
+def test_stop_leaves_no_component_or_pod_process_alive() -> None:
+    plane = ControlPlane(nodes=1, zones=1, bin_dir=require_bin_dir(), real_controller=True)
+    pod_pid = None
+    try:
+        plane.start()
+        pids = plane.pids()
+        assert set(pids) == {
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "training-operator",
+            "kubelet",
+        }
+        with plane.api_client() as client:
+            wait_default_service_account(client, "default", timeout=60)
+        tj.apply(plane, "default", tj.pytorchjob("left", command=DUMP_ENV_AND_WAIT, workers=0))
+        pod = tj.wait_for(
+            "a Running pod", lambda: _running(plane, "default", "left", 1), timeout=120
+        )
+        status = pod["left-master-0"]["status"]["containerStatuses"][0]
+        pod_pid = int(status["containerID"].removeprefix("local://"))
+        assert group_alive(pod_pid)
+    finally:
+        plane.stop()
+    for name, pid in pids.items():
+        assert not group_alive(pid), name
+    assert pod_pid is not None and not group_alive(pod_pid)
+    assert not plane.work_dir.exists()
