@@ -10,7 +10,7 @@ Run as ``python -m tests.controlplane.kubelet --kubeconfig K --work-dir D --node
   ServiceAccount bound to the pod (in place of the projected token volume), and its output in
   ``<work-dir>/pods/<ns>_<name>_<uid>/<container>.log``;
 - gives every ``emptyDir`` volume a directory under the pod's directory and rewrites the
-  volume's ``mountPath`` prefix in env values and arguments to it (so ``/dev/shm`` becomes a
+  volume's ``mountPath`` prefix in literal env values and arguments to it (so ``/dev/shm`` becomes a
   per-pod directory that survives container restarts and goes with the pod);
 - rewrites, in literal env values and arguments (not in downward API values, so a pod's
   own name, which is also its Service's, stays), host names of the namespace's Services
@@ -27,9 +27,10 @@ init containers (reported as completed without running; the ``init-pytorch`` con
 training-operator adds waits for the master's Service name to resolve, which this kubelet
 imitates by holding a pod with ``MASTER_ADDR`` set until that Service exists); more than one
 container; probes (a started container is Ready); resource limits and cgroups; the restart
-back-off's length (0.5 s doubling up to 30 s, not 10 s up to 5 min); distinct pod IPs or network namespaces (every pod is
-127.0.0.1, so pods must not share ports); volumes other than ``emptyDir``; node heartbeats
-(nothing here runs the node-lifecycle controller). KWOK keeps the nodes it manages; this
+back-off's length (0.5 s doubling up to 30 s, not 10 s up to 5 min); distinct pod IPs or
+network namespaces (every pod is 127.0.0.1, so pods must not share ports); volumes other
+than ``emptyDir``; node heartbeats (nothing here runs the node-lifecycle controller, so the
+kubelet itself lifts the ``not-ready`` taint admission puts on a new node). KWOK keeps the nodes it manages; this
 kubelet creates and manages only the nodes it is given.
 """
 
