@@ -74,17 +74,21 @@ BENCHMARKS += benchmarks/operator_latency.py
 bench: venv tools
 	@set -e; for b in $(BENCHMARKS); do echo "== $$b"; $(PY) $$b; done
 
-# Builds etcd, kube-apiserver/-controller-manager/kubectl, helm and kwok from the pins in
+# Builds etcd, kube-apiserver/-controller-manager/-scheduler/kubectl, helm, kwok and the
+# Kubeflow training-operator from the pins in
 # tools/versions.env into ~/.cache/peer-recovery/<key>/ and links them as .tools/bin/<name>.
 tools:
 	@tools/build.sh
 
 # Runs the test control plane in the foreground. Its only stdout line is
-# `export KUBECONFIG=...` (progress goes to stderr); Ctrl-C stops it.
+# `export KUBECONFIG=...` (progress goes to stderr); Ctrl-C stops it. By default it runs the
+# real training-operator, kube-scheduler and the test kubelet; `make cluster CLUSTER_ARGS=`
+# runs KWOK's fake nodes instead.
+CLUSTER_ARGS ?= --real-controller
 cluster:
 	@$(MAKE) --no-print-directory venv >&2
 	@tools/build.sh >&2
-	@$(PY) -m tests.controlplane
+	@$(PY) -m tests.controlplane $(CLUSTER_ARGS)
 
 # 4 torchrun agents on this machine, one pod replaced; its rank recovers from a peer.
 # The last line is `RESULT peer_seconds=... storage_seconds=... bytes=... identical=...`.

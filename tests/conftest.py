@@ -7,4 +7,6 @@ from tests.controlplane.fixtures import (  # noqa: F401
     control_plane,
     control_plane_options,
     namespace,
+    real_controller_plane,
+    real_namespace,
 )

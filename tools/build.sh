@@ -39,6 +39,7 @@ require_line kube/go.mod k8s.io/kubernetes "$K8S_VERSION"
 require_line etcd/go.mod go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 require_line helm/go.mod helm.sh/helm/v3 "$HELM_VERSION"
 require_line kwok/go.mod sigs.k8s.io/kwok "$KWOK_VERSION"
+require_line training-operator/go.mod github.com/kubeflow/training-operator "$TRAINING_OPERATOR_VERSION"
 bad_staging=$(grep -E '^replace k8s\.io/' "$TOOLS/kube/go.mod" | grep -v "=> .* $K8S_STAGING_VERSION\$" || true)
 [[ -z "$bad_staging" ]] || die "tools/kube/go.mod replaces a staging module with a version other than $K8S_STAGING_VERSION: $bad_staging"
 [[ "$K8S_STAGING_VERSION" == "v0.${K8S_VERSION#v1.}" ]] ||
@@ -56,7 +57,7 @@ CACHE_ROOT=${PEER_RECOVERY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/peer-recovery}
 CACHE="$CACHE_ROOT/$KEY"
 BIN="$CACHE/bin"
 LINK_DIR="$ROOT/.tools/bin"
-NAMES=(etcd kube-apiserver kube-controller-manager kubectl helm kwok)
+NAMES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm kwok training-operator)
 
 link_all() {
     mkdir -p "$LINK_DIR"
@@ -121,14 +122,29 @@ build() {
     say "$step $out: done in $((SECONDS - start))s"
 }
 
-say "building into $CACHE (k8s $K8S_VERSION, etcd $ETCD_VERSION, helm $HELM_VERSION, kwok $KWOK_VERSION, $GO_VERSION)"
+# The training-operator's own manifests at the pinned version, from the Go module cache, so the
+# control plane installs exactly the CRD, webhook configuration and ClusterRole that match the
+# binary.
+copy_training_operator_manifests() {
+    local dir
+    dir=$(cd "$TOOLS/training-operator" && go list -m -f '{{.Dir}}' github.com/kubeflow/training-operator) ||
+        die "cannot locate github.com/kubeflow/training-operator $TRAINING_OPERATOR_VERSION in the Go module cache"
+    mkdir -p "$CACHE/manifests/training-operator"
+    cp "$dir/manifests/base/crds/kubeflow.org_pytorchjobs.yaml" "$dir/manifests/base/webhook/manifests.yaml" \
+        "$dir/manifests/base/rbac/role.yaml" "$CACHE/manifests/training-operator/"
+    chmod u+w "$CACHE/manifests/training-operator/"*
+}
+
+say "building into $CACHE (k8s $K8S_VERSION, etcd $ETCD_VERSION, helm $HELM_VERSION, kwok $KWOK_VERSION, training-operator $TRAINING_OPERATOR_VERSION, $GO_VERSION)"
 total=$SECONDS
-build "[1/4]" etcd etcd go.etcd.io/etcd/server/v3 \
+build "[1/5]" etcd etcd go.etcd.io/etcd/server/v3 \
     "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD_VERSION"
-build "[2/4]" kube kube . "$(kube_ldflags)" -tags=providerless,notest
-for name in kube-apiserver kube-controller-manager kubectl; do ln -sfn kube "$BIN/$name"; done
-build "[3/4]" kwok kwok sigs.k8s.io/kwok/cmd/kwok "-s -w"
-build "[4/4]" helm helm helm.sh/helm/v3/cmd/helm "$(helm_ldflags)"
+build "[2/5]" kube kube . "$(kube_ldflags)" -tags=providerless,notest
+for name in kube-apiserver kube-controller-manager kube-scheduler kubectl; do ln -sfn kube "$BIN/$name"; done
+build "[3/5]" kwok kwok sigs.k8s.io/kwok/cmd/kwok "-s -w"
+build "[4/5]" helm helm helm.sh/helm/v3/cmd/helm "$(helm_ldflags)"
+build "[5/5]" training-operator training-operator github.com/kubeflow/training-operator/cmd/training-operator.v1 "-s -w"
+copy_training_operator_manifests
 
 "$BIN/kubectl" version --client >/dev/null || die "the built kubectl does not run"
 cp "$TOOLS/versions.env" "$CACHE/versions.env"

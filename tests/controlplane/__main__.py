@@ -15,14 +15,22 @@ from tests.controlplane import ControlPlane, MissingBinariesError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.controlplane", description=__doc__)
-    parser.add_argument("--nodes", type=int, default=4, help="fake KWOK nodes (default 4)")
+    parser.add_argument("--nodes", type=int, default=4, help="nodes (default 4)")
     parser.add_argument("--zones", type=int, default=2, help="zones they spread over (default 2)")
+    parser.add_argument(
+        "--real-controller",
+        action="store_true",
+        help="run the Kubeflow training-operator, kube-scheduler and the test kubelet on "
+        "local nodes instead of KWOK's fake nodes",
+    )
     args = parser.parse_args(argv)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        plane = ControlPlane(nodes=args.nodes, zones=args.zones)
+        plane = ControlPlane(
+            nodes=args.nodes, zones=args.zones, real_controller=args.real_controller
+        )
     except MissingBinariesError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

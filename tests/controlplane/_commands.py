@@ -22,6 +22,7 @@ __all__ = [
     "etcd_argv",
     "kwok_argv",
     "node_manifest",
+    "scheduler_argv",
 ]
 
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
@@ -93,6 +94,27 @@ def controller_manager_argv(
         f"--secure-port={ports['kcm']}",
         f"--cert-dir={work_dir / 'controller-manager-certs'}",
         "--concurrent-gc-syncs=5",
+        "--profiling=false",
+        "--v=1",
+    ]
+
+
+def scheduler_argv(
+    bin_dir: Path, work_dir: Path, kubeconfig: Path, ports: dict[str, int]
+) -> list[str]:
+    """kube-scheduler as ``system:kube-scheduler`` (its bootstrap ClusterRole); no leader
+    election; its health endpoint on a free loopback port."""
+    return [
+        str(bin_dir / "kube-scheduler"),
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        # The API server has no front-proxy CA; looking it up only fills the log with errors.
+        "--authentication-skip-lookup=true",
+        "--leader-elect=false",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={ports['scheduler']}",
+        f"--cert-dir={work_dir / 'scheduler-certs'}",
         "--profiling=false",
         "--v=1",
     ]

@@ -35,6 +35,8 @@ class Pki:
     admin_key: Path
     controller_manager_cert: Path
     controller_manager_key: Path
+    scheduler_cert: Path
+    scheduler_key: Path
     sa_key: Path
     sa_pub: Path
 
@@ -126,6 +128,8 @@ def make_pki(directory: Path) -> Pki:
         admin_key=directory / "admin.key",
         controller_manager_cert=directory / "controller-manager.crt",
         controller_manager_key=directory / "controller-manager.key",
+        scheduler_cert=directory / "scheduler.crt",
+        scheduler_key=directory / "scheduler.key",
         sa_key=directory / "sa.key",
         sa_pub=directory / "sa.pub",
     )
@@ -159,6 +163,7 @@ def make_pki(directory: Path) -> Pki:
             paths.controller_manager_key,
             _name("system:kube-controller-manager"),
         ),
+        (paths.scheduler_cert, paths.scheduler_key, _name("system:kube-scheduler")),
     ):
         key = _key()
         _write_key(key_path, key)

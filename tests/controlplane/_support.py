@@ -28,7 +28,16 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "kwok", "helm")
+BINARIES = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kwok",
+    "helm",
+    "training-operator",
+)
 
 T = TypeVar("T")
 

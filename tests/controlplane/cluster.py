@@ -3,6 +3,11 @@ service-account tokens, an admin client certificate), kube-controller-manager (g
 collector, namespace and service-account controllers) and KWOK's controller with fake Ready
 nodes, so pods bound to them (``spec.nodeName``) become Running and Ready.
 
+With ``real_controller=True`` it runs, instead of KWOK and the hand-made PyTorchJob CRD, the
+real Kubeflow training-operator (PyTorchJob scheme only, its own CRD, webhook and ClusterRole),
+kube-scheduler, and the test kubelet (tests/controlplane/kubelet.py) on local nodes, which
+runs each scheduled pod's command as a local process.
+
 Invariants: every component listens on a free 127.0.0.1 port and keeps its state and logs
 under one temporary directory; the test PyTorchJob CRD is installed before the controller
 manager starts (so its garbage collector watches PyTorchJobs from the first moment);
@@ -17,14 +22,16 @@ import os
 import shutil
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from tests.controlplane import _training_operator as to
 from tests.controlplane._commands import (
     FAKE_NODE_ANNOTATION,
     apiserver_argv,
@@ -32,10 +39,17 @@ from tests.controlplane._commands import (
     etcd_argv,
     kwok_argv,
     node_manifest,
+    scheduler_argv,
 )
 from tests.controlplane._pki import Pki, make_pki
 from tests.controlplane._proc import Component
-from tests.controlplane._support import find_bin_dir, free_ports, poll, write_kubeconfig
+from tests.controlplane._support import (
+    REPO_ROOT,
+    find_bin_dir,
+    free_ports,
+    poll,
+    write_kubeconfig,
+)
 
 if TYPE_CHECKING:
     import kubernetes.client
@@ -65,6 +79,7 @@ class ControlPlane:
         zones: int = 2,
         bin_dir: Path | None = None,
         work_dir: Path | None = None,
+        real_controller: bool = False,
     ) -> None:
         if nodes < 1 or zones < 1 or zones > nodes:
             raise ValueError(f"need 1 <= zones <= nodes, got nodes={nodes} zones={zones}")
@@ -73,7 +88,9 @@ class ControlPlane:
         self.work_dir = work_dir or Path(tempfile.mkdtemp(prefix="peer-recovery-cp-"))
         self.log_dir = self.work_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.nodes = [f"kwok-node-{i}" for i in range(nodes)]
+        self.real_controller = real_controller
+        prefix = "local-node" if real_controller else "kwok-node"
+        self.nodes = [f"{prefix}-{i}" for i in range(nodes)]
         self.zones = {
             node: f"zone-{chr(ord('a') + i * zones // nodes)}" for i, node in enumerate(self.nodes)
         }
@@ -86,6 +103,9 @@ class ControlPlane:
             "kcm": kcm,
             "kwok": kwok,
         }
+        if real_controller:
+            names = ("scheduler", "to-metrics", "to-health", "to-webhook")
+            self._ports.update(zip(names, free_ports(len(names)), strict=True))
         self.kubeconfig = self.work_dir / "admin.kubeconfig"
         self.startup_seconds: float | None = None
         self._pki: Pki | None = None
@@ -148,16 +168,95 @@ class ControlPlane:
             "kube-apiserver", apiserver_argv(self.bin_dir, self.work_dir, self._ports, pki)
         )
         self.start_apiserver()
-        self._install_crd()
+        manifests = to.manifests_dir(self.bin_dir) if self.real_controller else None
+        self._install_crd(to.crd(manifests) if manifests else yaml.safe_load(CRD_PATH.read_text()))
         self._component(
             "kube-controller-manager",
             controller_manager_argv(self.bin_dir, self.work_dir, self._ports, pki),
         ).start()
-        self._component(
-            "kwok", kwok_argv(self.bin_dir, self.kubeconfig, STAGES_PATH, self._ports)
-        ).start()
-        self._create_nodes()
+        if manifests is None:
+            self._component(
+                "kwok", kwok_argv(self.bin_dir, self.kubeconfig, STAGES_PATH, self._ports)
+            ).start()
+            self._create_nodes()
+        else:
+            self._start_real_controller(manifests, pki)
         self._wait_controllers_ready()
+
+    def _start_real_controller(self, manifests: Path, pki: Pki) -> None:
+        """kube-scheduler, the training-operator (after its RBAC, webhook Secret and
+        configuration) and the test kubelet with its nodes."""
+        import kubernetes.client
+        from kubernetes.utils import create_from_dict
+
+        scheduler_kubeconfig = write_kubeconfig(
+            self.work_dir / "scheduler.kubeconfig",
+            server=self.server,
+            ca_cert=pki.ca_cert,
+            user="system:kube-scheduler",
+            client_cert=pki.scheduler_cert,
+            client_key=pki.scheduler_key,
+        )
+        self._component(
+            "kube-scheduler",
+            scheduler_argv(self.bin_dir, self.work_dir, scheduler_kubeconfig, self._ports),
+        ).start()
+
+        tls = to.make_webhook_tls()
+        with self.api_client() as client:
+            core = kubernetes.client.CoreV1Api(client)
+            core.create_namespace({"metadata": {"name": to.NAMESPACE}})
+            role = to.cluster_role(manifests)
+            binding = {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": role["metadata"]["name"]},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": role["metadata"]["name"],
+                },
+                "subjects": [
+                    {
+                        "kind": "ServiceAccount",
+                        "name": to.SERVICE_ACCOUNT,
+                        "namespace": to.NAMESPACE,
+                    }
+                ],
+            }
+            for manifest in (
+                role,
+                binding,
+                to.webhook_secret(tls),
+                to.webhook_configuration(manifests, self._ports["to-webhook"], tls.ca_cert),
+            ):
+                create_from_dict(client, manifest)
+        operator_kubeconfig = self.service_account_kubeconfig(
+            to.NAMESPACE, to.SERVICE_ACCOUNT, expiration_seconds=86400
+        )
+        tmp_dir = self.work_dir / "training-operator-tmp"
+        to.prepare_cert_dirs(tmp_dir, tls)
+        env = {
+            **os.environ,
+            "HOME": str(self.work_dir),
+            "TMPDIR": str(tmp_dir),
+            "KUBECONFIG": str(operator_kubeconfig),
+            "MY_POD_NAMESPACE": to.NAMESPACE,
+        }
+        self._component(
+            "training-operator", to.training_operator_argv(self.bin_dir, self._ports), env=env
+        ).start()
+
+        kubelet_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        argv = [
+            sys.executable,
+            "-m",
+            "tests.controlplane.kubelet",
+            f"--kubeconfig={self.kubeconfig}",
+            f"--work-dir={self.work_dir / 'kubelet'}",
+            *(f"--node={node}={self.zones[node]}" for node in self.nodes),
+        ]
+        self._component("kubelet", argv, env=kubelet_env).start()
 
     def stop(self, *, remove_work_dir: bool = True) -> None:
         """Stop every component (reverse start order); remove the work dir if we made it."""
@@ -179,7 +278,7 @@ class ControlPlane:
         """
         dependents = [
             self._components[name]
-            for name in ("kube-controller-manager", "kwok")
+            for name in ("kube-controller-manager", "kwok", "kube-scheduler", "training-operator")
             if name in self._components
         ]
         for component in dependents:
@@ -204,7 +303,24 @@ class ControlPlane:
             timeout=_START_TIMEOUT_S,
             alive=self.exited,
         )
-        poll("fake nodes Ready", self._nodes_ready, timeout=_START_TIMEOUT_S, alive=self.exited)
+        if "kube-scheduler" in self._components:
+            scheduler_url = f"https://127.0.0.1:{self._ports['scheduler']}/healthz"
+            poll(
+                "kube-scheduler /healthz",
+                lambda: _http_ok(scheduler_url, verify=False),
+                timeout=_START_TIMEOUT_S,
+                alive=self.exited,
+            )
+        if "training-operator" in self._components:
+            # Ready once its certificates are in place and its webhook server listens.
+            operator_url = f"http://127.0.0.1:{self._ports['to-health']}/readyz"
+            poll(
+                "training-operator /readyz",
+                lambda: _http_ok(operator_url),
+                timeout=_START_TIMEOUT_S,
+                alive=self.exited,
+            )
+        poll("nodes Ready", self._nodes_ready, timeout=_START_TIMEOUT_S, alive=self.exited)
 
     def pids(self) -> dict[str, int]:
         """Process (and process group) ids of the running components, by name."""
@@ -290,8 +406,9 @@ class ControlPlane:
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _component(self, name: str, argv: list[str]) -> Component:
-        env = None
+    def _component(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> Component:
         if name == "kwok":  # keep KWOK away from a user's ~/.kwok configuration
             env = {**os.environ, "HOME": str(self.work_dir)}
         component = Component(name, argv, self.log_dir, env=env)
@@ -313,11 +430,10 @@ class ControlPlane:
         context.load_cert_chain(str(pki.admin_cert), str(pki.admin_key))
         return _http_ok(f"{self.server}/readyz", context=context)
 
-    def _install_crd(self) -> None:
+    def _install_crd(self, crd: dict[str, Any]) -> None:
         import kubernetes.client
         from kubernetes.client.exceptions import ApiException
 
-        crd = yaml.safe_load(CRD_PATH.read_text())
         with self.api_client() as client:
             api = kubernetes.client.ApiextensionsV1Api(client)
             with contextlib.suppress(ApiException):

@@ -1,5 +1,9 @@
-"""Test helpers that create PyTorchJobs and their pods the way the Kubeflow training-operator
-does, so the operator under test sees what it would see in a real cluster.
+"""Hand-made PyTorchJobs and pods for the KWOK control plane, where no training-operator
+runs: for tests of our operator's watch and planning that need PyTorchJob-shaped objects but
+no controller. They imitate the training-operator's conventions only in part (worker-only
+jobs still get ``RANK``/``MASTER_*``; no ``PET_*`` elastic env, per-pod Services or
+``init-pytorch``; pods are replaced with grace 0 on the same node); tests of what the real
+controller does use ``real_controller_plane`` and ``tests.controlplane.trainingjob``.
 
 Invariants (the training-operator's conventions): pods are named ``<job>-<type>-<index>`` with
 the replica type in lower case; they carry the ``training.kubeflow.org/*`` labels, the

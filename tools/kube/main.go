@@ -1,7 +1,7 @@
-// Command kube is one binary that acts as kube-apiserver, kube-controller-manager or kubectl,
-// chosen by the name it is invoked under (links named after each) or by its first argument
-// (`kube kubectl get nodes`). The three share most of their dependency graph, so linking them
-// once is far cheaper on a small machine than three separate builds.
+// Command kube is one binary that acts as kube-apiserver, kube-controller-manager,
+// kube-scheduler or kubectl, chosen by the name it is invoked under (links named after each)
+// or by its first argument (`kube kubectl get nodes`). The four share most of their dependency
+// graph, so linking them once is far cheaper on a small machine than four separate builds.
 package main
 
 import (
@@ -21,9 +21,10 @@ import (
 	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
 )
 
-var names = []string{"kube-apiserver", "kube-controller-manager", "kubectl"}
+var names = []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"}
 
 func main() {
 	name := filepath.Base(os.Args[0])
@@ -36,6 +37,8 @@ func main() {
 		os.Exit(cli.Run(apiserver.NewAPIServerCommand()))
 	case "kube-controller-manager":
 		os.Exit(cli.Run(controllermanager.NewControllerManagerCommand()))
+	case "kube-scheduler":
+		os.Exit(cli.Run(scheduler.NewSchedulerCommand()))
 	case "kubectl":
 		runKubectl()
 	default:
