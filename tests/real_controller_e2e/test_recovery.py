@@ -24,14 +24,14 @@ from typing import Any
 
 import pytest
 
-from peer_recovery import api
+from peer_recovery.contract import names
 from peer_recovery.demo.local_job import descendants
+from testbed.operator_process import operator_under_rbac
 from tests.cluster_e2e.support import RUNTIME_SA, recovery_for, render_runtime_rbac
 from tests.cluster_fixtures import PEER_RECOVERY_CRD
 from tests.controlplane import trainingjob as tj
 from tests.controlplane._support import free_ports
 from tests.controlplane.cluster import ControlPlane
-from tests.operator.cluster_support import operator_under_rbac
 
 pytestmark = [pytest.mark.cluster, pytest.mark.multiproc, pytest.mark.slow]
 
@@ -93,7 +93,7 @@ def torchrun_job(
         restart_policy=restart_policy,
         workers=PODS - 1 if master else PODS,
         env=env,
-        annotations={api.ANNOTATION_ENABLED: api.ANNOTATION_ENABLED_VALUE},
+        annotations={names.ANNOTATION_ENABLED: names.ANNOTATION_ENABLED_VALUE},
         service_account=RUNTIME_SA,
     )
     specs = job["spec"]["pytorchReplicaSpecs"]
