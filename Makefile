@@ -88,7 +88,7 @@ CLUSTER_ARGS ?= --real-controller
 cluster:
 	@$(MAKE) --no-print-directory venv >&2
 	@tools/build.sh >&2
-	@$(PY) -m tests.controlplane $(CLUSTER_ARGS)
+	@$(PY) -m testbed.controlplane $(CLUSTER_ARGS)
 
 # 4 torchrun agents on this machine, one pod replaced; its rank recovers from a peer.
 # The last line is `RESULT peer_seconds=... storage_seconds=... bytes=... identical=...`.

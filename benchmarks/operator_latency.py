@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from peer_recovery.contract import names  # noqa: E402
+from testbed.controlplane import pytorchjob as pj  # noqa: E402
+from testbed.controlplane.cluster import ControlPlane  # noqa: E402
 from testbed.operator_process import CRD, OperatorProcess, wait_for  # noqa: E402
-from tests.controlplane import pytorchjob as pj  # noqa: E402
-from tests.controlplane.cluster import ControlPlane  # noqa: E402
 
 NAMESPACE = "bench"
 ENABLED = {names.ANNOTATION_ENABLED: names.ANNOTATION_ENABLED_VALUE}

@@ -1,6 +1,7 @@
 """Fixtures shared by every test directory."""
 
-# The test control plane (tests/controlplane/): `control_plane` (session) and `namespace`;
+# The test control plane (testbed/controlplane/, fixtures in tests/controlplane/): `control_plane`
+# (session) and `namespace`;
 # then our CRD on it (`crd`) and an admin API client (`client`).
 from tests.cluster_fixtures import client, crd  # noqa: F401
 from tests.controlplane.fixtures import (  # noqa: F401

@@ -7,7 +7,7 @@ increasing resourceVersions and enforces the preconditions the API server does
 the status like a merge patch), so retry and idempotence logic is exercised for real.
 Faults a real API server cannot be made to show on cue: ``down`` makes every call
 Unreachable; ``race`` lets another writer land between a read and the next write once.
-Tests that cross the API use the real control plane instead (``tests/controlplane``).
+Tests that cross the API use the real control plane instead (``testbed/controlplane``).
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 from peer_recovery.contract import names
 from peer_recovery.demo.local_job import LocalJob
+from testbed.controlplane import pytorchjob as pj
 from testbed.operator_process import CHART
-from tests.controlplane import pytorchjob as pj
 from tests.controlplane.fixtures import wait_default_service_account
 
 T = TypeVar("T")

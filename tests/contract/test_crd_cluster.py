@@ -13,39 +13,27 @@ import pytest
 
 from peer_recovery.contract import names
 from peer_recovery.contract.bodies import PodRef, build_peer_recovery, build_status
+from testbed.controlplane import pytorchjob
+from testbed.controlplane._support import poll
 
 pytestmark = pytest.mark.cluster
-
-# Guard while the test control plane (tests/controlplane/, tests/conftest.py) is not yet
-# committed: skip rather than fail collection. Remove once it has landed.
-pytorchjob = pytest.importorskip("tests.controlplane.pytorchjob", reason="no test control plane")
-poll = pytest.importorskip("tests.controlplane._support", reason="no test control plane").poll
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "charts/peer-recovery/crds/peerrecoveries.yaml"
 CRD_NAME = f"{names.PLURAL}.{names.GROUP}"
 
 
-def _fixture(request: pytest.FixtureRequest, name: str) -> Any:
-    try:
-        return request.getfixturevalue(name)
-    except pytest.FixtureLookupError:  # guard, see above
-        pytest.skip(f"fixture {name!r} is not defined (no test control plane)")
-
-
 @pytest.fixture(scope="module")
-def plane(request: pytest.FixtureRequest) -> Any:
+def plane(control_plane: Any) -> Any:
     """The control plane with the CRD applied and Established. The CRD is left installed at
     the end (applying it is idempotent, and later tests install the chart over it)."""
-    control_plane = _fixture(request, "control_plane")
     control_plane.kubectl("apply", "-f", str(CRD_PATH))
     control_plane.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
     return control_plane
 
 
 @pytest.fixture
-def job(plane: Any, request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+def job(plane: Any, namespace: str) -> Iterator[dict[str, Any]]:
     """A real PyTorchJob (no pods) to own the recoveries, so the GC keeps them."""
-    namespace = _fixture(request, "namespace")
     with plane.api_client() as client:
         yield pytorchjob.create_job(client, namespace, "train", workers=2, pods=False)
 

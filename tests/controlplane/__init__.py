@@ -1,15 +1,2 @@
-"""The test control plane: real etcd, kube-apiserver, kube-controller-manager and KWOK on
-loopback, or kube-scheduler, the Kubeflow training-operator and a test kubelet instead of
-KWOK, built by `make tools` (see docs/control-plane.md).
-
-``ControlPlane`` runs one; ``tests.controlplane.fixtures`` offers it to pytest as the
-``control_plane``/``namespace`` and ``real_controller_plane``/``real_namespace`` fixtures;
-``tests.controlplane.pytorchjob`` creates hand-made PyTorchJobs and pods where no controller
-runs, ``tests.controlplane.trainingjob`` real ones for the training-operator;
-``python -m tests.controlplane`` runs one in the foreground for people (`make cluster`).
-"""
-
-from tests.controlplane._support import MissingBinariesError, find_bin_dir
-from tests.controlplane.cluster import ControlPlane, KubectlError
-
-__all__ = ["ControlPlane", "KubectlError", "MissingBinariesError", "find_bin_dir"]
+"""Tests of the test control plane itself, and its pytest fixtures (``fixtures``); the
+control plane is ``testbed.controlplane``."""

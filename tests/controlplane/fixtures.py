@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.controlplane._support import REPO_ROOT, MissingBinariesError, find_bin_dir, poll
-from tests.controlplane.cluster import ControlPlane
+from testbed.controlplane._support import REPO_ROOT, MissingBinariesError, find_bin_dir, poll
+from testbed.controlplane.cluster import ControlPlane
 
 __all__ = [
     "control_plane",
@@ -87,7 +87,7 @@ def control_plane_options() -> dict[str, Any]:
 def control_plane(
     request: pytest.FixtureRequest, control_plane_options: dict[str, Any]
 ) -> Iterator[ControlPlane]:
-    """A running control plane shared by the session (see tests/controlplane/cluster.py)."""
+    """A running control plane shared by the session (see testbed/controlplane/cluster.py)."""
     yield from _running(request, "control_plane", **control_plane_options)
 
 

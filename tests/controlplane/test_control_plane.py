@@ -14,11 +14,10 @@ import kubernetes.client
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from tests.controlplane import ControlPlane
-from tests.controlplane._proc import group_alive
-from tests.controlplane._support import REPO_ROOT, poll
-from tests.controlplane.fixtures import require_bin_dir
-from tests.controlplane.pytorchjob import (
+from testbed.controlplane import ControlPlane
+from testbed.controlplane._proc import group_alive
+from testbed.controlplane._support import REPO_ROOT, poll
+from testbed.controlplane.pytorchjob import (
     GROUP,
     KIND,
     VERSION,
@@ -28,6 +27,7 @@ from tests.controlplane.pytorchjob import (
     replace_pod,
     wait_pod_ready,
 )
+from tests.controlplane.fixtures import require_bin_dir
 
 pytestmark = pytest.mark.cluster
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.controlplane._support import REPO_ROOT, MissingBinariesError, find_bin_dir
-from tests.controlplane.pytorchjob import _pod_manifest, _recreatable, _replicas, pod_name
+from testbed.controlplane._support import REPO_ROOT, MissingBinariesError, find_bin_dir
+from testbed.controlplane.pytorchjob import _pod_manifest, _recreatable, _replicas, pod_name
 
 _USES_FIXTURE = """
 import pytest
@@ -121,7 +121,7 @@ def test_recreated_pod_drops_server_set_fields_and_injected_token_volume() -> No
 
 
 def test_kubeconfig_embeds_credentials(tmp_path: Path) -> None:
-    from tests.controlplane._support import write_kubeconfig
+    from testbed.controlplane._support import write_kubeconfig
 
     ca = tmp_path / "ca.crt"
     ca.write_bytes(b"CA")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.controlplane.kubelet import expand, rewrite_hosts, rewrite_mount
+from testbed.controlplane.kubelet import expand, rewrite_hosts, rewrite_mount
 
 
 def test_expand_replaces_defined_names_and_keeps_the_rest() -> None:

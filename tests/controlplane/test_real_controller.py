@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from tests.controlplane import trainingjob as tj
-from tests.controlplane._proc import group_alive
-from tests.controlplane.cluster import ControlPlane
+from testbed.controlplane import trainingjob as tj
+from testbed.controlplane._proc import group_alive
+from testbed.controlplane.cluster import ControlPlane
+from testbed.controlplane.kubelet import LOCAL_NODE_LABEL
 from tests.controlplane.fixtures import require_bin_dir, wait_default_service_account
-from tests.controlplane.kubelet import LOCAL_NODE_LABEL
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from cryptography import x509
 
-from tests.controlplane import _training_operator as to
+from testbed.controlplane import _training_operator as to
 
 
 def _cache(tmp_path: Path, webhooks: list[dict[str, object]] | None = None) -> Path:

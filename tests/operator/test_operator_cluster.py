@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 
 from peer_recovery.contract import names
+from testbed.controlplane import pytorchjob as pj
 from testbed.operator_process import (
     OperatorProcess,
     operator_under_rbac,
     recoveries,
     wait_for,
 )
-from tests.controlplane import pytorchjob as pj
 
 pytestmark = pytest.mark.cluster
 

@@ -163,7 +163,7 @@ def test_namespace_users_see_peerrecoveries_through_default_roles(
     not delete them; one bound to ``edit`` may delete them; neither may create them or write
     their status (the operator's and the runtime's job). The roles reach the users through
     the controller manager's ClusterRole aggregation, as on any cluster."""
-    from tests.controlplane._support import poll
+    from testbed.controlplane._support import poll
 
     release = f"agg-{uuid.uuid4().hex[:6]}"
     kubectl = control_plane.kubectl

@@ -6,7 +6,7 @@ PeerRecovery ends Succeeded; the job then completes.
 
 Real parts: the control plane, the training-operator (its CRD, webhook and ClusterRole), the
 scheduler, our operator as a subprocess under the chart's RBAC, the chart's runtime Role, and
-torchrun with gloo in every pod. Played: the kubelet (tests/controlplane/kubelet.py says what
+torchrun with gloo in every pod. Played: the kubelet (testbed/controlplane/kubelet.py says what
 it does not imitate).
 """
 
@@ -26,12 +26,12 @@ import pytest
 
 from peer_recovery.contract import names
 from peer_recovery.demo.local_job import descendants
+from testbed.controlplane import trainingjob as tj
+from testbed.controlplane._support import free_ports
+from testbed.controlplane.cluster import ControlPlane
 from testbed.operator_process import operator_under_rbac
 from tests.cluster_e2e.support import RUNTIME_SA, recovery_for, render_runtime_rbac
 from tests.cluster_fixtures import PEER_RECOVERY_CRD
-from tests.controlplane import trainingjob as tj
-from tests.controlplane._support import free_ports
-from tests.controlplane.cluster import ControlPlane
 
 pytestmark = [pytest.mark.cluster, pytest.mark.multiproc, pytest.mark.slow]
 

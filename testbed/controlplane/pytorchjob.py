@@ -3,7 +3,7 @@ runs: for tests of our operator's watch and planning that need PyTorchJob-shaped
 no controller. They imitate the training-operator's conventions only in part (worker-only
 jobs still get ``RANK``/``MASTER_*``; no ``PET_*`` elastic env, per-pod Services or
 ``init-pytorch``; pods are replaced with grace 0 on the same node); tests of what the real
-controller does use ``real_controller_plane`` and ``tests.controlplane.trainingjob``.
+controller does use ``real_controller_plane`` and ``testbed.controlplane.trainingjob``.
 
 Invariants (the training-operator's conventions): pods are named ``<job>-<type>-<index>`` with
 the replica type in lower case; they carry the ``training.kubeflow.org/*`` labels, the
@@ -18,7 +18,7 @@ import copy
 import time
 from typing import TYPE_CHECKING, Any
 
-from tests.controlplane.cluster import FAKE_NODE_ANNOTATION
+from testbed.controlplane.cluster import FAKE_NODE_ANNOTATION
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient

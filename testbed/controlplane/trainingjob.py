@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from tests.controlplane._support import free_ports
-from tests.controlplane.cluster import ControlPlane
+from testbed.controlplane._support import free_ports
+from testbed.controlplane.cluster import ControlPlane
 
 __all__ = [
     "JOB_NAME_LABEL",

@@ -5,7 +5,7 @@ nodes, so pods bound to them (``spec.nodeName``) become Running and Ready.
 
 With ``real_controller=True`` it runs, instead of KWOK and the hand-made PyTorchJob CRD, the
 real Kubeflow training-operator (PyTorchJob scheme only, its own CRD, webhook and ClusterRole),
-kube-scheduler, and the test kubelet (tests/controlplane/kubelet.py) on local nodes, which
+kube-scheduler, and the test kubelet (testbed/controlplane/kubelet.py) on local nodes, which
 runs each scheduled pod's command as a local process.
 
 Invariants: every component listens on a free 127.0.0.1 port and keeps its state and logs
@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from tests.controlplane import _training_operator as to
-from tests.controlplane._commands import (
+from testbed.controlplane import _training_operator as to
+from testbed.controlplane._commands import (
     FAKE_NODE_ANNOTATION,
     apiserver_argv,
     controller_manager_argv,
@@ -41,9 +41,9 @@ from tests.controlplane._commands import (
     node_manifest,
     scheduler_argv,
 )
-from tests.controlplane._pki import Pki, make_pki
-from tests.controlplane._proc import Component
-from tests.controlplane._support import (
+from testbed.controlplane._pki import Pki, make_pki
+from testbed.controlplane._proc import Component
+from testbed.controlplane._support import (
     REPO_ROOT,
     find_bin_dir,
     free_ports,
@@ -251,7 +251,7 @@ class ControlPlane:
         argv = [
             sys.executable,
             "-m",
-            "tests.controlplane.kubelet",
+            "testbed.controlplane.kubelet",
             f"--kubeconfig={self.kubeconfig}",
             f"--work-dir={self.work_dir / 'kubelet'}",
             *(f"--node={node}={self.zones[node]}" for node in self.nodes),

@@ -1,7 +1,7 @@
 """A test kubelet for the control plane's local nodes: it runs each pod bound to one of its
 nodes as a local process, so a real controller reacts to real exits.
 
-Run as ``python -m tests.controlplane.kubelet --kubeconfig K --work-dir D --node N[=ZONE]...``
+Run as ``python -m testbed.controlplane.kubelet --kubeconfig K --work-dir D --node N[=ZONE]...``
 (ControlPlane starts it). It registers its nodes Ready and then, polling the API server:
 
 - starts a bound pod's first container (``command`` + ``args``, ``$(VAR)`` expanded) as a
@@ -53,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from tests.controlplane._proc import _die_with_parent, group_alive
+from testbed.controlplane._proc import _die_with_parent, group_alive
 
 __all__ = [
     "LOCAL_NODE_LABEL",
@@ -192,7 +192,7 @@ class Kubelet:
                         "type": "Ready",
                         "status": "True",
                         "reason": "KubeletReady",
-                        "message": "test kubelet (tests/controlplane/kubelet.py)",
+                        "message": "test kubelet (testbed/controlplane/kubelet.py)",
                         "lastHeartbeatTime": now,
                         "lastTransitionTime": now,
                     }
@@ -582,7 +582,7 @@ def _field(pod: Any, path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.controlplane.kubelet")
+    parser = argparse.ArgumentParser(prog="python -m testbed.controlplane.kubelet")
     parser.add_argument("--kubeconfig", type=Path, required=True)
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--node", action="append", required=True, help="NAME=ZONE")

@@ -10,11 +10,11 @@ import signal
 import sys
 import threading
 
-from tests.controlplane import ControlPlane, MissingBinariesError
+from testbed.controlplane import ControlPlane, MissingBinariesError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.controlplane", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m testbed.controlplane", description=__doc__)
     parser.add_argument("--nodes", type=int, default=4, help="nodes (default 4)")
     parser.add_argument("--zones", type=int, default=2, help="zones they spread over (default 2)")
     parser.add_argument(

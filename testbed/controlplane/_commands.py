@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.controlplane._pki import Pki
+from testbed.controlplane._pki import Pki
 
 __all__ = [
     "CONTROLLERS",
