@@ -158,3 +158,20 @@ def test_the_cycle_check_finds_a_cycle() -> None:
     edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _strongly_connected(edges) == [["a", "b", "c"]]
     assert _strongly_connected({"a": {"b"}, "b": set()}) == []
+
+
+def test_benchmarks_import_nothing_from_tests() -> None:
+    """What benchmarks share with tests lives in testbed/, so neither imports the other."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            offenders += [f"{path.name}: {m}" for m in modules if m.split(".")[0] == "tests"]
+    assert not offenders, offenders
