@@ -13,35 +13,25 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from testbed.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "peer-recovery"
 CRD = CHART / "crds" / "peerrecoveries.yaml"
 RBAC_TEMPLATES = ("templates/operator-rbac.yaml", "templates/operator-serviceaccount.yaml")
-T = TypeVar("T")
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def wait_for(what: str, probe: Callable[[], T | None], *, timeout: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def render_rbac(helm: Path, release: str, namespace: str, **values: str) -> str:

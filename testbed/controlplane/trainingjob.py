@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import copy
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
 from testbed.controlplane._support import free_ports
 from testbed.controlplane.cluster import ControlPlane
+from testbed.waiting import wait_for
 
 __all__ = [
     "JOB_NAME_LABEL",
@@ -33,7 +32,6 @@ __all__ = [
     "wait_for",
 ]
 
-T = TypeVar("T")
 
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
@@ -138,16 +136,3 @@ def pod_volume_dir(plane: ControlPlane, pod: dict[str, Any], volume: str = "shm"
     meta = pod["metadata"]
     name = f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
     return plane.work_dir / "kubelet" / "pods" / name / "volumes" / volume
-
-
-def wait_for(
-    what: str, probe: Callable[[], T | None], *, timeout: float, why: Callable[[], object] = str
-) -> T:
-    """Poll ``probe`` until it returns something truthy; on timeout, say what and ``why()``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}\n{why()}")

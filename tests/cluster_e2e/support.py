@@ -14,35 +14,20 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from peer_recovery.contract import names
 from peer_recovery.demo.local_job import LocalJob
 from testbed.controlplane import pytorchjob as pj
 from testbed.operator_process import CHART
+from testbed.waiting import wait_for
 from tests.controlplane.fixtures import wait_default_service_account
-
-T = TypeVar("T")
 
 RUNTIME_SA = "trainer"
 ENABLED = {names.ANNOTATION_ENABLED: names.ANNOTATION_ENABLED_VALUE}
 TRAIN_ARGS = ["--width=64", "--layers=1", "--pause-at=6", "--steps=8"]
 TRAIN_ARGS += ["--snapshot-every=3", "--checkpoint-at=3"]
-
-
-def wait_for(
-    what: str, probe: Callable[[], T | None], *, timeout: float, why: Callable[[], str] = str
-) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}\n{why()}")
 
 
 def render_runtime_rbac(helm: Path, release: str, namespace: str) -> str:
