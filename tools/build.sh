@@ -143,7 +143,10 @@ build "[2/5]" kube kube . "$(kube_ldflags)" -tags=providerless,notest
 for name in kube-apiserver kube-controller-manager kube-scheduler kubectl; do ln -sfn kube "$BIN/$name"; done
 build "[3/5]" kwok kwok sigs.k8s.io/kwok/cmd/kwok "-s -w"
 build "[4/5]" helm helm helm.sh/helm/v3/cmd/helm "$(helm_ldflags)"
-build "[5/5]" training-operator training-operator github.com/kubeflow/training-operator/cmd/training-operator.v1 "-s -w"
+# Our own main (tools/training-operator/main.go) over the pinned module's packages, so its
+# webhook server can listen on loopback only; upstream's cmd/training-operator.v1 binds it to
+# every interface.
+build "[5/5]" training-operator training-operator . "-s -w"
 copy_training_operator_manifests
 
 "$BIN/kubectl" version --client >/dev/null || die "the built kubectl does not run"

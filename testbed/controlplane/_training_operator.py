@@ -229,12 +229,14 @@ def prepare_cert_dirs(tmp_dir: Path, tls: WebhookTls) -> None:
 
 def training_operator_argv(bin_dir: Path, ports: dict[str, int]) -> list[str]:
     """The operator with only the PyTorchJob scheme, its metrics and health endpoints on
-    loopback (off their 8080/8081 defaults) and its webhook on a free port."""
+    loopback (off their 8080/8081 defaults) and its webhook on a free loopback port (the
+    host flag is our main's, tools/training-operator/main.go; upstream's has none)."""
     return [
         str(bin_dir / "training-operator"),
         "--enable-scheme=pytorchjob",
         f"--metrics-bind-address=127.0.0.1:{ports['to-metrics']}",
         f"--health-probe-bind-address=127.0.0.1:{ports['to-health']}",
+        "--webhook-server-host=127.0.0.1",
         f"--webhook-server-port={ports['to-webhook']}",
         "--leader-elect=false",
         "--zap-log-level=info",

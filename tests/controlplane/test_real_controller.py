@@ -4,7 +4,10 @@ controller, and the controller reacts to the real exits of the pods' processes."
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,35 @@ FAIL_ONCE_PER_POD = [
     "    sys.exit(3)\n",
     "/dev/shm/failed-once",
 ]
+
+
+def _listening_tcp(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of every listening TCP socket process ``pid`` holds open: its socket
+    inodes from /proc/<pid>/fd matched against /proc/<pid>/net/tcp and tcp6."""
+    inodes = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in os.listdir(fd_dir):
+        with contextlib.suppress(OSError):  # closed since listed
+            target = os.readlink(fd_dir / fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            hex_addr, hex_port = local.split(":")
+            raw = bytes.fromhex(hex_addr)
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            addr = ipaddress.ip_address(packed)
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                addr = addr.ipv4_mapped
+            found.append((str(addr), int(hex_port, 16)))
+    return found
 
 
 def _env(pod: dict[str, Any]) -> dict[str, str]:
@@ -292,6 +324,11 @@ def test_stop_leaves_no_component_or_pod_process_alive() -> None:
             "training-operator",
             "kubelet",
         }
+        # Metrics, health probes and webhook server, each on loopback only (the upstream
+        # binary's webhook server binds every interface).
+        listening = _listening_tcp(pids["training-operator"])
+        assert len(listening) == 3, listening
+        assert all(addr == "127.0.0.1" for addr, _ in listening), listening
         with plane.api_client() as client:
             wait_default_service_account(client, "default", timeout=60)
         tj.apply(plane, "default", tj.pytorchjob("left", command=DUMP_ENV_AND_WAIT, workers=0))

@@ -59,7 +59,7 @@ def exists(path: str) -> bool:
 
 def slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to dashes."""
-    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    text = re.sub(r"[`*]", "", heading.strip().lower())  # GitHub keeps underscores
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
