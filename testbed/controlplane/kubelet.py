@@ -25,7 +25,9 @@ Run as ``python -m testbed.controlplane.kubelet --kubeconfig K --work-dir D --no
 What it does not imitate: images (the command runs with this machine's Python and files);
 init containers (reported as completed without running; the ``init-pytorch`` container the
 training-operator adds waits for the master's Service name to resolve, which this kubelet
-imitates by holding a pod with ``MASTER_ADDR`` set until that Service exists); more than one
+imitates by holding a pod with ``MASTER_ADDR`` set until that Service exists, and any pod of
+a PyTorchJob until the Services named after its job's pods exist, as their names resolve
+only then); more than one
 container; probes (a started container is Ready); resource limits and cgroups; the restart
 back-off's length (0.5 s doubling up to 30 s, not 10 s up to 5 min); distinct pod IPs or
 network namespaces (every pod is 127.0.0.1, so pods must not share ports); volumes other
@@ -66,6 +68,8 @@ __all__ = [
 
 LOCAL_NODE_LABEL = "peer-recovery.test/kubelet"
 POD_IP = "127.0.0.1"
+#: The training-operator's label naming a pod's PyTorchJob.
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 _POLL_S = 0.2
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
@@ -253,6 +257,8 @@ class Kubelet:
         master = literal_env.get("MASTER_ADDR")
         if master and master not in services:
             return  # what the init-pytorch container waits for; try again next pass
+        if any(s not in services for s in self._siblings(pod)):
+            return  # the names the job's pods reach each other by do not resolve yet
         directory = self.work_dir / "pods" / f"{namespace}_{name}_{uid}"
         directory.mkdir(parents=True, exist_ok=True)
         state = _Pod(uid=uid, namespace=namespace, name=name, directory=directory)
@@ -385,6 +391,18 @@ class Kubelet:
         if sig == signal.SIGKILL:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 state.process.wait(timeout=5)
+
+    def _siblings(self, pod: Any) -> list[str]:
+        """The pods of ``pod``'s PyTorchJob: the training-operator gives each a headless
+        Service of the same name, which is how they reach each other (a job without a
+        Master rendezvouses at a worker's); names in a pod's command line are rewritten to
+        this machine only for Services that exist, so a pod starts once they all do."""
+        job = (pod.metadata.labels or {}).get(JOB_NAME_LABEL)
+        if not job:
+            return []
+        selector = f"{JOB_NAME_LABEL}={job}"
+        listed = self.core.list_namespaced_pod(pod.metadata.namespace, label_selector=selector)
+        return [p.metadata.name for p in listed.items]
 
     # ---- container configuration -----------------------------------------------------------
 
