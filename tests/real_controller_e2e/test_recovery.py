@@ -323,31 +323,8 @@ def test_worker_only_job_recovers_a_replaced_worker_by_replica_index(
         assert not names & {"RANK", "PET_NODE_RANK", "MASTER_ADDR"}
     (out / "released").touch()
     plane.kubectl("delete", "pod", victim, "-n", ns, "--grace-period=1", "--wait=false")
-
-    def recreated() -> dict[str, Any] | None:
-        with plane.api_client() as client:
-            pod = tj.job_pods(client, ns, JOB).get(victim)
-        if pod and pod["metadata"]["uid"] != pods[victim]["metadata"]["uid"]:
-            return pod
-        return None
-
-    uid = tj.wait_for("the controller to recreate the pod", recreated, timeout=120)["metadata"][
-        "uid"
-    ]
-    final = _files(out, "final-rank{}.json", plane, ns)
-    with plane.api_client() as client:
-        rec = tj.wait_for(
-            "a Succeeded PeerRecovery",
-            lambda: recovery_for(client, ns, uid, "Succeeded"),
-            timeout=120,
-            why=lambda: str(recovery_for(client, ns, uid)),
-        )
-    assert rec["spec"]["target"]["pod"] == victim
+    rec, _ = _recreated_and_recovered_from_a_peer(plane, ns, out, pods[victim], paused)
     assert rec["spec"]["target"]["ordinal"] == PODS - 1
-    restored = _last_round(out)
-    assert restored[-1]["role"] == "receive"
-    assert {r["hash"] for r in restored} == {paused[0]["hash"]}
-    assert len({f["hash"] for f in final}) == 1
 
 
 def test_suspend_and_resume_replace_every_pod_and_fall_back_to_the_checkpoint(
@@ -414,9 +391,20 @@ def test_exitcode_policy_recreates_a_killed_worker_which_recovers_from_a_peer(
     assert before["spec"]["restartPolicy"] == "Never"
     (out / "released").touch()
     _kill_container(before)
+    rec, restored = _recreated_and_recovered_from_a_peer(plane, ns, out, before, paused)
+    assert restored[-1]["source"] == f"rank {rec['spec']['source']['ordinal']}"
+
+
+def _recreated_and_recovered_from_a_peer(
+    plane: ControlPlane, ns: str, out: Path, before: dict[str, Any], paused: list[Any]
+) -> tuple[dict[str, Any], list[Any]]:
+    """Wait for the controller to recreate pod ``before`` under a new UID and for its
+    PeerRecovery to succeed; check that it received the paused state from a peer and that
+    every rank ends with one state. Returns the record and the last round's restores."""
+    name = before["metadata"]["name"]
 
     def recreated() -> dict[str, Any] | None:
-        pod = _pods_of(plane, ns).get(REPLACED)
+        pod = _pods_of(plane, ns).get(name)
         return pod if pod and pod["metadata"]["uid"] != before["metadata"]["uid"] else None
 
     uid = tj.wait_for("the controller to recreate the pod", recreated, timeout=120)["metadata"][
@@ -430,12 +418,12 @@ def test_exitcode_policy_recreates_a_killed_worker_which_recovers_from_a_peer(
             timeout=120,
             why=lambda: str(recovery_for(client, ns, uid)),
         )
-    assert rec["spec"]["target"]["pod"] == REPLACED
+    assert rec["spec"]["target"]["pod"] == name
     restored = _last_round(out)
     assert restored[-1]["role"] == "receive"
-    assert restored[-1]["source"] == f"rank {rec['spec']['source']['ordinal']}"
     assert {r["hash"] for r in restored} == {paused[0]["hash"]}
     assert len({f["hash"] for f in final}) == 1
+    return rec, restored
 
 
 def _pods_of(plane: ControlPlane, ns: str) -> dict[str, dict[str, Any]]:
