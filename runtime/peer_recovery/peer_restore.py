@@ -5,17 +5,20 @@ the worker runs under the ``peer-recovery`` rendezvous plugin (:func:`in_round`)
 here calls back into it. A :class:`RoundSession`
 
 1. publishes this rank's live shard key and ``checkpoint_step`` under the round's prefix;
-2. reads what every pod's agent published (snapshot holdings, plans) and every rank's
-   record, and computes the agreement (:mod:`peer_recovery.agreement`): resume step and
-   roles, shard keys verified before any byte moves; it returns this rank's
-   :class:`~peer_recovery.rank_plan.RankPlan`, or None (load the checkpoint);
+2. gets the round's agreement (:mod:`peer_recovery.exchange`): rank 0 reads what every
+   pod's agent published (snapshot holdings, plans) and every rank's record in one batch,
+   computes the agreement (:mod:`peer_recovery.agreement`: resume step and roles, shard
+   keys verified before any byte moves) and publishes it once; the other ranks read it.
+   It returns this rank's :class:`~peer_recovery.rank_plan.RankPlan`, or None (load the
+   checkpoint);
 3. builds a gloo process group of only the ranks that send or receive (on the rendezvous
-   store, under the round's prefix) and the transport on it;
+   store, under the round's prefix; its pairs connect lazily, so only the pairs that talk
+   ever connect) and the transport on it;
 4. publishes the agreement and the restore's result as records of the round's store
    protocol, for the pod's agent to report (workers never talk to the API server).
 
-When the agreement says "load the checkpoint", every rank returns None without a vote: all
-ranks computed the same agreement from the same published inputs.
+When the agreement says "load the checkpoint", every rank returns None without a vote:
+every rank holds the one agreement the leader published.
 
 A transport failure ends the process with ``EXIT_TRANSFER_FAILED`` (75) after leaving a
 ``load-checkpoint`` marker in the store: the process group is then unusable and receives
@@ -29,6 +32,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,15 +40,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
 
-from peer_recovery.agreement import Action, Agreement, PodReport, agree
+from peer_recovery import exchange
+from peer_recovery.agreement import Action, Agreement
 from peer_recovery.protocol import keys
-from peer_recovery.protocol.codec import ExchangeError, publish, read_all
+from peer_recovery.protocol.codec import ExchangeError, publish
 from peer_recovery.protocol.layout import Layout
 from peer_recovery.protocol.records import (
-    AgentRecord,
-    Directive,
     LoadCheckpointMarker,
-    PlanRecord,
     RankAgreed,
     RankResult,
     WorkerRecord,
@@ -161,7 +163,10 @@ class RoundSession:
         return self.agreement is not None and self.rank in self.agreement.movers
 
     def transport(self, template: Callable[[], object], device: Any) -> _RecoveryTransport:
-        """A gloo group of the ranks that move bytes, and the transport on it."""
+        """A gloo group of the ranks that move bytes, and the transport on it.
+
+        The group connects lazily: only the pairs that send to each other ever connect,
+        not the full mesh of every mover (many receivers from many sources stay cheap)."""
         import torch.distributed as dist
 
         from peer_recovery.transport import PGTransport
@@ -171,9 +176,7 @@ class RoundSession:
         ctx, env = self.ctx, self.env
         timeout = float(env.get(ENV_TRANSFER_TIMEOUT) or DEFAULT_TRANSFER_TIMEOUT_S)
         pg_store = dist.PrefixStore(keys.pg_prefix(ctx.prefix), self.store)
-        pg = dist.ProcessGroupGloo(
-            pg_store, members.index(self.rank), len(members), timedelta(seconds=timeout)
-        )
+        pg = _lazy_gloo(pg_store, members.index(self.rank), len(members), timeout, env)
         wire = _DiesMidStream(pg) if env.get(_ENV_FAULT) == "sender-dies-midstream" else pg
         inner = PGTransport(wire, timeout, device, state_dict=template)
         marker_key = keys.load_checkpoint_key(ctx.run_id)
@@ -212,45 +215,13 @@ class RoundSession:
     # --- the exchange ----------------------------------------------------------------------
 
     def _agree(self, live_shard_key: str, checkpoint_step: int | None, timeout: float) -> Agreement:
+        """Publish this rank's record; the leader agrees for all, the others read its answer."""
         ctx, store = self.ctx, self.store
         me = WorkerRecord(self.rank, live_shard_key, checkpoint_step)
         publish(store, keys.worker_key(ctx.prefix, self.rank), me)
-        directive_key = keys.directive_key(ctx.prefix)
-        (raw_directive,) = read_all(store, [directive_key], timeout, "directive")
-        directive = Directive.from_json(raw_directive, directive_key)
-        pods = range(ctx.nnodes)
-        agent_keys = [keys.agent_key(ctx.prefix, o) for o in pods]
-        plan_keys = [keys.plan_key(ctx.prefix, o) for o in pods]
-        worker_keys = [keys.worker_key(ctx.prefix, r) for r in range(self.world_size)]
-        agents = [
-            AgentRecord.from_json(raw, key)
-            for raw, key in zip(
-                read_all(store, agent_keys, timeout, "agents"), agent_keys, strict=True
-            )
-        ]
-        plans = [
-            PlanRecord.from_json(raw, key).plan
-            for raw, key in zip(
-                read_all(store, plan_keys, timeout, "plans"), plan_keys, strict=True
-            )
-        ]
-        workers = [
-            WorkerRecord.from_json(raw, key)
-            for raw, key in zip(
-                read_all(store, worker_keys, timeout, "workers"), worker_keys, strict=True
-            )
-        ]
-        return agree(
-            nnodes=ctx.nnodes,
-            world_size=self.world_size,
-            pods=[
-                PodReport(a.ordinal, a.holdings, plan, a.host or None)
-                for a, plan in zip(agents, plans, strict=True)
-            ],
-            ranks=workers,
-            load_checkpoint=directive.load_checkpoint,
-            pods_per_replica=directive.pods_per_replica,
-        )
+        if self.rank == exchange.LEADER:
+            return exchange.lead(store, ctx.prefix, ctx.nnodes, self.world_size, timeout)
+        return exchange.follow(store, ctx.prefix, self.rank, self.world_size, timeout)
 
     def _publish_agreed(self, agreement: Agreement | None, reason: str) -> None:
         """This rank's view of ``agreement`` (None when none was reached: ``reason`` says
@@ -277,6 +248,28 @@ class RoundSession:
 
     def _layout(self) -> Layout:
         return Layout(self.ctx.nnodes, self.world_size)
+
+
+def _lazy_gloo(store: Any, rank: int, size: int, timeout: float, env: Mapping[str, str]) -> Any:
+    """A gloo group whose pairs connect on first use, on the address gloo would pick: the
+    ``GLOO_SOCKET_IFNAME`` interface, else this host's name if it resolves, else loopback."""
+    import torch.distributed as dist
+
+    gloo = dist.ProcessGroupGloo
+    interface = env.get("GLOO_SOCKET_IFNAME", "").split(",")[0]
+    if interface:
+        device = gloo.create_device(interface=interface, lazy_init=True)
+    else:
+        try:
+            hostname = socket.gethostname()
+            socket.getaddrinfo(hostname, None)
+        except OSError:
+            hostname = "127.0.0.1"
+        device = gloo.create_device(hostname=hostname, lazy_init=True)
+    options = gloo._Options()
+    options._timeout = timedelta(seconds=timeout)
+    options._devices = [device]
+    return gloo(store, rank, size, options)
 
 
 class _DiesMidStream:

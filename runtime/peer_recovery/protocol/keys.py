@@ -9,6 +9,7 @@ Layout (on the c10d rendezvous store, which outlives workers and rounds)::
     peer-recovery/<run_id>/round/<n>/pod/<o>        pod o: its identity (in a cluster)
     peer-recovery/<run_id>/round/<n>/directive      rank 0's agent: load the checkpoint or not
     peer-recovery/<run_id>/round/<n>/worker/<r>     rank r: shard key of its live state, ...
+    peer-recovery/<run_id>/round/<n>/agreement      rank 0 (the leader): the round's agreement
     peer-recovery/<run_id>/round/<n>/outcome/<o>/<l>/agreed   local rank l of pod o: agreement
     peer-recovery/<run_id>/round/<n>/outcome/<o>/<l>/result   ... and its restore's result
     peer-recovery/<run_id>/round/<n>/pg/...         the recovery process group's bootstrap
@@ -36,6 +37,7 @@ __all__ = [
     "ROUND_NUMBER_KEY",
     "agent_key",
     "agreed_key",
+    "agreement_key",
     "directive_key",
     "identity_key",
     "load_checkpoint_key",
@@ -91,6 +93,10 @@ def directive_key(prefix: str) -> str:
 
 def worker_key(prefix: str, rank: int) -> str:
     return f"{prefix}worker/{rank}"
+
+
+def agreement_key(prefix: str) -> str:
+    return f"{prefix}agreement"
 
 
 def agreed_key(prefix: str, ordinal: int, local_rank: int) -> str:

@@ -18,9 +18,11 @@ from peer_recovery.protocol.codec import ExchangeError
 
 __all__ = [
     "AgentRecord",
+    "AgreementRecord",
     "Directive",
     "Holding",
     "LoadCheckpointMarker",
+    "Move",
     "OrdinalClaim",
     "PlanEntry",
     "PlanError",
@@ -405,3 +407,49 @@ class RankResult:
             )
 
         return _parse("record", where, parse)
+
+
+@dataclass(frozen=True)
+class Move:
+    """One peer transfer of the round: ``receiver`` gets its state from ``source``."""
+
+    receiver: int
+    source: int
+    planned_by: PlannedBy
+
+
+@dataclass(frozen=True)
+class AgreementRecord:
+    """``agreement``: the round's agreement as its leader (rank 0) computed it, published
+    once for every other rank: the step (None: every rank loads the checkpoint), the reason,
+    and only the moves; every rank not named in a move restores locally."""
+
+    step: int | None
+    reason: str
+    moves: tuple[Move, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "reason": self.reason,
+                "moves": [[m.receiver, m.source, m.planned_by.value] for m in self.moves]}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any], where: str) -> AgreementRecord:
+        def move(entry: Any) -> Move:
+            if not isinstance(entry, list) or len(entry) != 3:
+                raise ValueError(f"a move must be [receiver, source, planned_by], got {entry!r}")
+            receiver, source = _int(entry[0], "receiver"), _int(entry[1], "source")
+            if receiver == source:
+                raise ValueError(f"rank {receiver} cannot receive from itself")
+            return Move(receiver, source, PlannedBy(entry[2]))
+
+        def parse() -> AgreementRecord:
+            step = _opt_int(raw["step"], "step")
+            moves = tuple(move(e) for e in raw.get("moves") or ())
+            receivers = [m.receiver for m in moves]
+            if len(set(receivers)) != len(receivers):
+                raise ValueError(f"a rank receives twice in {receivers}")
+            if step is None and moves:
+                raise ValueError("moves without a step")
+            return cls(step, str(raw.get("reason") or ""), moves)
+
+        return _parse("agreement record", where, parse)
