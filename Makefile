@@ -70,8 +70,11 @@ lint: venv
 BENCHMARKS := benchmarks/transport.py benchmarks/transport_floor.py benchmarks/snapshot.py
 # Needs the control plane (`make tools`).
 BENCHMARKS += benchmarks/operator_latency.py
+# The round's exchange at 1,024 simulated ranks; the storage anchors (needs the bench extra).
+BENCHMARKS += benchmarks/round_scale.py benchmarks/storage_anchor.py
 
 bench: venv tools
+	@$(PY) -c "import moto, s3fs" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
 	@set -e; for b in $(BENCHMARKS); do echo "== $$b"; $(PY) $$b; done
 
 # Builds etcd, kube-apiserver/-controller-manager/-scheduler/kubectl, helm, kwok and the

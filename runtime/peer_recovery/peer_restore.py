@@ -257,15 +257,18 @@ def _lazy_gloo(store: Any, rank: int, size: int, timeout: float, env: Mapping[st
 
     gloo = dist.ProcessGroupGloo
     interface = env.get("GLOO_SOCKET_IFNAME", "").split(",")[0]
-    if interface:
-        device = gloo.create_device(interface=interface, lazy_init=True)
-    else:
-        try:
-            hostname = socket.gethostname()
-            socket.getaddrinfo(hostname, None)
-        except OSError:
-            hostname = "127.0.0.1"
-        device = gloo.create_device(hostname=hostname, lazy_init=True)
+    try:
+        if interface:
+            device = gloo.create_device(interface=interface, lazy_init=True)
+        else:
+            try:
+                hostname = socket.gethostname()
+                socket.getaddrinfo(hostname, None)
+            except OSError:
+                hostname = "127.0.0.1"
+            device = gloo.create_device(hostname=hostname, lazy_init=True)
+    except TypeError:  # a torch without lazily connected gloo pairs: the full mesh
+        return gloo(store, rank, size, timedelta(seconds=timeout))
     options = gloo._Options()
     options._timeout = timedelta(seconds=timeout)
     options._devices = [device]

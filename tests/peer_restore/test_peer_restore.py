@@ -58,9 +58,13 @@ def test_make_demo_in_its_short_mode_reports_identical_state() -> None:
     last = result.stdout.strip().splitlines()[-1]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.fullmatch(
-        r"RESULT peer_seconds=[0-9.]+ storage_seconds=[0-9.]+ bytes=[1-9][0-9]* identical=true",
+        r"RESULT peer_seconds=[0-9.]+ storage_seconds=[0-9.]+ bytes=[1-9][0-9]* identical=true "
+        r"resume_seconds=[0-9.]+ steps_lost=0 storage_steps_lost=3",
         last,
     ), last
+    # Where the resume went, phase by phase, from the pod's replacement to the first step.
+    assert "| resume (replacement to first step) |" in result.stdout
+    assert "DCP checkpoint" in result.stdout
 
 
 def test_a_replaced_rank_restores_from_a_peer_exactly_planned_in_band_after_the_bound(

@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = ["LocalJob", "Pod", "descendants"]
 
@@ -85,6 +86,11 @@ class LocalJob:
             shm.mkdir(parents=True, exist_ok=True)
             (self.workdir / f"pod-{o}").mkdir(exist_ok=True)
             self.pods[o] = Pod(o, shm, self.workdir / f"pod-{o}" / "agent.log")
+
+    @property
+    def store(self) -> Any:
+        """The rendezvous store this process hosts (a client may read the round's keys)."""
+        return self._store
 
     def command(self) -> list[str]:
         conf = {

@@ -10,8 +10,13 @@ is what the driver checks).
 
 Until the driver releases the job (``<out>/released``), the first run stops at
 ``--pause-at`` and waits there to be killed, as a job would be when a pod is lost.
-After a restore it also times the storage path: every rank loading, at once, a
-``torch.save`` file of the same state after it was dropped from the page cache.
+At the checkpoint step every rank also writes the job's checkpoint with
+``torch.distributed.checkpoint``. After a restore and the first step that follows it, the
+script times the storage path: every rank loading that checkpoint at once with DCP's
+``FileSystemReader`` and ``load_state_dict``, after its files were dropped from the page
+cache (``posix_fadvise(DONTNEED)``: dropping every cache needs root). The restore report
+carries wall-clock times (worker start, restore call, restore end, first step) for the
+driver's table of where the resume goes.
 """
 
 from __future__ import annotations
@@ -99,34 +104,69 @@ def train_step(
     return float(loss)
 
 
+def process_started_at() -> float:
+    """This process's start (wall clock) from ``/proc``: interpreter and imports included."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, IndexError, ValueError):
+        return time.time()
+
+
 def _write(path: Path, value: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value))
     tmp.rename(path)
 
 
-def _drop_from_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+def _drop_from_page_cache(directory: Path) -> None:
+    """Evict the checkpoint's files from the page cache without root privileges: flush, then
+    ``posix_fadvise(DONTNEED)`` on every file (``drop_caches`` would need root)."""
+    for path in sorted(directory.rglob("*")):
+        if not path.is_file():
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
-def time_storage_load(path: Path) -> float:
-    """All ranks load the same torch.save file at once, cold; the slowest rank's seconds."""
+def save_dcp_checkpoint(model: nn.Module, optim: torch.optim.Optimizer, path: Path) -> None:
+    """The job's checkpoint as users write it: ``torch.distributed.checkpoint`` (collective;
+    replicated tensors are written once)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optim)
+    dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(path))
+
+
+def time_storage_load(path: Path, build: Any) -> float:
+    """The storage path: every rank loads the DCP checkpoint at ``path`` at once, cold
+    (``FileSystemReader``, then ``load_state_dict`` into a model and optimizer built by
+    ``build``, which leaves the live ones untouched); the slowest rank's seconds."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, optim = build()
+    model_sd, optim_sd = get_state_dict(model, optim)
     if dist.get_rank() == 0:
         _drop_from_page_cache(path)
     dist.barrier()
     started = time.perf_counter()
-    torch.load(path, map_location="cpu", weights_only=True)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(path))
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
     took = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
     dist.all_reduce(took, op=dist.ReduceOp.MAX)
     return float(took)
 
 
 def main() -> None:
+    imported_at = time.time()
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--pause-at", type=int, default=20)
@@ -155,19 +195,25 @@ def main() -> None:
     shard = rank % args.shards
     # Every rank creates every replicate group, in the same order (new_group is collective).
     groups = [dist.new_group(list(range(s, world, args.shards))) for s in range(args.shards)]
+    grouped_at = time.time()
 
-    torch.manual_seed(shard)
-    model = TinyLM(args.vocab, args.width + 8 * shard, args.layers)
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(shard)
+        model = TinyLM(args.vocab, args.width + 8 * shard, args.layers)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    model, optim = build()
     recovery = PeerRecovery.from_env(
         {"model": model, "optim": optim},
         async_snapshot=False,
         position={"shard": shard} if args.shards > 1 else None,
     )
     checkpoint = out / f"checkpoint-shard{shard}.pt"
+    dcp_checkpoint = out / "checkpoint-dcp"
     meta = out / "checkpoint.json"
     checkpoint_step = json.loads(meta.read_text())["step"] if meta.exists() else None
 
+    restore_at = time.time()
     started = time.perf_counter()
     result = recovery.restore(checkpoint_step)  # peer-aware under the plugin
     if result is not None:
@@ -192,32 +238,58 @@ def main() -> None:
         total_seconds=time.perf_counter() - started,
         hash=state_hash(model, optim),
         shard=shard,
+        started_at=process_started_at(),
+        imported_at=imported_at,
+        grouped_at=grouped_at,
+        restore_at=restore_at,
+        restored_at=restore_at + time.perf_counter() - started,
     )
-    storage = out / "storage.pt"
-    if result is not None and storage.exists() and args.shards == 1:
-        report["storage_seconds"] = time_storage_load(storage)
-        report["storage_bytes"] = storage.stat().st_size
-    _write(out / f"restore-round{round_no}-rank{rank}.json", report)
+    pending: dict[str, Any] | None = report  # written after the first step that follows
 
+    def finish_report() -> None:
+        nonlocal pending
+        if pending is None:
+            return
+        if result is not None and dcp_checkpoint.exists() and args.shards == 1:
+            pending["storage_seconds"] = time_storage_load(dcp_checkpoint, build)
+            pending["storage_bytes"] = sum(
+                f.stat().st_size for f in dcp_checkpoint.rglob("*") if f.is_file()
+            )
+            pending["checkpoint_step"] = checkpoint_step
+        _write(out / f"restore-round{round_no}-rank{rank}.json", pending)
+        pending = None
+
+    # The hash of the last snapshot before the pause: what a replaced rank resumes from.
+    last_snapshot = (args.pause_at // args.snapshot_every) * args.snapshot_every
+    snapshot_hash = None
     while step < args.steps:
         if step == args.pause_at and not (out / "released").exists():
+            finish_report()
             _write(
-                out / f"paused-rank{rank}.json", {"step": step, "hash": state_hash(model, optim)}
-            )
+                out / f"paused-rank{rank}.json",
+                {"step": step, "hash": state_hash(model, optim),
+                 "snapshot_step": last_snapshot, "snapshot_hash": snapshot_hash},
+            )  # fmt: skip
             while True:  # a pod is about to be lost; torchrun stops this worker
                 time.sleep(0.2)
         train_step(model, optim, step, args.vocab, groups[shard])
         step += 1
+        if pending is not None:
+            pending["first_step_at"] = time.time()
+            finish_report()
         if step % args.snapshot_every == 0:
             recovery.snapshot(step)
+            if step == last_snapshot:
+                snapshot_hash = state_hash(model, optim)
         if step == args.checkpoint_at:
             if rank < args.shards:  # the first replica writes each shard's checkpoint
                 torch.save({"model": model.state_dict(), "optim": optim.state_dict()}, checkpoint)
+            if args.shards == 1:
+                save_dcp_checkpoint(model, optim, dcp_checkpoint)
             dist.barrier()
             if rank == 0:
                 _write(meta, {"step": step})
-        if rank == 0 and step == args.pause_at and args.shards == 1 and not storage.exists():
-            torch.save({"model": model.state_dict(), "optim": optim.state_dict()}, storage)
+    finish_report()
     final = {"step": step, "hash": state_hash(model, optim), "shard": shard}
     _write(out / f"final-rank{rank}.json", final)
     dist.barrier()
