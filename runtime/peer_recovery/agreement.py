@@ -1,7 +1,8 @@
 """In-band agreement: from what every pod published, the resume step and every rank's role.
 
-Pure, torch-free, no I/O, deterministic: every worker of the round computes it from the
-same published inputs and so reaches the same answer without a further collective.
+Pure, torch-free, no I/O, deterministic: computed from the round's published inputs, the
+same inputs always give the same answer. The round's leader computes it once and publishes
+it (:mod:`peer_recovery.exchange`).
 
 Inputs: per pod, the snapshots it holds (rank, step, shard key, bytes) and its plan, if one
 came; per rank, the shard key of its live (freshly built) state and the step of the last
