@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import statistics
 import threading
 import time
@@ -132,6 +133,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.ranks % args.per_pod or args.ranks < 2 * args.per_pod:
         parser.error("--ranks must be a multiple of --per-pod, at least two pods")
+    # One warning per connection otherwise (the client's reverse lookup of 127.0.0.1).
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     from torch.distributed import TCPStore
 
     world, per_pod = args.ranks, args.per_pod
