@@ -55,16 +55,34 @@ def _hash(model: Any, optim: Any) -> str:
     return state_hash(model, optim)
 
 
-def _recovery(rank: int, world: int, root: str, model: Any, optim: Any) -> Any:
+class DcpOptimizerState:
+    """The optimizer as ``torch.distributed.checkpoint`` sees it: parameters by name."""
+
+    def __init__(self, model: Any, optim: Any) -> None:
+        self.model, self.optim = model, optim
+
+    def state_dict(self) -> Any:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optim)
+
+    def load_state_dict(self, state: Any) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optim, state)
+
+
+def _recovery(rank: int, world: int, root: str, model: Any, optim: Any, dcp: bool = False) -> Any:
     from peer_recovery.recovery import PeerRecovery
 
-    return PeerRecovery({"model": model, "optim": optim}, directory=root, rank=rank,
+    optim_state = DcpOptimizerState(model, optim) if dcp else optim
+    return PeerRecovery({"model": model, "optim": optim_state}, directory=root, rank=rank,
                         world_size=world, async_snapshot=False, vote_timeout_s=60)  # fmt: skip
 
 
-def _local_restore(rank: int, world: int, root: str) -> dict[str, Any]:
+def _local_restore(rank: int, world: int, root: str, dcp: bool) -> dict[str, Any]:
     model, optim, _ = _build(0)
-    recovery = _recovery(rank, world, root, model, optim)
+    recovery = _recovery(rank, world, root, model, optim, dcp)
     for step in (1, 2):
         _train(model, optim, step)
     recovery.snapshot(2)
@@ -75,7 +93,7 @@ def _local_restore(rank: int, world: int, root: str) -> dict[str, Any]:
     same_objects = recovery.restore()
     back = _hash(model, optim)
     fresh_model, fresh_optim, _ = _build(7)  # a restarted process: other values, no state
-    fresh = _recovery(rank, world, root, fresh_model, fresh_optim).restore()
+    fresh = _recovery(rank, world, root, fresh_model, fresh_optim, dcp).restore()
     return {
         "position": key.position,
         "moved": trained_on != at_snapshot,
@@ -86,8 +104,9 @@ def _local_restore(rank: int, world: int, root: str) -> dict[str, Any]:
     }
 
 
-def test_fsdp2_state_as_is_snapshots_and_restores_locally(tmp_path: Path) -> None:
-    outcomes = run_ranks(_local_restore, 4, str(tmp_path), timeout=400)
+@pytest.mark.parametrize("dcp", [False, True], ids=["optimizer", "get_optimizer_state_dict"])
+def test_fsdp2_state_as_is_snapshots_and_restores_locally(tmp_path: Path, dcp: bool) -> None:
+    outcomes = run_ranks(_local_restore, 4, str(tmp_path), dcp, timeout=400)
     for rank, outcome in enumerate(outcomes):
         assert outcome["position"] == (("shard", rank % 2),), rank
         assert outcome["moved"], rank
