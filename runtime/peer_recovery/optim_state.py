@@ -82,6 +82,12 @@ def meta_layout(optimizer: torch.optim.Optimizer) -> _Layout | None:
     cls = type(optimizer)
     if getattr(torch.optim, cls.__name__, None) is not cls:
         return None
+    if any(
+        type(p) not in (torch.Tensor, torch.nn.Parameter)
+        for group in optimizer.param_groups
+        for p in group["params"]
+    ):
+        return None  # a DTensor's meta stand-in would give plain tensors of the global shape
     # One stand-in per group and (shape, stride, dtype, requires_grad): the built-in
     # optimizers create each parameter's state from that alone, and a GPT-sized model has
     # ~10 distinct kinds among ~150 parameters (meta ops cost Python time, not memory).

@@ -28,6 +28,7 @@ send from it; a receiver receives in place after copying its objects aside
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -50,7 +51,7 @@ from peer_recovery.snapshots.metrics import SnapshotStats, log_restore
 from peer_recovery.snapshots.rollback import Backup
 from peer_recovery.snapshots.sizing import SizingError
 from peer_recovery.snapshots.store import SnapshotStore, plan_sections
-from peer_recovery.snapshots.tree import Flat, flatten
+from peer_recovery.snapshots.tree import Flat, flatten, unflatten
 from peer_recovery.snapshots.writer import SnapshotWriter
 from peer_recovery.vote import Ballot, new_vote_group, vote
 
@@ -143,14 +144,16 @@ class PeerRecovery:
     def shard_key(self, flat: Flat) -> ShardKey:
         """The key of ``flat`` (this state's layout); lazily created optimizer state is left
         out, so a parameter that never got a gradient does not change it."""
-        return ShardKey(
-            self.world_size, self.position, key_digest(flat, self.state.optimizer_names())
-        )
+        position = ShardKey.merge_position(self.position, flat.position)
+        return ShardKey(self.world_size, position, key_digest(flat, self.state.optimizer_names()))
 
     def template(self) -> Any:
-        """The live replicated state dict, optimizer state created: receive in place into it."""
+        """What a receiver receives in place into: the shard key it expects and the live
+        state as snapshots store it (a DTensor as its local shard), optimizer state created.
+        A sender sends the same shape (:meth:`_send`)."""
         self.state.materialize()
-        return {name: obj.state_dict() for name, obj in self.state.objects.items()}
+        flat = self.state.flat()
+        return _payload(self.shard_key(flat), unflatten(flat.tree, flat.tensors))
 
     def manifests(self) -> list[Manifest]:
         """This rank's committed snapshots, newest first (cheap: reads the JSON only)."""
@@ -389,7 +392,8 @@ class PeerRecovery:
         if transport is None:
             raise _Failure("the plan says send, but no transport was given")
         state = self.store.read_state_dict(manifest, copy=False)
-        transport.send_checkpoint(list(plan.send_to), state, step=plan.step)
+        payload = _payload(manifest.shard_key, state)  # the key travels with the bytes
+        transport.send_checkpoint(list(plan.send_to), payload, step=plan.step)
 
     def _receive(
         self, plan: RankPlan, transport: Any, checkpoint_step: int | None
@@ -402,16 +406,31 @@ class PeerRecovery:
                 f"the plan's step {plan.step} is older than the checkpoint's {checkpoint_step}"
             )
         assert plan.receive_from is not None
-        state = transport.recv_checkpoint(plan.receive_from, step=plan.step)
-        flat = flatten(state)
-        key = self.shard_key(flat)
-        live_key = self.shard_key(self.state.flat())
-        why = live_key.mismatch(key)
+        received = transport.recv_checkpoint(plan.receive_from, step=plan.step)
+        sent_key, state = _unpack_payload(received, plan.receive_from)
+        live = self.state.flat()
+        # The sender's key, not one rebuilt from this rank's position: a rank of another
+        # shard (same shapes, another mesh coordinate) is refused here, and the objects are
+        # put back by the failed vote.
+        why = self.shard_key(live).mismatch(sent_key)
         if why is not None:
             raise _Failure(f"state received from rank {plan.receive_from} is another shard: {why}")
-        for name, obj in self.state.objects.items():
-            obj.load_state_dict(state[name])
-        nbytes = sum(t.numel() * t.element_size() for t in flat.tensors)
+        nbytes = self.state.load_received(live, flatten(state))
         return RestoreResult(
             Role.RECEIVE, plan.step, f"rank {plan.receive_from}", nbytes, 0.0, False
         )
+
+
+def _payload(key: ShardKey, state: Any) -> dict[str, Any]:
+    """What travels from sender to receiver: the sender's shard key and its state."""
+    return {"shard_key": canonical_key(key.to_json()), "state": state}
+
+
+def _unpack_payload(received: object, source: int) -> tuple[ShardKey, Any]:
+    """The sender's shard key and state; a malformed payload is refused, naming the sender."""
+    if not isinstance(received, dict) or set(received) != {"shard_key", "state"}:
+        raise _Failure(f"rank {source} sent no shard key with its state")
+    try:
+        return ShardKey.from_json(json.loads(received["shard_key"])), received["state"]
+    except (TypeError, ValueError) as error:
+        raise _Failure(f"rank {source} sent a malformed shard key: {error}") from None

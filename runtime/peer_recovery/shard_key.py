@@ -26,18 +26,26 @@ _DIGEST_VERSION = "peer-recovery.shard-digest/v1"
 
 
 def state_digest(
-    tensors: Iterable[tuple[str, str, tuple[int, ...]]], other_leaves: Iterable[str] = ()
+    tensors: Iterable[tuple[str, str, tuple[int, ...]]],
+    other_leaves: Iterable[str] = (),
+    layouts: Iterable[tuple[str, Mapping[str, Any]]] = (),
 ) -> str:
-    """Digest of a state's tensor names, dtypes and shapes plus its other leaves' names.
+    """Digest of a state's tensor names, dtypes and shapes plus its other leaves' names,
+    and the layout of every sharded tensor (a DTensor's mesh, placements, global shape and
+    offset, keyed by its name).
 
     Values never enter the digest: two snapshots of the same model at different steps have
-    the same digest; a different model (or a different shard of it) does not.
+    the same digest; a different model (or a different shard of it) does not. A state
+    without sharded tensors has the digest it had before layouts were part of it.
     """
-    body = {
+    body: dict[str, Any] = {
         "v": _DIGEST_VERSION,
         "tensors": sorted([name, dtype, list(shape)] for name, dtype, shape in tensors),
         "leaves": sorted(other_leaves),
     }
+    laid_out = sorted([name, dict(layout)] for name, layout in layouts)
+    if laid_out:
+        body["layouts"] = laid_out
     raw = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
     return hashlib.sha256(raw).hexdigest()
 
@@ -73,6 +81,21 @@ class ShardKey:
     def make_position(position: Mapping[str, int] | None) -> tuple[tuple[str, int], ...]:
         """Canonical (sorted) position tuple from a mapping such as ``{"tp": 1, "pp": 0}``."""
         return tuple(sorted((position or {}).items()))
+
+    @staticmethod
+    def merge_position(
+        given: tuple[tuple[str, int], ...], derived: Mapping[str, int]
+    ) -> tuple[tuple[str, int], ...]:
+        """The position a script gave joined with the one derived from its device meshes;
+        a dim named in both must have the same index in both."""
+        merged = dict(given)
+        for name, index in derived.items():
+            if merged.setdefault(name, index) != index:
+                raise ValueError(
+                    f"shard key: position {name}={merged[name]} was given, but the state's "
+                    f"device mesh puts this rank at {name}={index}; leave it out of `position`"
+                )
+        return tuple(sorted(merged.items()))
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -57,8 +57,10 @@ def run_with_replacement(
     script.write_text(recipes()[recipe])
     out = tmp_path / "out"
     out.mkdir()
-    env = {"PYTHONPATH": str(REPO), "RECIPE_OUT": str(out), "RECIPE_PAUSE_AT": str(pause_at),
-           "PEER_RECOVERY_PLAN_TIMEOUT": "1", "PEER_RECOVERY_PLAN_SOURCE": "none"}  # fmt: skip
+    # The repo's runtime first: an installed (editable) peer_recovery may be another tree's.
+    env = {"PYTHONPATH": f"{REPO / 'runtime'}:{REPO}", "RECIPE_OUT": str(out),
+           "RECIPE_PAUSE_AT": str(pause_at), "PEER_RECOVERY_PLAN_TIMEOUT": "1",
+           "PEER_RECOVERY_PLAN_SOURCE": "none"}  # fmt: skip
     command = ["-m", "tests.packaging._recipe_runner", str(script), *args]
     with LocalJob(tmp_path / "job", command, nnodes=nnodes, env=env, run_id="recipe") as job:
         job.start()

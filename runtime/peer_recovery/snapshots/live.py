@@ -53,9 +53,14 @@ def key_digest(flat: Flat, optimizers: Collection[str]) -> str:
     def lazy(path: tuple[Any, ...]) -> bool:
         return len(path) >= 2 and path[0] in optimizers and path[1] == "state"
 
-    kept = [(p, t) for p, t in zip(flat.tensor_paths, flat.tensors, strict=True) if not lazy(p)]
-    tensors = ((path_name(p), dtype_name(t.dtype), tuple(t.shape)) for p, t in kept)
-    return state_digest(tensors, (path_name(p) for p in flat.other_paths if not lazy(p)))
+    kept = [
+        (i, p, t)
+        for i, (p, t) in enumerate(zip(flat.tensor_paths, flat.tensors, strict=True))
+        if not lazy(p)
+    ]
+    tensors = ((path_name(p), dtype_name(t.dtype), tuple(t.shape)) for _, p, t in kept)
+    layouts = ((path_name(p), flat.layouts[i]) for i, p, _ in kept if i in flat.layouts)
+    return state_digest(tensors, (path_name(p) for p in flat.other_paths if not lazy(p)), layouts)
 
 
 class LiveState:
@@ -110,19 +115,33 @@ class LiveState:
         vote: a stored tensor without a live counterpart of its shape and dtype (optimizer
         state of a parameter that now has none) is refused here, not halfway through a load.
         """
-        live = {path_name(p): t for p, t in zip(flat.tensor_paths, flat.tensors, strict=True)}
-        targets = []
-        for entry in section.tensors:
-            target = live.get(entry.path)
-            if target is None:
-                raise ValueError(f"stored tensor {entry.path} has no counterpart in the live state")
-            if tuple(target.shape) != entry.shape or dtype_name(target.dtype) != entry.dtype:
+        entries = [(e.path, e.dtype, e.shape) for e in section.tensors]
+        return self.place(flat, entries, section.tree)
+
+    def place(
+        self, flat: Flat, entries: list[tuple[str, str, tuple[int, ...]]], tree: object
+    ) -> tuple[list[torch.Tensor], Any]:
+        """The live tensors that stored (or received) tensors ``entries`` (path, dtype,
+        shape) go into, and the state ``tree`` rebuilt around the live leaves (a DTensor
+        stays the live DTensor); raises ``ValueError`` naming what does not fit."""
+        live = {
+            path_name(p): (t, leaf)
+            for p, t, leaf in zip(flat.tensor_paths, flat.tensors, flat.leaves, strict=True)
+        }
+        targets, leaves = [], []
+        for path, dtype, shape in entries:
+            found = live.get(path)
+            if found is None:
+                raise ValueError(f"stored tensor {path} has no counterpart in the live state")
+            target = found[0]
+            if tuple(target.shape) != tuple(shape) or dtype_name(target.dtype) != dtype:
                 raise ValueError(
-                    f"stored tensor {entry.path} is {entry.dtype}{list(entry.shape)}, the live one "
+                    f"stored tensor {path} is {dtype}{list(shape)}, the live one "
                     f"is {dtype_name(target.dtype)}{list(target.shape)}"
                 )
             targets.append(target)
-        state = unflatten(section.tree, targets)
+            leaves.append(found[1])
+        state = unflatten(tree, leaves)
         missing = set(self.objects) - set(state)
         if missing:
             raise ValueError(f"the snapshot holds no state for {sorted(missing)}")
@@ -131,9 +150,26 @@ class LiveState:
     def load(self, flat: Flat, section: Section, stored: list[torch.Tensor]) -> int:
         """Copy ``stored`` (tensors laid out as ``section``) into the objects; return bytes."""
         targets, state = self.check(flat, section)
+        self._copy_and_load(stored, targets, state)
+        return section.nbytes
+
+    def load_received(self, flat: Flat, received: Flat) -> int:
+        """Load a state received from a peer (``received``: flattened, in the stored form
+        the template gave) into the objects, in place; return the bytes."""
+        entries = [
+            (path_name(p), dtype_name(t.dtype), tuple(t.shape))
+            for p, t in zip(received.tensor_paths, received.tensors, strict=True)
+        ]
+        targets, state = self.place(flat, entries, received.tree)
+        self._copy_and_load(received.tensors, targets, state)
+        return sum(t.numel() * t.element_size() for t in received.tensors)
+
+    def _copy_and_load(
+        self, stored: list[torch.Tensor], targets: list[torch.Tensor], state: Any
+    ) -> None:
         with torch.no_grad():
             for source, target in zip(stored, targets, strict=True):
-                target.copy_(source)
+                if source.data_ptr() != target.data_ptr() or source.shape != target.shape:
+                    target.copy_(source)  # received in place: already there
         for name, obj in self.objects.items():
             obj.load_state_dict(state[name])
-        return section.nbytes

@@ -10,12 +10,10 @@ restore) and put back when the vote fails.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from peer_recovery.snapshots.live import LiveState
-from peer_recovery.snapshots.tree import flatten, unflatten
+from peer_recovery.snapshots.tree import Flat, flatten, unflatten
 
 __all__ = ["Backup"]
 
@@ -25,14 +23,27 @@ class Backup:
 
     def __init__(self, live: LiveState) -> None:
         self._live = live
-        self._saved: dict[str, Any] = {}
+        self._saved: dict[str, Flat] = {}
         for name, obj in live.objects.items():
             flat = flatten(obj.state_dict())
-            copies = [t.to("cpu", copy=True) for t in flat.tensors]
-            self._saved[name] = unflatten(flat.tree, copies)
+            flat.tensors = [t.to("cpu", copy=True) for t in flat.tensors]
+            self._saved[name] = flat
 
     def put_back(self) -> None:
-        """Load every saved state back into its object (values copied, bit for bit)."""
+        """Load every saved state back into its object (values copied, bit for bit).
+
+        A DTensor (FSDP2) is put back by copying into its live local shard and handing the
+        object the live DTensor, since ``load_state_dict`` takes no plain local shard.
+        """
         with torch.no_grad():
             for name, obj in self._live.objects.items():
-                obj.load_state_dict(self._saved[name])
+                saved = self._saved[name]
+                if not saved.layouts:
+                    obj.load_state_dict(unflatten(saved.tree, saved.tensors))
+                    continue
+                live = flatten(obj.state_dict())
+                if live.tensor_paths != saved.tensor_paths:
+                    raise ValueError(f"the state of {name!r} changed shape during the restore")
+                for source, target in zip(saved.tensors, live.tensors, strict=True):
+                    target.copy_(source)
+                obj.load_state_dict(unflatten(saved.tree, live.leaves))
