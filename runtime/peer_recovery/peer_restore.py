@@ -164,6 +164,7 @@ class RoundSession:
         """A gloo group of the ranks that move bytes, and the transport on it."""
         import torch.distributed as dist
 
+        from peer_recovery.peer_slots import SlotStreams
         from peer_recovery.transport import PGTransport
 
         assert self.agreement is not None
@@ -191,7 +192,10 @@ class RoundSession:
                 sys.stderr.flush()
                 os._exit(EXIT_TRANSFER_FAILED)
 
-        return _RecoveryTransport(inner, list(members), pg, fail, template)
+        recovery = _RecoveryTransport(inner, list(members), pg, fail, template)
+        # The rank restores by replicating its holder's slot (peer_slots), not in place.
+        recovery.slot_streams = SlotStreams(pg, list(members), fail)
+        return recovery
 
     def report(self, result: Any) -> None:
         """Publish whether this rank restored (``result``: a ``RestoreResult`` or None), for
@@ -320,6 +324,7 @@ class _RecoveryTransport:
     ) -> None:
         self._inner, self._members, self._pg, self._fail = inner, members, pg, fail
         self._live = live
+        self.slot_streams: Any = None  # a peer_slots.SlotStreams when the round offers it
 
     @property
     def stats(self) -> Any:

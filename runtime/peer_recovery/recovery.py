@@ -38,7 +38,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from peer_recovery import peer_restore
+from peer_recovery import peer_restore, peer_slots
 from peer_recovery.protocol.records import canonical_key
 from peer_recovery.rank_plan import RankPlan, Role
 from peer_recovery.shard_key import ShardKey
@@ -88,6 +88,7 @@ class _Ready:
     manifest: Manifest
     live: Flat
     role: Role
+    source: str = ""  # "rank R" when the slot was replicated from a peer
 
 
 class PeerRecovery:
@@ -270,9 +271,10 @@ class PeerRecovery:
         ready: _Ready | None = None  # what this rank loads once every rank voted yes
         received: RestoreResult | None = None  # a receiver's state, already in the objects
         pg, failure = self._vote_group()
+        streams = getattr(transport, "slot_streams", None)  # the round offers replication
         try:
             self.wait()
-            if plan is not None and plan.role is Role.RECEIVE:
+            if plan is not None and plan.role is Role.RECEIVE and streams is None:
                 self._backup = Backup(self.state)  # the receive writes in place, before the vote
             live = self._live()
             # Size and preallocate first, so a too-small store fails at start-up on any path.
@@ -293,7 +295,10 @@ class PeerRecovery:
                 if failure is None and step is not None:
                     ready = self._prepare_local(step, usable, None, transport)
             elif plan is not None and failure is None and plan.role is Role.RECEIVE:
-                received = self._receive(plan, transport, checkpoint_step)
+                if streams is not None:
+                    ready = self._replicate(plan, streams, live, checkpoint_step)
+                else:
+                    received = self._receive(plan, transport, checkpoint_step)
             elif plan is not None and failure is None:
                 ready = self._prepare_local(plan.step, usable, plan, transport)
         except Exception as error:
@@ -358,14 +363,51 @@ class PeerRecovery:
                 f"the plan says step {step}, this rank holds {[m.step for m, _ in usable]}"
             )
         manifest, live = found[0]
+        streams = getattr(transport, "slot_streams", None)
+        serving = None
+        if plan is not None and plan.send_to and streams is not None:
+            # Serve the slot at once, beside this rank's own checks: each receiver checks
+            # every chunk against the manifest's checksums as it lands.
+            serving = streams.serve(list(plan.send_to), self.store, manifest)
         if plan is not None:  # the local agreement verified already
             problem = self.store.verify(manifest)
             if problem:
                 raise _Failure(problem)
         self.state.check(live, manifest.replicated)  # every stored tensor has its place
-        if plan is not None and plan.send_to:
+        if serving is not None:
+            streams.finish(serving)  # before the vote: the slot must not change under it
+        elif plan is not None and plan.send_to:
             self._send(plan, transport, manifest)
         return _Ready(manifest, live, plan.role if plan is not None else Role.LOCAL)
+
+    def _replicate(
+        self,
+        plan: RankPlan,
+        streams: Any,
+        live: tuple[Flat, ShardKey],
+        checkpoint_step: int | None,
+    ) -> _Ready:
+        """Copy the holder's slot into this rank's store (``peer_recovery.peer_slots``);
+        load nothing yet: after the vote it is loaded like any local slot."""
+        if checkpoint_step is not None and plan.step < checkpoint_step:
+            raise _Failure(
+                f"the plan's step {plan.step} is older than the checkpoint's {checkpoint_step}"
+            )
+        assert plan.receive_from is not None
+        flat, key = live
+
+        def accept(manifest: Manifest) -> str | None:
+            if manifest.step != plan.step:
+                return f"rank {plan.receive_from} offers step {manifest.step}, not {plan.step}"
+            why = key.mismatch(manifest.shard_key)
+            return None if why is None else f"rank {plan.receive_from} holds another shard: {why}"
+
+        try:
+            got = streams.receive([plan.receive_from], self.store, accept)
+        except peer_slots.Refused as error:
+            raise _Failure(str(error)) from None
+        self.state.check(flat, got.manifest.replicated)  # every stored tensor has its place
+        return _Ready(got.manifest, flat, Role.RECEIVE, f"rank {plan.receive_from}")
 
     def _load_prepared(self, ready: _Ready) -> RestoreResult:
         """Load the checked slot after a passed vote; a failure here must end the process."""
@@ -380,9 +422,8 @@ class PeerRecovery:
                 f"rank {self.rank}: loading step {manifest.step} failed after every rank voted "
                 f"to resume from it; this process must not train: {error}"
             ) from error
-        return RestoreResult(
-            ready.role, manifest.step, f"local slot {manifest.slot}", nbytes, 0.0, private_ok
-        )
+        source = ready.source or f"local slot {manifest.slot}"
+        return RestoreResult(ready.role, manifest.step, source, nbytes, 0.0, private_ok)
 
     def _send(self, plan: RankPlan, transport: Any, manifest: Manifest) -> None:
         """Stream the stored state (views on the slot, no copy) to the plan's receivers."""
