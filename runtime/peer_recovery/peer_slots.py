@@ -90,15 +90,16 @@ class SlotStreams:
         src_ranks: Sequence[int],
         store: SnapshotStore,
         accept: Callable[[Manifest], str | None],
+        overlap: Callable[[Manifest], Any] | None = None,
     ) -> Replicated:
         """Replicate the slot of ``src_ranks`` (holders of one snapshot) into ``store``.
 
-        Raises ``Refused`` when ``accept`` refuses the snapshot; any other failure ends
-        the process (``fail``).
+        Raises ``Refused`` when ``accept`` refuses the snapshot; an error of ``overlap``
+        (run while the bytes land) propagates; any other failure ends the process (``fail``).
         """
         sources = [self._members.index(r) for r in src_ranks]
         try:
-            got = receive_slot(self._pg, sources, store, accept)
+            got = receive_slot(self._pg, sources, store, accept, overlap)
         except ReplicaError as error:
             if error.stage == "refused":
                 raise Refused(str(error)) from None

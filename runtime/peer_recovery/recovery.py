@@ -14,8 +14,11 @@ Restore is all-or-nothing across ranks: this rank's part is decided by a ``RankP
 (restore locally, receive from a peer, or restore locally and send to peers). Without a
 plan every rank restores locally at the newest step all ranks hold. Ranks that load their
 own slot first check it (checksums, and that every stored tensor fits the live state) and
-send from it; a receiver receives in place after copying its objects aside
-(``snapshots.rollback``). Then all ranks vote (``peer_recovery.vote``).
+serve it to their receivers meanwhile. A receiver given a transport that offers slot
+replication (a round's, ``peer_recovery.peer_slots``) copies its holder's slot into its own
+store and loads it after the vote like a local slot; given a bare ``PGTransport`` it
+receives in place after copying its objects aside (``snapshots.rollback``). Then all ranks
+vote (``peer_recovery.vote``).
 
 - If any rank failed, every rank returns ``None``, logs why and keeps it in
   ``last_failure``; every registered object is then bitwise as it was before the call
@@ -89,6 +92,7 @@ class _Ready:
     live: Flat
     role: Role
     source: str = ""  # "rank R" when the slot was replicated from a peer
+    checked: tuple[list[Any], Any] | None = None  # LiveState.check's answer, reused to load
 
 
 class PeerRecovery:
@@ -373,12 +377,13 @@ class PeerRecovery:
             problem = self.store.verify(manifest)
             if problem:
                 raise _Failure(problem)
-        self.state.check(live, manifest.replicated)  # every stored tensor has its place
+        checked = self.state.check(live, manifest.replicated)  # every tensor has its place
         if serving is not None:
             streams.finish(serving)  # before the vote: the slot must not change under it
         elif plan is not None and plan.send_to:
             self._send(plan, transport, manifest)
-        return _Ready(manifest, live, plan.role if plan is not None else Role.LOCAL)
+        role = plan.role if plan is not None else Role.LOCAL
+        return _Ready(manifest, live, role, checked=checked)
 
     def _replicate(
         self,
@@ -402,20 +407,21 @@ class PeerRecovery:
             why = key.mismatch(manifest.shard_key)
             return None if why is None else f"rank {plan.receive_from} holds another shard: {why}"
 
+        def check(manifest: Manifest) -> Any:  # while the bytes are on the wire
+            return self.state.check(flat, manifest.replicated)  # every tensor has its place
+
         try:
-            got = streams.receive([plan.receive_from], self.store, accept)
+            got = streams.receive([plan.receive_from], self.store, accept, check)
         except peer_slots.Refused as error:
             raise _Failure(str(error)) from None
-        self.state.check(flat, got.manifest.replicated)  # every stored tensor has its place
-        return _Ready(got.manifest, flat, Role.RECEIVE, f"rank {plan.receive_from}")
+        return _Ready(got.manifest, flat, Role.RECEIVE, f"rank {plan.receive_from}", got.prepared)
 
     def _load_prepared(self, ready: _Ready) -> RestoreResult:
         """Load the checked slot after a passed vote; a failure here must end the process."""
         manifest = ready.manifest
         try:
-            nbytes = self.state.load(
-                ready.live, manifest.replicated, self.store.tensors(manifest, manifest.replicated)
-            )
+            buf = self.store.mapped(manifest.slot)
+            nbytes = self.state.load_slot(ready.live, manifest.replicated, buf, ready.checked)
             private_ok = load_private(self.private, self.store, manifest, self.rank)
         except Exception as error:
             raise RestoreAbandoned(

@@ -17,6 +17,7 @@ import torch
 
 from peer_recovery.optim_state import materialize
 from peer_recovery.shard_key import state_digest
+from peer_recovery.snapshots.bulk_copy import copy_grouped, copy_to_device, slot_views
 from peer_recovery.snapshots.manifest import Section
 from peer_recovery.snapshots.store import dtype_name
 from peer_recovery.snapshots.tree import Flat, flatten, path_name, unflatten
@@ -33,8 +34,8 @@ class Stateful(Protocol):
 def flat_digest(flat: Flat) -> str:
     """The shard-key digest of a flattened state (same result as ``Section.digest``)."""
     tensors = (
-        (path_name(p), dtype_name(t.dtype), tuple(t.shape))
-        for p, t in zip(flat.tensor_paths, flat.tensors, strict=True)
+        (name, dtype_name(t.dtype), tuple(t.shape))
+        for name, t in zip(flat.tensor_names, flat.tensors, strict=True)
     )
     return state_digest(tensors, (path_name(p) for p in flat.other_paths))
 
@@ -53,8 +54,12 @@ def key_digest(flat: Flat, optimizers: Collection[str]) -> str:
     def lazy(path: tuple[Any, ...]) -> bool:
         return len(path) >= 2 and path[0] in optimizers and path[1] == "state"
 
-    kept = [(p, t) for p, t in zip(flat.tensor_paths, flat.tensors, strict=True) if not lazy(p)]
-    tensors = ((path_name(p), dtype_name(t.dtype), tuple(t.shape)) for p, t in kept)
+    kept = [
+        (name, t)
+        for p, name, t in zip(flat.tensor_paths, flat.tensor_names, flat.tensors, strict=True)
+        if not lazy(p)
+    ]
+    tensors = ((name, dtype_name(t.dtype), tuple(t.shape)) for name, t in kept)
     return state_digest(tensors, (path_name(p) for p in flat.other_paths if not lazy(p)))
 
 
@@ -110,13 +115,14 @@ class LiveState:
         vote: a stored tensor without a live counterpart of its shape and dtype (optimizer
         state of a parameter that now has none) is refused here, not halfway through a load.
         """
-        live = {path_name(p): t for p, t in zip(flat.tensor_paths, flat.tensors, strict=True)}
+        live = dict(zip(flat.tensor_names, flat.tensors, strict=True))
+        dtypes = {t.dtype: dtype_name(t.dtype) for t in flat.tensors}
         targets = []
         for entry in section.tensors:
             target = live.get(entry.path)
             if target is None:
                 raise ValueError(f"stored tensor {entry.path} has no counterpart in the live state")
-            if tuple(target.shape) != entry.shape or dtype_name(target.dtype) != entry.dtype:
+            if target.shape != entry.shape or dtypes[target.dtype] != entry.dtype:
                 raise ValueError(
                     f"stored tensor {entry.path} is {entry.dtype}{list(entry.shape)}, the live one "
                     f"is {dtype_name(target.dtype)}{list(target.shape)}"
@@ -131,9 +137,37 @@ class LiveState:
     def load(self, flat: Flat, section: Section, stored: list[torch.Tensor]) -> int:
         """Copy ``stored`` (tensors laid out as ``section``) into the objects; return bytes."""
         targets, state = self.check(flat, section)
-        with torch.no_grad():
-            for source, target in zip(stored, targets, strict=True):
-                target.copy_(source)
+        copy_grouped(stored, targets)
+        return self._hand_over(state, section)
+
+    def load_slot(
+        self,
+        flat: Flat,
+        section: Section,
+        buf: torch.Tensor,
+        checked: tuple[list[torch.Tensor], Any] | None = None,
+    ) -> int:
+        """Copy ``section``'s tensors from ``buf`` (a mapped slot) into the objects; return
+        bytes. ``checked``: what ``check`` returned for the same arguments, if it ran. CPU
+        tensors are copied in one grouped call per dtype, GPU ones through pinned staging
+        (``bulk_copy``)."""
+        targets, state = checked if checked is not None else self.check(flat, section)
+        entries = section.tensors
+        host = [i for i, t in enumerate(targets) if not t.is_cuda]
+        if len(host) == len(targets):
+            copy_grouped(slot_views(buf, entries), targets)
+        else:
+            copy_grouped(slot_views(buf, [entries[i] for i in host]), [targets[i] for i in host])
+            devices: dict[torch.device, list[int]] = {}
+            for i, target in enumerate(targets):
+                if target.is_cuda:
+                    devices.setdefault(target.device, []).append(i)
+            for indices in devices.values():
+                copy_to_device(buf, [entries[i] for i in indices], [targets[i] for i in indices])
+        return self._hand_over(state, section)
+
+    def _hand_over(self, state: Any, section: Section) -> int:
+        """Give each object its state dict (its tensors already hold the stored values)."""
         for name, obj in self.objects.items():
             obj.load_state_dict(state[name])
         return section.nbytes

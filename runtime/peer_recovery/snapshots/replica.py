@@ -78,6 +78,7 @@ class Replicated:
     header_seconds: float
     data_seconds: float
     commit_seconds: float
+    prepared: Any = None  # what ``overlap`` returned
 
 
 def same_snapshot(a: Manifest, b: Manifest) -> str | None:
@@ -114,7 +115,10 @@ def serve_slot(pg: Any, peer: int, store: SnapshotStore, manifest: Manifest) -> 
 
 
 def _serve(pg: Any, peer: int, store: SnapshotStore, manifest: Manifest) -> int:
-    header = manifest.encode()
+    try:  # the committed manifest as written: no need to encode it again
+        header = store.manifest_path(manifest.slot).read_bytes()
+    except FileNotFoundError:
+        raise ReplicaError(peer, "header", f"slot {manifest.slot} has no manifest") from None
     buf = store.mapped(manifest.slot)
     ranges = StripePlan(manifest.data_bytes, manifest.chunk_bytes, [peer]).ranges
     _wait(
@@ -160,10 +164,13 @@ def receive_slot(
     sources: Sequence[int],
     store: SnapshotStore,
     accept: Callable[[Manifest], str | None],
+    overlap: Callable[[Manifest], Any] | None = None,
 ) -> Replicated:
     """Fetch a slot from ``sources`` (group ranks holding the same snapshot) into ``store``
     and commit it. ``accept`` checks the first holder's manifest before any byte moves (the
-    step, the shard key) and returns why it is refused, or None.
+    step, the shard key) and returns why it is refused, or None. ``overlap`` runs on the
+    calling thread while the bytes are on the wire (e.g. checking the live state against
+    the layout); its result is returned as ``Replicated.prepared``.
 
     Raises ``ReplicaError`` when no holder is left or the snapshot is refused; the store
     then holds no new snapshot.
@@ -191,7 +198,18 @@ def receive_slot(
         slot, buf = store.open_slot(reference.data_bytes)
         plan = StripePlan(reference.data_bytes, reference.chunk_bytes, list(manifests))
         pump = _Pump(pg, plan, buf, {s: m.checksums for s, m in manifests.items()}, requests)
-        pump.run()
+        pump.start()
+        try:
+            prepared = None if overlap is None else overlap(reference)
+            # The manifest to commit, encoded while the bytes land (it is large for many
+            # tensors); re-encoded below only if a chunk came with other checksums.
+            draft = dataclasses.replace(reference, slot=slot, rank=store.rank, private=None)
+            encoded = draft.encode()
+        except BaseException:
+            pump.stop("the receiver gave up")
+            raise
+        finally:
+            pump.join()
         data_seconds = time.perf_counter() - started - header_seconds
         lost.update(plan.lost)
         if not plan.finished:
@@ -202,8 +220,12 @@ def receive_slot(
     # Each chunk's checksum is that of the bytes that landed (checked against their holder's
     # manifest): chunks with rank-private bytes differ between holders.
     sums = tuple(pump.landed[i] for i in range(len(plan.ranges)))
-    mine = dataclasses.replace(reference, slot=slot, rank=store.rank, private=None, checksums=sums)
-    store.install(mine)
+    if sums == draft.checksums:
+        mine = draft
+        store.install(mine, encoded)
+    else:
+        mine = dataclasses.replace(draft, checksums=sums)
+        store.install(mine)
     total = time.perf_counter() - started
     return Replicated(
         mine,
@@ -212,6 +234,7 @@ def receive_slot(
         header_seconds,
         data_seconds,
         total - header_seconds - data_seconds,
+        prepared,
     )
 
 
@@ -255,14 +278,23 @@ class _Pump:
         self.view = memoryview(buf.numpy())
         self.cond = threading.Condition()
 
-    def run(self) -> None:
-        threads = [
+    def start(self) -> None:
+        self.threads = [
             threading.Thread(target=self._source, args=(s,), name=f"slot-fetch-{s}", daemon=True)
             for s in self.plan.alive
         ]
-        for thread in threads:
+        for thread in self.threads:
             thread.start()
-        for thread in threads:
+
+    def stop(self, why: str) -> None:
+        """Take no more chunks from anyone (those in flight still land or fail)."""
+        with self.cond:
+            for source in self.plan.alive:
+                self.plan.lose(source, why)
+            self.cond.notify_all()
+
+    def join(self) -> None:
+        for thread in self.threads:
             thread.join()
 
     def _next(self, source: int, inflight: int) -> Range | bool | None:
@@ -305,10 +337,10 @@ class _Pump:
         except Exception as error:  # a dead or stuck holder: its chunks go to the others
             why = f"{type(error).__name__}: {error}".splitlines()[0]
         finally:
+            for _, sent, received in inflight:  # nothing posted here may land later
+                for work in (sent, received):
+                    _quiet_wait(work)
             if why:
-                for _, sent, received in inflight:  # nothing it posted may land later
-                    for work in (sent, received):
-                        _quiet_wait(work)
                 with self.cond:
                     self.plan.lose(source, why)
                     self.cond.notify_all()

@@ -39,6 +39,7 @@ import torch
 
 from peer_recovery.shard_key import ShardKey
 from peer_recovery.snapshots import sizing
+from peer_recovery.snapshots.bulk_copy import slot_views
 from peer_recovery.snapshots.checksum import crc32
 from peer_recovery.snapshots.manifest import Manifest, ManifestError, Section, TensorEntry
 from peer_recovery.snapshots.tree import Flat, path_name, unflatten
@@ -339,16 +340,17 @@ class SnapshotStore:
         self._fsync_dir()
         return slot, self._map(slot)
 
-    def install(self, manifest: Manifest) -> None:
+    def install(self, manifest: Manifest, encoded: bytes | None = None) -> None:
         """Write ``manifest`` as its slot's manifest, atomically and last: the slot's bytes
         must already be in place (checked by the caller). Also the commit of a slot whose
-        bytes came from a peer (``snapshots.replica``)."""
+        bytes came from a peer (``snapshots.replica``). ``encoded``: ``manifest.encode()``,
+        when the caller has it already."""
         manifest.validate()
         final = self.manifest_path(manifest.slot)
         temp = final.with_name(final.name + ".tmp")
         try:
             with open(temp, "wb") as handle:
-                handle.write(manifest.encode())
+                handle.write(manifest.encode() if encoded is None else encoded)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temp, final)
@@ -401,8 +403,7 @@ class SnapshotStore:
 
     def tensors(self, manifest: Manifest, section: Section) -> list[torch.Tensor]:
         """Views of a section's tensors on the mapped slot: valid while the slot is unchanged."""
-        buf = self._map(manifest.slot)
-        return [_view(buf, entry) for entry in section.tensors]
+        return slot_views(self._map(manifest.slot), section.tensors)
 
     def read_state_dict(self, manifest: Manifest, *, copy: bool = True) -> Any:
         """The replicated state as stored, as CPU tensors (copies unless ``copy=False``)."""

@@ -20,6 +20,7 @@ stay distinct.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -46,6 +47,11 @@ class Flat:
     tensors: list[torch.Tensor]
     tensor_paths: list[Path]
     other_paths: list[Path]
+
+    @functools.cached_property
+    def tensor_names(self) -> list[str]:
+        """``path_name`` of every tensor path, computed once (digests and checks reuse it)."""
+        return [path_name(p) for p in self.tensor_paths]
 
 
 def path_name(path: Path) -> str:
