@@ -66,7 +66,7 @@ EXIT_TRANSFER_FAILED: Final = 75
 ENV_TRANSFER_TIMEOUT: Final = "PEER_RECOVERY_TRANSFER_TIMEOUT_S"
 DEFAULT_TRANSFER_TIMEOUT_S: Final = 300.0
 #: Fault injection for tests and drills: "sender-dies-midstream" SIGKILLs a sending rank
-#: once its first data message is sent, as it is about to post the second.
+#: mid-stream (see ``_DiesMidStream``).
 _ENV_FAULT: Final = "PEER_RECOVERY_FAULT"
 
 
@@ -194,7 +194,7 @@ class RoundSession:
 
         recovery = _RecoveryTransport(inner, list(members), pg, fail, template)
         # The rank restores by replicating its holder's slot (peer_slots), not in place.
-        recovery.slot_streams = SlotStreams(pg, list(members), fail)
+        recovery.slot_streams = SlotStreams(wire, list(members), fail)
         return recovery
 
     def report(self, result: Any) -> None:
@@ -285,16 +285,21 @@ class RoundSession:
 
 class _DiesMidStream:
     """Fault injection: the process group, except that this process SIGKILLs itself when
-    the transport posts its second data message, after the first one was sent. The receiver
-    is then left mid-stream however many messages the transport keeps in flight."""
+    the transport posts its second data message, after the first one was sent, or, serving
+    a slot, as it is about to send the first chunk the receiver asked for (a small state
+    is one chunk). The receiver is then left mid-stream however many messages are in
+    flight."""
 
     def __init__(self, pg: Any) -> None:
         self._pg = pg
         self._first: Any = None
 
     def send(self, tensors: list[Any], dst: int, tag: int) -> Any:
+        from peer_recovery.snapshots.replica import DATA_TAG as SLOT_DATA_TAG
         from peer_recovery.transport.engine import DATA_TAG
 
+        if tag >= SLOT_DATA_TAG:  # slot replication: its header sent, the data requested
+            os.kill(os.getpid(), signal.SIGKILL)
         if tag >= DATA_TAG:
             if self._first is not None:
                 self._first.wait(timedelta(seconds=60))
