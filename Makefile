@@ -68,6 +68,7 @@ lint: venv
 # Every benchmark script prints ratios against an anchor measured in the same run.
 # Add yours with `BENCHMARKS += benchmarks/<name>.py`.
 BENCHMARKS := benchmarks/transport.py benchmarks/transport_floor.py benchmarks/snapshot.py
+BENCHMARKS += benchmarks/peer_restore.py
 # Needs the control plane (`make tools`).
 BENCHMARKS += benchmarks/operator_latency.py
 # The round's exchange at 1,024 simulated ranks; the storage anchors (needs the bench extra).

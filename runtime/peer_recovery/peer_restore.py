@@ -68,7 +68,7 @@ EXIT_TRANSFER_FAILED: Final = 75
 ENV_TRANSFER_TIMEOUT: Final = "PEER_RECOVERY_TRANSFER_TIMEOUT_S"
 DEFAULT_TRANSFER_TIMEOUT_S: Final = 300.0
 #: Fault injection for tests and drills: "sender-dies-midstream" SIGKILLs a sending rank
-#: once its first data message is sent, as it is about to post the second.
+#: mid-stream (see ``_DiesMidStream``).
 _ENV_FAULT: Final = "PEER_RECOVERY_FAULT"
 
 
@@ -169,6 +169,7 @@ class RoundSession:
         not the full mesh of every mover (many receivers from many sources stay cheap)."""
         import torch.distributed as dist
 
+        from peer_recovery.peer_slots import SlotStreams
         from peer_recovery.transport import PGTransport
 
         assert self.agreement is not None
@@ -194,7 +195,10 @@ class RoundSession:
                 sys.stderr.flush()
                 os._exit(EXIT_TRANSFER_FAILED)
 
-        return _RecoveryTransport(inner, list(members), pg, fail, template)
+        recovery = _RecoveryTransport(inner, list(members), pg, fail, template)
+        # The rank restores by replicating its holder's slot (peer_slots), not in place.
+        recovery.slot_streams = SlotStreams(wire, list(members), fail)
+        return recovery
 
     def report(self, result: Any) -> None:
         """Publish whether this rank restored (``result``: a ``RestoreResult`` or None), for
@@ -277,16 +281,21 @@ def _lazy_gloo(store: Any, rank: int, size: int, timeout: float, env: Mapping[st
 
 class _DiesMidStream:
     """Fault injection: the process group, except that this process SIGKILLs itself when
-    the transport posts its second data message, after the first one was sent. The receiver
-    is then left mid-stream however many messages the transport keeps in flight."""
+    the transport posts its second data message, after the first one was sent, or, serving
+    a slot, as it is about to send the first chunk the receiver asked for (a small state
+    is one chunk). The receiver is then left mid-stream however many messages are in
+    flight."""
 
     def __init__(self, pg: Any) -> None:
         self._pg = pg
         self._first: Any = None
 
     def send(self, tensors: list[Any], dst: int, tag: int) -> Any:
+        from peer_recovery.snapshots.replica import DATA_TAG as SLOT_DATA_TAG
         from peer_recovery.transport.engine import DATA_TAG
 
+        if tag >= SLOT_DATA_TAG:  # slot replication: its header sent, the data requested
+            os.kill(os.getpid(), signal.SIGKILL)
         if tag >= DATA_TAG:
             if self._first is not None:
                 self._first.wait(timedelta(seconds=60))
@@ -316,6 +325,7 @@ class _RecoveryTransport:
     ) -> None:
         self._inner, self._members, self._pg, self._fail = inner, members, pg, fail
         self._live = live
+        self.slot_streams: Any = None  # a peer_slots.SlotStreams when the round offers it
 
     @property
     def stats(self) -> Any:

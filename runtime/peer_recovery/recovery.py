@@ -14,8 +14,11 @@ Restore is all-or-nothing across ranks: this rank's part is decided by a ``RankP
 (restore locally, receive from a peer, or restore locally and send to peers). Without a
 plan every rank restores locally at the newest step all ranks hold. Ranks that load their
 own slot first check it (checksums, and that every stored tensor fits the live state) and
-send from it; a receiver receives in place after copying its objects aside
-(``snapshots.rollback``). Then all ranks vote (``peer_recovery.vote``).
+serve it to their receivers meanwhile. A receiver given a transport that offers slot
+replication (a round's, ``peer_recovery.peer_slots``) copies its holder's slot into its own
+store and loads it after the vote like a local slot; given a bare ``PGTransport`` it
+receives in place after copying its objects aside (``snapshots.rollback``). Then all ranks
+vote (``peer_recovery.vote``).
 
 - If any rank failed, every rank returns ``None``, logs why and keeps it in
   ``last_failure``; every registered object is then bitwise as it was before the call
@@ -39,7 +42,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from peer_recovery import peer_restore
+from peer_recovery import peer_restore, peer_slots
 from peer_recovery.protocol.records import canonical_key
 from peer_recovery.rank_plan import RankPlan, Role
 from peer_recovery.shard_key import ShardKey
@@ -89,6 +92,8 @@ class _Ready:
     manifest: Manifest
     live: Flat
     role: Role
+    source: str = ""  # "rank R" when the slot was replicated from a peer
+    checked: tuple[list[Any], Any] | None = None  # LiveState.check's answer, reused to load
 
 
 class PeerRecovery:
@@ -273,9 +278,10 @@ class PeerRecovery:
         ready: _Ready | None = None  # what this rank loads once every rank voted yes
         received: RestoreResult | None = None  # a receiver's state, already in the objects
         pg, failure = self._vote_group()
+        streams = getattr(transport, "slot_streams", None)  # the round offers replication
         try:
             self.wait()
-            if plan is not None and plan.role is Role.RECEIVE:
+            if plan is not None and plan.role is Role.RECEIVE and streams is None:
                 self._backup = Backup(self.state)  # the receive writes in place, before the vote
             live = self._live()
             # Size and preallocate first, so a too-small store fails at start-up on any path.
@@ -296,7 +302,10 @@ class PeerRecovery:
                 if failure is None and step is not None:
                     ready = self._prepare_local(step, usable, None, transport)
             elif plan is not None and failure is None and plan.role is Role.RECEIVE:
-                received = self._receive(plan, transport, checkpoint_step)
+                if streams is not None:
+                    ready = self._replicate(plan, streams, live, checkpoint_step)
+                else:
+                    received = self._receive(plan, transport, checkpoint_step)
             elif plan is not None and failure is None:
                 ready = self._prepare_local(plan.step, usable, plan, transport)
         except Exception as error:
@@ -361,31 +370,69 @@ class PeerRecovery:
                 f"the plan says step {step}, this rank holds {[m.step for m, _ in usable]}"
             )
         manifest, live = found[0]
+        streams = getattr(transport, "slot_streams", None)
+        serving = None
+        if plan is not None and plan.send_to and streams is not None:
+            # Serve the slot at once, beside this rank's own checks: each receiver checks
+            # every chunk against the manifest's checksums as it lands.
+            serving = streams.serve(list(plan.send_to), self.store, manifest)
         if plan is not None:  # the local agreement verified already
             problem = self.store.verify(manifest)
             if problem:
                 raise _Failure(problem)
-        self.state.check(live, manifest.replicated)  # every stored tensor has its place
-        if plan is not None and plan.send_to:
+        checked = self.state.check(live, manifest.replicated)  # every tensor has its place
+        if serving is not None:
+            streams.finish(serving)  # before the vote: the slot must not change under it
+        elif plan is not None and plan.send_to:
             self._send(plan, transport, manifest)
-        return _Ready(manifest, live, plan.role if plan is not None else Role.LOCAL)
+        role = plan.role if plan is not None else Role.LOCAL
+        return _Ready(manifest, live, role, checked=checked)
+
+    def _replicate(
+        self,
+        plan: RankPlan,
+        streams: Any,
+        live: tuple[Flat, ShardKey],
+        checkpoint_step: int | None,
+    ) -> _Ready:
+        """Copy the holder's slot into this rank's store (``peer_recovery.peer_slots``);
+        load nothing yet: after the vote it is loaded like any local slot."""
+        if checkpoint_step is not None and plan.step < checkpoint_step:
+            raise _Failure(
+                f"the plan's step {plan.step} is older than the checkpoint's {checkpoint_step}"
+            )
+        assert plan.receive_from is not None
+        flat, key = live
+
+        def accept(manifest: Manifest) -> str | None:
+            if manifest.step != plan.step:
+                return f"rank {plan.receive_from} offers step {manifest.step}, not {plan.step}"
+            why = key.mismatch(manifest.shard_key)
+            return None if why is None else f"rank {plan.receive_from} holds another shard: {why}"
+
+        def check(manifest: Manifest) -> Any:  # while the bytes are on the wire
+            return self.state.check(flat, manifest.replicated)  # every tensor has its place
+
+        try:
+            got = streams.receive([plan.receive_from], self.store, accept, check)
+        except peer_slots.Refused as error:
+            raise _Failure(str(error)) from None
+        return _Ready(got.manifest, flat, Role.RECEIVE, f"rank {plan.receive_from}", got.prepared)
 
     def _load_prepared(self, ready: _Ready) -> RestoreResult:
         """Load the checked slot after a passed vote; a failure here must end the process."""
         manifest = ready.manifest
         try:
-            nbytes = self.state.load(
-                ready.live, manifest.replicated, self.store.tensors(manifest, manifest.replicated)
-            )
+            buf = self.store.mapped(manifest.slot)
+            nbytes = self.state.load_slot(ready.live, manifest.replicated, buf, ready.checked)
             private_ok = load_private(self.private, self.store, manifest, self.rank)
         except Exception as error:
             raise RestoreAbandoned(
                 f"rank {self.rank}: loading step {manifest.step} failed after every rank voted "
                 f"to resume from it; this process must not train: {error}"
             ) from error
-        return RestoreResult(
-            ready.role, manifest.step, f"local slot {manifest.slot}", nbytes, 0.0, private_ok
-        )
+        source = ready.source or f"local slot {manifest.slot}"
+        return RestoreResult(ready.role, manifest.step, source, nbytes, 0.0, private_ok)
 
     def _send(self, plan: RankPlan, transport: Any, manifest: Manifest) -> None:
         """Stream the stored state (views on the slot, no copy) to the plan's receivers."""

@@ -17,6 +17,7 @@ import torch
 
 from peer_recovery.optim_state import materialize
 from peer_recovery.shard_key import state_digest
+from peer_recovery.snapshots.bulk_copy import copy_grouped, copy_to_device, slot_views
 from peer_recovery.snapshots.manifest import Section
 from peer_recovery.snapshots.store import dtype_name
 from peer_recovery.snapshots.tree import Flat, flatten, path_name, unflatten
@@ -33,8 +34,8 @@ class Stateful(Protocol):
 def flat_digest(flat: Flat) -> str:
     """The shard-key digest of a flattened state (same result as ``Section.digest``)."""
     tensors = (
-        (path_name(p), dtype_name(t.dtype), tuple(t.shape))
-        for p, t in zip(flat.tensor_paths, flat.tensors, strict=True)
+        (name, dtype_name(t.dtype), tuple(t.shape))
+        for name, t in zip(flat.tensor_names, flat.tensors, strict=True)
     )
     return state_digest(tensors, (path_name(p) for p in flat.other_paths))
 
@@ -53,13 +54,14 @@ def key_digest(flat: Flat, optimizers: Collection[str]) -> str:
     def lazy(path: tuple[Any, ...]) -> bool:
         return len(path) >= 2 and path[0] in optimizers and path[1] == "state"
 
+    names = flat.tensor_names
     kept = [
         (i, p, t)
         for i, (p, t) in enumerate(zip(flat.tensor_paths, flat.tensors, strict=True))
         if not lazy(p)
     ]
-    tensors = ((path_name(p), dtype_name(t.dtype), tuple(t.shape)) for _, p, t in kept)
-    layouts = ((path_name(p), flat.layouts[i]) for i, p, _ in kept if i in flat.layouts)
+    tensors = ((names[i], dtype_name(t.dtype), tuple(t.shape)) for i, _, t in kept)
+    layouts = ((names[i], flat.layouts[i]) for i, _, _ in kept if i in flat.layouts)
     return state_digest(tensors, (path_name(p) for p in flat.other_paths if not lazy(p)), layouts)
 
 
@@ -125,8 +127,8 @@ class LiveState:
         shape) go into, and the state ``tree`` rebuilt around the live leaves (a DTensor
         stays the live DTensor); raises ``ValueError`` naming what does not fit."""
         live = {
-            path_name(p): (t, leaf)
-            for p, t, leaf in zip(flat.tensor_paths, flat.tensors, flat.leaves, strict=True)
+            name: (t, leaf)
+            for name, t, leaf in zip(flat.tensor_names, flat.tensors, flat.leaves, strict=True)
         }
         targets, leaves = [], []
         for path, dtype, shape in entries:
@@ -150,26 +152,55 @@ class LiveState:
     def load(self, flat: Flat, section: Section, stored: list[torch.Tensor]) -> int:
         """Copy ``stored`` (tensors laid out as ``section``) into the objects; return bytes."""
         targets, state = self.check(flat, section)
-        self._copy_and_load(stored, targets, state)
+        copy_grouped(stored, targets)
+        self._hand_over(state)
         return section.nbytes
 
     def load_received(self, flat: Flat, received: Flat) -> int:
         """Load a state received from a peer (``received``: flattened, in the stored form
         the template gave) into the objects, in place; return the bytes."""
         entries = [
-            (path_name(p), dtype_name(t.dtype), tuple(t.shape))
-            for p, t in zip(received.tensor_paths, received.tensors, strict=True)
+            (name, dtype_name(t.dtype), tuple(t.shape))
+            for name, t in zip(received.tensor_names, received.tensors, strict=True)
         ]
         targets, state = self.place(flat, entries, received.tree)
-        self._copy_and_load(received.tensors, targets, state)
+        moved = [
+            (source, target)
+            for source, target in zip(received.tensors, targets, strict=True)
+            if source.data_ptr() != target.data_ptr() or source.shape != target.shape
+        ]  # a tensor received in place is already there
+        copy_grouped([s for s, _ in moved], [t for _, t in moved])
+        self._hand_over(state)
         return sum(t.numel() * t.element_size() for t in received.tensors)
 
-    def _copy_and_load(
-        self, stored: list[torch.Tensor], targets: list[torch.Tensor], state: Any
-    ) -> None:
-        with torch.no_grad():
-            for source, target in zip(stored, targets, strict=True):
-                if source.data_ptr() != target.data_ptr() or source.shape != target.shape:
-                    target.copy_(source)  # received in place: already there
+    def load_slot(
+        self,
+        flat: Flat,
+        section: Section,
+        buf: torch.Tensor,
+        checked: tuple[list[torch.Tensor], Any] | None = None,
+    ) -> int:
+        """Copy ``section``'s tensors from ``buf`` (a mapped slot) into the objects; return
+        bytes. ``checked``: what ``check`` returned for the same arguments, if it ran. CPU
+        tensors are copied in one grouped call per dtype, GPU ones through pinned staging
+        (``bulk_copy``)."""
+        targets, state = checked if checked is not None else self.check(flat, section)
+        entries = section.tensors
+        host = [i for i, t in enumerate(targets) if not t.is_cuda]
+        if len(host) == len(targets):
+            copy_grouped(slot_views(buf, entries), targets)
+        else:
+            copy_grouped(slot_views(buf, [entries[i] for i in host]), [targets[i] for i in host])
+            devices: dict[torch.device, list[int]] = {}
+            for i, target in enumerate(targets):
+                if target.is_cuda:
+                    devices.setdefault(target.device, []).append(i)
+            for indices in devices.values():
+                copy_to_device(buf, [entries[i] for i in indices], [targets[i] for i in indices])
+        self._hand_over(state)
+        return section.nbytes
+
+    def _hand_over(self, state: Any) -> None:
+        """Give each object its state dict (its tensors already hold the stored values)."""
         for name, obj in self.objects.items():
             obj.load_state_dict(state[name])

@@ -30,7 +30,6 @@ import logging
 import os
 import sys
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,8 @@ import torch
 
 from peer_recovery.shard_key import ShardKey
 from peer_recovery.snapshots import sizing
+from peer_recovery.snapshots.bulk_copy import slot_views
+from peer_recovery.snapshots.checksum import crc32
 from peer_recovery.snapshots.manifest import Manifest, ManifestError, Section, TensorEntry
 from peer_recovery.snapshots.tree import Flat, path_name, unflatten
 
@@ -303,14 +304,8 @@ class SnapshotStore:
     ) -> SlotWrite:
         """Copy the tensors into the older slot (the training-blocking part of a snapshot)."""
         rep, priv, data_bytes = plan_sections(replicated, private)
-        self.ensure_capacity(data_bytes)
-        if not self._scanned:
-            self.scan()  # never overwrite a newest snapshot left by an earlier process
-        slot = 1 if self._newest_slot == 0 else 0
-        self.manifest_path(slot).unlink(missing_ok=True)  # the slot stops being a snapshot
-        self._fsync_dir()
+        slot, buf = self.open_slot(data_bytes)
         started = time.perf_counter()
-        buf = self._map(slot)
         tensors = [*replicated.tensors, *(private.tensors if private else ())]
         entries = [*rep.tensors, *(priv.tensors if priv else ())]
         for tensor, entry in zip(tensors, entries, strict=True):
@@ -331,20 +326,31 @@ class SnapshotStore:
         )
         return SlotWrite(manifest, time.perf_counter() - started)
 
-    def commit(self, pending: SlotWrite, *, threads: int = 1) -> Manifest:
-        """Checksum the slot and write its manifest atomically (may run in the background).
+    def open_slot(self, data_bytes: int) -> tuple[int, torch.Tensor]:
+        """The slot the next snapshot goes to, no longer a snapshot, and its mapped bytes.
 
-        ``threads``: checksum threads; one in the background, beside training.
+        Never the slot of the newest snapshot (also one left by an earlier process); its
+        manifest is removed (and the removal made durable) before any byte is written.
         """
-        draft = pending.manifest
-        sums = tuple(self._checksums(draft.slot, draft.data_bytes, draft.chunk_bytes, threads))
-        manifest = Manifest(**{**draft.__dict__, "checksums": sums})
+        self.ensure_capacity(data_bytes)
+        if not self._scanned:
+            self.scan()  # never overwrite a newest snapshot left by an earlier process
+        slot = 1 if self._newest_slot == 0 else 0
+        self.manifest_path(slot).unlink(missing_ok=True)  # the slot stops being a snapshot
+        self._fsync_dir()
+        return slot, self._map(slot)
+
+    def install(self, manifest: Manifest, encoded: bytes | None = None) -> None:
+        """Write ``manifest`` as its slot's manifest, atomically and last: the slot's bytes
+        must already be in place (checked by the caller). Also the commit of a slot whose
+        bytes came from a peer (``snapshots.replica``). ``encoded``: ``manifest.encode()``,
+        when the caller has it already."""
         manifest.validate()
         final = self.manifest_path(manifest.slot)
         temp = final.with_name(final.name + ".tmp")
         try:
             with open(temp, "wb") as handle:
-                handle.write(manifest.encode())
+                handle.write(manifest.encode() if encoded is None else encoded)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temp, final)
@@ -353,6 +359,20 @@ class SnapshotStore:
             raise
         self._fsync_dir()
         self._newest_slot = manifest.slot
+
+    def mapped(self, slot: int) -> torch.Tensor:
+        """The slot's bytes, mapped (``uint8``): valid while the slot file is unchanged."""
+        return self._map(slot)
+
+    def commit(self, pending: SlotWrite, *, threads: int = 1) -> Manifest:
+        """Checksum the slot and write its manifest atomically (may run in the background).
+
+        ``threads``: checksum threads; one in the background, beside training.
+        """
+        draft = pending.manifest
+        sums = tuple(self._checksums(draft.slot, draft.data_bytes, draft.chunk_bytes, threads))
+        manifest = Manifest(**{**draft.__dict__, "checksums": sums})
+        self.install(manifest)
         return manifest
 
     # -- reading -------------------------------------------------------------------------
@@ -361,9 +381,9 @@ class SnapshotStore:
         view = memoryview(self._map(slot).numpy())
         pieces = [view[at : min(at + chunk, data_bytes)] for at in range(0, data_bytes, chunk)]
         if threads <= 1 or len(pieces) <= 1:
-            return [zlib.crc32(piece) for piece in pieces]
+            return [crc32(piece) for piece in pieces]
         with concurrent.futures.ThreadPoolExecutor(min(threads, len(pieces))) as pool:
-            return list(pool.map(zlib.crc32, pieces))
+            return list(pool.map(crc32, pieces))
 
     def verify(self, manifest: Manifest) -> str | None:
         """``None`` when the slot's bytes match the manifest's checksums, else why not."""
@@ -383,8 +403,7 @@ class SnapshotStore:
 
     def tensors(self, manifest: Manifest, section: Section) -> list[torch.Tensor]:
         """Views of a section's tensors on the mapped slot: valid while the slot is unchanged."""
-        buf = self._map(manifest.slot)
-        return [_view(buf, entry) for entry in section.tensors]
+        return slot_views(self._map(manifest.slot), section.tensors)
 
     def read_state_dict(self, manifest: Manifest, *, copy: bool = True) -> Any:
         """The replicated state as stored, as CPU tensors (copies unless ``copy=False``)."""

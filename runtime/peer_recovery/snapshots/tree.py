@@ -29,6 +29,7 @@ never share a key. Rebuilding a state around live DTensors takes the live leaves
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -69,6 +70,11 @@ class Flat:
     leaves: list[torch.Tensor] = field(default_factory=list)
     layouts: dict[int, dict[str, Any]] = field(default_factory=dict)
     position: dict[str, int] = field(default_factory=dict)
+
+    @functools.cached_property
+    def tensor_names(self) -> list[str]:
+        """``path_name`` of every tensor path, computed once (digests and checks reuse it)."""
+        return [path_name(p) for p in self.tensor_paths]
 
 
 def path_name(path: Path) -> str:
