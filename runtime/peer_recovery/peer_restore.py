@@ -52,7 +52,6 @@ from peer_recovery.protocol.records import (
 from peer_recovery.rank_plan import RankPlan
 
 __all__ = [
-    "ENV_TRANSFER_TIMEOUT",
     "EXIT_TRANSFER_FAILED",
     "RoundContext",
     "RoundSession",
@@ -63,8 +62,6 @@ log = logging.getLogger("peer_recovery.peer_restore")
 
 #: Exit status of a worker whose transfer failed (EX_TEMPFAIL: torchrun restarts the round).
 EXIT_TRANSFER_FAILED: Final = 75
-ENV_TRANSFER_TIMEOUT: Final = "PEER_RECOVERY_TRANSFER_TIMEOUT_S"
-DEFAULT_TRANSFER_TIMEOUT_S: Final = 300.0
 #: Fault injection for tests and drills: "sender-dies-midstream" SIGKILLs a sending rank
 #: once its first data message is sent, as it is about to post the second.
 _ENV_FAULT: Final = "PEER_RECOVERY_FAULT"
@@ -160,8 +157,11 @@ class RoundSession:
         """Does this rank send or receive (and so need a transport)?"""
         return self.agreement is not None and self.rank in self.agreement.movers
 
-    def transport(self, template: Callable[[], object], device: Any) -> _RecoveryTransport:
-        """A gloo group of the ranks that move bytes, and the transport on it."""
+    def transport(
+        self, template: Callable[[], object], device: Any, timeout: float
+    ) -> _RecoveryTransport:
+        """A gloo group of the ranks that move bytes, and the transport on it; ``timeout``
+        is the restore budget's transfer phase (``peer_recovery.budget``)."""
         import torch.distributed as dist
 
         from peer_recovery.transport import PGTransport
@@ -169,7 +169,6 @@ class RoundSession:
         assert self.agreement is not None
         members = self.agreement.movers
         ctx, env = self.ctx, self.env
-        timeout = float(env.get(ENV_TRANSFER_TIMEOUT) or DEFAULT_TRANSFER_TIMEOUT_S)
         pg_store = dist.PrefixStore(keys.pg_prefix(ctx.prefix), self.store)
         pg = dist.ProcessGroupGloo(
             pg_store, members.index(self.rank), len(members), timedelta(seconds=timeout)
