@@ -5,9 +5,10 @@ own snapshot and loaded with it (``RestoreResult.private_restored``), never stre
 another rank, since another rank's random stream and data position are not this rank's.
 
 - :class:`RNGState` captures Python's ``random``, NumPy's global generator (when NumPy is
-  installed) and torch's CPU and CUDA generators (CUDA when it is available). Generators
-  a script creates itself (``torch.Generator``, ``numpy.random.default_rng``) are its own
-  objects: wrap them in a ``Stateful`` of the script's.
+  installed), torch's CPU generator and the current CUDA device's (when CUDA is available;
+  not the other devices': a rank should not create contexts on them). Generators a script
+  creates itself (``torch.Generator``, ``numpy.random.default_rng``) are its own objects:
+  wrap them in a ``Stateful`` of the script's.
 - :class:`DataPosition` counts the batches handed to the training loop in the current
   epoch, and after a restore skips as many, so the loop continues with the next batch. The
   sampler's order must depend only on the seed and epoch (``DistributedSampler`` with
@@ -62,7 +63,7 @@ class RNGState:
                 "cached": float(cached),
             }
         if torch.cuda.is_available():
-            state["cuda"] = list(torch.cuda.get_rng_state_all())
+            state["cuda"] = torch.cuda.get_rng_state()  # the current device's: this rank's
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -81,13 +82,8 @@ class RNGState:
             )
         if "cuda" in state:
             if not torch.cuda.is_available():
-                raise RuntimeError("the snapshot holds CUDA RNG states; CUDA is not available")
-            if len(state["cuda"]) != torch.cuda.device_count():
-                raise RuntimeError(
-                    f"the snapshot holds {len(state['cuda'])} CUDA RNG states, this process "
-                    f"sees {torch.cuda.device_count()} devices"
-                )
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+                raise RuntimeError("the snapshot holds a CUDA RNG state; CUDA is not available")
+            torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 class DataPosition:
