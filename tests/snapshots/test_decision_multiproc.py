@@ -72,8 +72,10 @@ def _rank_1_arrives_after_the_deadline(rank: int, world: int, root: str) -> dict
 
 
 def test_a_rank_arriving_after_the_deadline_makes_every_rank_fall_back(tmp_path: Path) -> None:
-    """Before the one decision, rank 1's late all_gather completed with the punctual ranks'
-    ballots still in its socket: it resumed at step 2 while ranks 0 and 2 had fallen back."""
+    """Rank 1 writes its ballot after every other rank's deadline passed: it finds "fall
+    back" written and falls back with them, naming itself as the rank that did not report.
+    (Before the one decision each rank acted on its own all_gather's timeout; in this run
+    all fell back too, by a gloo timeout, since the late rank's gather found nothing sent.)"""
     outcomes = run_ranks(_rank_1_arrives_after_the_deadline, 3, str(tmp_path), timeout=300)
     assert [o["result"] for o in outcomes] == [None, None, None], outcomes
     for rank, outcome in enumerate(outcomes):
