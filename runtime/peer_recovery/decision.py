@@ -8,9 +8,10 @@ torchrun the agent's TCPStore), written with ``compare_set`` so that only the fi
 counts, and every rank acts on what the key holds:
 
 1. each rank writes its ballot (JSON) under its own key and counts itself in;
-2. a rank whose ballot is a no writes "fall back" at once (the outcome cannot be anything
-   else); the rank that counts in last reads every ballot and writes their verdict
-   (:func:`peer_recovery.vote.decide`);
+2. the rank that counts in last reads every ballot and writes their verdict
+   (:func:`peer_recovery.vote.decide`); a rank whose ballot is a no (the outcome cannot be
+   anything but "fall back") waits for the others' ballots only for the vote phase, then
+   writes "fall back" with every reason it has, so a missing rank costs one vote phase;
 3. every other rank waits for the decision key until its own deadline; a rank whose
    deadline passed writes "fall back: ranks ... did not report";
 4. every rank reads the key and acts on it. A rank arriving after the deadline therefore
@@ -167,13 +168,17 @@ class JobDecision:
     def key(self, name: str) -> str:
         return f"{self._prefix}/{name}"
 
-    def decide(self, ballot: Ballot, deadline: float, budget_s: float) -> VoteOutcome:
+    def decide(
+        self, ballot: Ballot, deadline: float, budget_s: float, no_wait_s: float = 0.0
+    ) -> VoteOutcome:
         """Post ``ballot``; return the job's decision (the same on every rank).
 
-        Raises :class:`DecisionUnknown` when the store cannot be used or holds garbage.
+        ``no_wait_s``: how long a rank voting no waits for the other ballots, so that the
+        verdict names every rank's reason. Raises :class:`DecisionUnknown` when the store
+        cannot be used or holds garbage.
         """
         try:
-            return self._decide(ballot, deadline, budget_s)
+            return self._decide(ballot, deadline, budget_s, no_wait_s)
         except DecisionUnknown:
             raise
         except Exception as error:  # the store is gone (connection refused/reset, timeout)
@@ -182,32 +187,34 @@ class JobDecision:
                 f"store: {type(error).__name__}: {error}".splitlines()[0]
             ) from error
 
-    def _decide(self, ballot: Ballot, deadline: float, budget_s: float) -> VoteOutcome:
+    def _decide(
+        self, ballot: Ballot, deadline: float, budget_s: float, no_wait_s: float
+    ) -> VoteOutcome:
         store, decision_key = self.store, self.key("outcome")
         store.set(self.key(f"ballot/{self.rank}"), ballot_to_json(ballot))
         arrived = int(store.add(self.key("arrived"), 1))
-        if not ballot.ok:
-            return self._write(
-                settle(
-                    {self.rank: ballot}, self.world_size, deadline_passed=False, budget_s=budget_s
-                )
-            )
         if arrived >= self.world_size:  # the last to count in: every ballot is there
             return self._write(self._settle_from_store(deadline_passed=False, budget_s=budget_s))
+        if not ballot.ok:  # "fall back" whatever comes: wait a little for the others' reasons
+            wait = min(deadline - self.clock(), no_wait_s)
+            ballots = [self.key(f"ballot/{rank}") for rank in range(self.world_size)]
+            if wait > 0 and self._wait(ballots, wait) and store.check([decision_key]):
+                return self._read()
+            return self._write(self._settle_from_store(deadline_passed=True, budget_s=budget_s))
         remaining = deadline - self.clock()
-        if remaining > 0 and self._wait(decision_key, remaining):
+        if remaining > 0 and self._wait([decision_key], remaining):
             return self._read()
         late = self._settle_from_store(deadline_passed=True, budget_s=budget_s)
         return self._write(late)
 
-    def _wait(self, key: str, seconds: float) -> bool:
-        """Wait for ``key``; False when the wait timed out (the store may also be gone: the
-        write that follows then raises)."""
+    def _wait(self, keys: list[str], seconds: float) -> bool:
+        """Wait for all of ``keys``; False when the wait timed out (the store may also be
+        gone: the write that follows then raises)."""
         try:
-            self.store.wait([key], timedelta(seconds=seconds))
+            self.store.wait(keys, timedelta(seconds=seconds))
         except Exception as error:
             log.info(
-                "peer-recovery: rank %d: no decision within %.1fs: %s",
+                "peer-recovery: rank %d: waited %.1fs in vain: %s",
                 self.rank,
                 seconds,
                 str(error).splitlines()[0] if str(error) else type(error).__name__,

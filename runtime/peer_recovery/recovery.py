@@ -369,7 +369,7 @@ class PeerRecovery:
             ) from error
         job = JobDecision(store, self.rank, self.world_size, attempt)
         deadline = self.budget.decision_deadline(begun)
-        outcome = job.decide(ballot, deadline, self.budget.total_s)
+        outcome = job.decide(ballot, deadline, self.budget.total_s, self.budget.vote_s)
         log.info("peer-recovery: rank %d: the job decided: %s", self.rank, outcome.reason)
         return outcome
 

@@ -59,13 +59,15 @@ def test_ballots_and_outcomes_travel_as_json_and_garbage_is_refused() -> None:
         ballot_from_json(b'{"ok": true, "step": "2"}', "k")
 
 
-def _ranks(store: Any, ballots: dict[int, Ballot], deadlines: dict[int, float]) -> dict[int, Any]:
+def _ranks(
+    store: Any, ballots: dict[int, Ballot], deadlines: dict[int, float], no_wait_s: float = 0.0
+) -> dict[int, Any]:
     """Each rank decides in a thread of its own; return what each learned."""
     seen: dict[int, Any] = {}
 
     def rank(r: int) -> None:
         job = JobDecision(store, r, len(ballots), "test")
-        seen[r] = job.decide(ballots[r], deadlines[r], 10)
+        seen[r] = job.decide(ballots[r], deadlines[r], 10, no_wait_s)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in ballots]
     for thread in threads:
@@ -86,6 +88,14 @@ def test_a_no_decides_for_everyone() -> None:
     ballots = {0: OK2, 1: Ballot(False, None, "slot damaged"), 2: OK2}
     seen = _ranks(dist.HashStore(), ballots, dict.fromkeys(range(3), far))
     assert {o.reason for o in seen.values()} == {"1 of 3 ranks failed: rank 1: slot damaged"}
+
+
+def test_the_verdict_names_every_rank_that_voted_no_in_time() -> None:
+    far = time.monotonic() + 60
+    ballots = {0: Ballot(False, None, "no snapshot"), 1: OK2, 2: Ballot(False, None, "stale")}
+    seen = _ranks(dist.HashStore(), ballots, dict.fromkeys(range(3), far), no_wait_s=30)
+    reasons = {o.reason for o in seen.values()}
+    assert reasons == {"2 of 3 ranks failed: rank 0: no snapshot; rank 2: stale"}
 
 
 def test_a_rank_arriving_after_the_decision_follows_it_whatever_its_ballot() -> None:
