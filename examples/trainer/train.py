@@ -16,22 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from peer_recovery import PeerRecovery
-
-
-class RngState:
-    """Rank-private state: this rank's RNG streams (dropout, augmentation)."""
-
-    def state_dict(self) -> dict:
-        state = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        torch.set_rng_state(state["cpu"])
-        if "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"])
+from peer_recovery import PeerRecovery, RNGState
 
 
 def latest_checkpoint(directory: Path) -> int | None:
@@ -66,10 +51,12 @@ def main() -> None:
 
     # 1. Register what to snapshot: replicated state, and apart from it rank-private state.
     recovery = PeerRecovery.from_env(
-        {"model": model, "optim": optim, "sched": sched}, private={"rng": RngState()}
+        {"model": model, "optim": optim, "sched": sched}, private={"rng": RNGState()}
     )
     # 2. Once, at start-up, on every rank: resume from snapshots or peers if every rank can.
     checkpoint_step = latest_checkpoint(args.checkpoint_dir)
+    # After None every object is as it was before the call, on every rank: each rank then
+    # loads the checkpoint, or starts from its initialisation when there is none.
     result = recovery.restore(checkpoint_step=checkpoint_step)
     if result is not None:
         step = result.step

@@ -2,7 +2,8 @@
 
 A training script needs only the names exported here: :class:`PeerRecovery` (register the
 state, ``restore`` once at start-up, ``snapshot`` every few steps), what ``restore`` returns
-(:class:`RestoreResult`, with its :class:`Role`), and the errors a script may catch
+(:class:`RestoreResult`, with its :class:`Role`), the rank-private state helpers
+(:class:`RNGState`, :class:`DataPosition`: register them in ``private=``), and the errors a script may catch
 (:class:`SizingError` when ``/dev/shm`` cannot hold two snapshots, :class:`TransferError`
 from :class:`peer_recovery.transport.PGTransport`). Everything else is internal; the
 contract shared with the operator is :mod:`peer_recovery.contract`.
@@ -21,7 +22,9 @@ __version__ = "0.1.0"
 
 # Public name -> module that defines it. Modules are imported on first access only.
 _LAZY_ATTRIBUTES: dict[str, str] = {
+    "DataPosition": "peer_recovery.rank_state",
     "PeerRecovery": "peer_recovery.recovery",
+    "RNGState": "peer_recovery.rank_state",
     "RestoreResult": "peer_recovery.recovery",
     "Role": "peer_recovery.recovery",
     "SizingError": "peer_recovery.snapshots.sizing",

@@ -54,7 +54,6 @@ from peer_recovery.protocol.records import (
 from peer_recovery.rank_plan import RankPlan
 
 __all__ = [
-    "ENV_TRANSFER_TIMEOUT",
     "EXIT_TRANSFER_FAILED",
     "RoundContext",
     "RoundSession",
@@ -65,8 +64,6 @@ log = logging.getLogger("peer_recovery.peer_restore")
 
 #: Exit status of a worker whose transfer failed (EX_TEMPFAIL: torchrun restarts the round).
 EXIT_TRANSFER_FAILED: Final = 75
-ENV_TRANSFER_TIMEOUT: Final = "PEER_RECOVERY_TRANSFER_TIMEOUT_S"
-DEFAULT_TRANSFER_TIMEOUT_S: Final = 300.0
 #: Fault injection for tests and drills: "sender-dies-midstream" SIGKILLs a sending rank
 #: mid-stream (see ``_DiesMidStream``).
 _ENV_FAULT: Final = "PEER_RECOVERY_FAULT"
@@ -162,8 +159,11 @@ class RoundSession:
         """Does this rank send or receive (and so need a transport)?"""
         return self.agreement is not None and self.rank in self.agreement.movers
 
-    def transport(self, template: Callable[[], object], device: Any) -> _RecoveryTransport:
-        """A gloo group of the ranks that move bytes, and the transport on it.
+    def transport(
+        self, template: Callable[[], object], device: Any, timeout: float
+    ) -> _RecoveryTransport:
+        """A gloo group of the ranks that move bytes, and the transport on it; ``timeout``
+        is the restore budget's transfer phase (``peer_recovery.budget``).
 
         The group connects lazily: only the pairs that send to each other ever connect,
         not the full mesh of every mover (many receivers from many sources stay cheap)."""
@@ -175,7 +175,6 @@ class RoundSession:
         assert self.agreement is not None
         members = self.agreement.movers
         ctx, env = self.ctx, self.env
-        timeout = float(env.get(ENV_TRANSFER_TIMEOUT) or DEFAULT_TRANSFER_TIMEOUT_S)
         pg_store = dist.PrefixStore(keys.pg_prefix(ctx.prefix), self.store)
         pg = _lazy_gloo(pg_store, members.index(self.rank), len(members), timeout, env)
         wire = _DiesMidStream(pg) if env.get(_ENV_FAULT) == "sender-dies-midstream" else pg

@@ -20,6 +20,12 @@ store and loads it after the vote like a local slot; given a bare ``PGTransport`
 receives in place after copying its objects aside (``snapshots.rollback``). Then all ranks
 vote (``peer_recovery.vote``).
 
+The vote is one decision for the whole job (``peer_recovery.decision``): written once in
+the job's store and read by every rank, so all ranks act alike, a rank arriving after the
+deadline included; a rank that cannot learn it raises ``DecisionUnknown`` and must end.
+Every wait derives from one budget (``peer_recovery.budget``): a transfer may use its
+transfer phase without the other ranks giving up on the vote meanwhile.
+
 - If any rank failed, every rank returns ``None``, logs why and keeps it in
   ``last_failure``; every registered object is then bitwise as it was before the call
   (nothing was loaded; created optimizer state is dropped; a receiver's objects are put
@@ -31,6 +37,7 @@ vote (``peer_recovery.vote``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -43,6 +50,8 @@ from typing import Any
 import torch.distributed as dist
 
 from peer_recovery import peer_restore, peer_slots
+from peer_recovery.budget import DEFAULT_RESTORE_TIMEOUT_S, ENV_RESTORE_TIMEOUT, RestoreBudget
+from peer_recovery.decision import DecisionUnknown, JobDecision, default_store
 from peer_recovery.protocol.records import canonical_key
 from peer_recovery.rank_plan import RankPlan, Role
 from peer_recovery.shard_key import ShardKey
@@ -56,13 +65,22 @@ from peer_recovery.snapshots.sizing import SizingError
 from peer_recovery.snapshots.store import SnapshotStore, plan_sections
 from peer_recovery.snapshots.tree import Flat, flatten, unflatten
 from peer_recovery.snapshots.writer import SnapshotWriter
-from peer_recovery.vote import Ballot, new_vote_group, vote
+from peer_recovery.vote import Ballot, VoteOutcome, decide, new_vote_group
 
-__all__ = ["PeerRecovery", "RankPlan", "RestoreAbandoned", "RestoreResult", "Role"]
+__all__ = [
+    "DecisionUnknown",
+    "PeerRecovery",
+    "RankPlan",
+    "RestoreAbandoned",
+    "RestoreResult",
+    "Role",
+]
 
 log = logging.getLogger("peer_recovery.recovery")
 
-DEFAULT_VOTE_TIMEOUT_S = 120.0
+#: Numbers the restores of this process: every rank makes the same calls in the same order,
+#: so the n-th restore of every rank shares one decision key.
+_ATTEMPTS = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,7 @@ class PeerRecovery:
         world_size: int = 1,
         position: Mapping[str, int] | None = None,
         async_snapshot: bool | None = None,
+        restore_timeout_s: float | None = None,
         vote_timeout_s: float | None = None,
         pg: dist.ProcessGroup | None = None,
         store: SnapshotStore | None = None,
@@ -122,9 +141,8 @@ class PeerRecovery:
         self.async_snapshot = settings.resolve(
             async_snapshot, settings.ENV_ASYNC, True, settings.parse_bool
         )
-        self.vote_timeout_s = settings.resolve(
-            vote_timeout_s, settings.ENV_VOTE_TIMEOUT, DEFAULT_VOTE_TIMEOUT_S, float
-        )
+        self.budget = _budget(restore_timeout_s, vote_timeout_s)
+        self.vote_timeout_s = self.budget.vote_s  # each wait for another rank
         self.state, self.private = LiveState(state), LiveState(private or {})
         self.stats = SnapshotStats()
         self._pg, self._pg_given = pg, pg is not None
@@ -221,7 +239,7 @@ class PeerRecovery:
         if plan is None and transport is None and peer_restore.in_round():
             try:
                 session = peer_restore.RoundSession.join(
-                    self.rank, self.world_size, timeout=self.vote_timeout_s
+                    self.rank, self.world_size, timeout=self.budget.vote_s
                 )
             except Exception as error:  # the round's store is unreachable: no agreement
                 self.last_failure = f"could not join the round: {type(error).__name__}: {error}"
@@ -234,7 +252,7 @@ class PeerRecovery:
     def _restore_in_round(
         self, session: peer_restore.RoundSession, checkpoint_step: int | None
     ) -> RestoreResult | None:
-        plan = session.agree(self._live_shard_key(), checkpoint_step, self.vote_timeout_s)
+        plan = session.agree(self._live_shard_key(), checkpoint_step, self.budget.vote_s)
         if plan is None:
             agreement = session.agreement
             self.last_failure = (
@@ -244,7 +262,7 @@ class PeerRecovery:
         transport = None
         if session.moves_bytes():
             try:
-                transport = session.transport(self.template, self._device())
+                transport = session.transport(self.template, self._device(), self.budget.transfer_s)
             except Exception:  # this rank votes no (no transport); the vote says why
                 log.exception("peer-recovery: rank %d: no transport", self.rank)
         result = self._restore(checkpoint_step, plan, transport)
@@ -279,6 +297,7 @@ class PeerRecovery:
         received: RestoreResult | None = None  # a receiver's state, already in the objects
         pg, failure = self._vote_group()
         streams = getattr(transport, "slot_streams", None)  # the round offers replication
+        begun = time.monotonic()  # the decision waits a whole budget from here
         try:
             self.wait()
             if plan is not None and plan.role is Role.RECEIVE and streams is None:
@@ -315,7 +334,7 @@ class PeerRecovery:
         ballot = Ballot(True, step) if step is not None else Ballot(False, None, failure or "")
         if not ballot.ok and not ballot.reason:
             ballot = Ballot(False, None, "no snapshot restored")
-        outcome = vote(pg, ballot)
+        outcome = self._decide(ballot, begun)
         if not outcome.ok:
             self._roll_back(outcome.reason)
             if sizing_error is not None:
@@ -347,6 +366,24 @@ class PeerRecovery:
         self._undo, self._backup = None, None
         self.last_failure = reason
         log.warning("peer-recovery: restore falls back to the checkpoint: %s", reason)
+
+    def _decide(self, ballot: Ballot, begun: float) -> VoteOutcome:
+        """The job's one decision (``peer_recovery.decision``); raises ``DecisionUnknown``
+        when this rank cannot learn it: then it must not train."""
+        if self.world_size == 1:
+            return decide([ballot])
+        attempt = f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}.{next(_ATTEMPTS)}"
+        try:
+            store = default_store()
+        except Exception as error:
+            raise DecisionUnknown(
+                f"rank {self.rank}: no job store to decide in: {error}"
+            ) from error
+        job = JobDecision(store, self.rank, self.world_size, attempt)
+        deadline = self.budget.decision_deadline(begun)
+        outcome = job.decide(ballot, deadline, self.budget.total_s, self.budget.vote_s)
+        log.info("peer-recovery: rank %d: the job decided: %s", self.rank, outcome.reason)
+        return outcome
 
     def _vote_group(self) -> tuple[dist.ProcessGroup | None, str | None]:
         if self._pg is None and self.world_size > 1:
@@ -481,3 +518,17 @@ def _unpack_payload(received: object, source: int) -> tuple[ShardKey, Any]:
         return ShardKey.from_json(json.loads(received["shard_key"])), received["state"]
     except (TypeError, ValueError) as error:
         raise _Failure(f"rank {source} sent a malformed shard key: {error}") from None
+
+
+def _budget(restore_timeout_s: float | None, vote_timeout_s: float | None) -> RestoreBudget:
+    """The one restore budget: ``restore_timeout_s``, else ``PEER_RECOVERY_RESTORE_TIMEOUT_S``;
+    the older vote timeout (argument, then ``PEER_RECOVERY_VOTE_TIMEOUT_S``) still sets the
+    vote phase, and the budget around it, when the budget itself is not given."""
+    if restore_timeout_s is None and not os.environ.get(ENV_RESTORE_TIMEOUT):
+        legacy = settings.resolve(vote_timeout_s, settings.ENV_VOTE_TIMEOUT, None, float)
+        if legacy is not None:
+            return RestoreBudget.from_vote_timeout(legacy)
+    total = settings.resolve(
+        restore_timeout_s, ENV_RESTORE_TIMEOUT, DEFAULT_RESTORE_TIMEOUT_S, float
+    )
+    return RestoreBudget(total)

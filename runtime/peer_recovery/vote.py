@@ -1,17 +1,16 @@
-"""The all-or-nothing commit, and the small agreement on which step to restore.
+"""The ballots of the all-or-nothing commit, and the small agreement on which step to restore.
 
-After every rank has restored (from its own snapshot or from a peer), all ranks vote: each contributes whether it succeeded, the step it restored and, when it
-failed, why. Every rank sees every vote, so every rank returns the same answer and logs the
-same reason: only if all succeeded does any rank report success. Votes travel as fixed-size
-byte tensors over a gloo group (no pickle), and the group's timeout bounds every call, so a
-rank that never arrives turns into a failed vote rather than a hang.
+After every rank has prepared its part (checked its own slot, or received from a peer), each
+casts a :class:`Ballot`: whether it succeeded, the step it restored and, when it failed, why.
+:func:`decide` is the pure verdict: success only if every rank succeeded at one and the same
+step, with a reason naming each failed rank. The ballots travel, and the verdict is written
+once for the whole job, in :mod:`peer_recovery.decision`.
 
 ``newest_common_step`` is the local-restore agreement: each rank offers the steps of its
 usable snapshots and all restore the newest step every rank offers. Under the torchrun
 plugin the round's agreement (``peer_recovery.agreement``) decides the step instead, since
-peers may supply missing shards there.
-
-``decide`` is the pure part: ballots in, outcome and reason out.
+peers may supply missing shards there. ``new_vote_group`` forms the gloo group these
+collectives use, inside the failure handling.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ __all__ = [
     "decide",
     "new_vote_group",
     "newest_common_step",
-    "vote",
 ]
 
 log = logging.getLogger("peer_recovery.vote")
@@ -113,20 +111,6 @@ def new_vote_group(
 
 def _world(pg: dist.ProcessGroup | None) -> int:
     return 1 if pg is None else dist.get_world_size(pg)
-
-
-def vote(pg: dist.ProcessGroup | None, ballot: Ballot) -> VoteOutcome:
-    """Every rank calls this once; all get the same outcome (or a timeout counts as failure)."""
-    if _world(pg) == 1:
-        return decide([ballot])
-    mine = ballot.encode()
-    gathered = [torch.empty_like(mine) for _ in range(_world(pg))]
-    try:
-        dist.all_gather(gathered, mine, group=pg)
-    except RuntimeError as error:  # gloo raises RuntimeError on timeout or a lost peer
-        reason = f"the vote did not complete (a rank is missing or too slow): {error}"
-        return VoteOutcome(False, None, {}, reason.splitlines()[0])
-    return decide([Ballot.decode(t) for t in gathered])
 
 
 def newest_common_step(pg: dist.ProcessGroup | None, offers: Sequence[int]) -> int | None:

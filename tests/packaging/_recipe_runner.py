@@ -4,7 +4,7 @@
 (``runpy``, as ``__main__``) after wrapping three ``PeerRecovery`` methods:
 
 - ``restore`` appends a line to ``restores-rank<R>.jsonl`` (role, step, source,
-  private_restored; role null when it returned ``None``);
+  private_restored; role null and ``last_failure`` as why when it returned ``None``);
 - ``snapshot`` at step ``$RECIPE_PAUSE_AT`` writes ``paused-rank<R>.json`` (with a hash of
   the registered state) and, until ``<out>/released`` exists, waits there to be killed, as
   a job would be when a pod is lost;
@@ -48,7 +48,7 @@ _restore, _snapshot, _close = PeerRecovery.restore, PeerRecovery.snapshot, PeerR
 
 def restore(self: PeerRecovery, *args: Any, **kwargs: Any) -> Any:
     result = _restore(self, *args, **kwargs)
-    report: dict[str, Any] = {"role": None}
+    report: dict[str, Any] = {"role": None, "why": self.last_failure}
     if result is not None:
         report = {"role": result.role.value, "step": result.step, "source": result.source,
                   "private_restored": result.private_restored}  # fmt: skip

@@ -11,6 +11,7 @@ the same shard and that replicas end bitwise identical.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -46,10 +47,18 @@ def _wait_files(paths: list[Path], job: Any, timeout: float) -> list[dict[str, A
 
 
 def run_with_replacement(
-    tmp_path: Path, recipe: str, args: list[str], *, nnodes: int, pause_at: int, replace: int
+    tmp_path: Path,
+    recipe: str,
+    args: list[str],
+    *,
+    nnodes: int,
+    pause_at: int,
+    replace: int,
+    also_wipe: tuple[int, ...] = (),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Run ``recipe`` in ``nnodes`` pods until every rank snapshotted ``pause_at``, replace
-    pod ``replace`` (killed, its /dev/shm wiped, started again), run to the end; return the
+    pod ``replace`` (killed, its /dev/shm wiped, started again) after wiping the /dev/shm
+    of the pods in ``also_wipe`` (their snapshots lost too), run to the end; return the
     paused states, each rank's last restore, and the final states."""
     from peer_recovery.demo.local_job import LocalJob
 
@@ -57,15 +66,17 @@ def run_with_replacement(
     script.write_text(recipes()[recipe])
     out = tmp_path / "out"
     out.mkdir()
-    # The repo's runtime first: an installed (editable) peer_recovery may be another tree's.
-    env = {"PYTHONPATH": f"{REPO / 'runtime'}:{REPO}", "RECIPE_OUT": str(out),
-           "RECIPE_PAUSE_AT": str(pause_at), "PEER_RECOVERY_PLAN_TIMEOUT": "1",
-           "PEER_RECOVERY_PLAN_SOURCE": "none"}  # fmt: skip
+    # This tree's runtime, not whichever one is installed (a shared editable install).
+    pythonpath = os.pathsep.join([str(REPO / "runtime"), str(REPO)])
+    env = {"PYTHONPATH": pythonpath, "RECIPE_OUT": str(out), "RECIPE_PAUSE_AT": str(pause_at),
+           "PEER_RECOVERY_PLAN_TIMEOUT": "1", "PEER_RECOVERY_PLAN_SOURCE": "none"}  # fmt: skip
     command = ["-m", "tests.packaging._recipe_runner", str(script), *args]
     with LocalJob(tmp_path / "job", command, nnodes=nnodes, env=env, run_id="recipe") as job:
         job.start()
         paused = _wait_files([out / f"paused-rank{r}.json" for r in range(nnodes)], job, 300)
         (out / "released").touch()
+        for ordinal in also_wipe:
+            job.wipe_pod(ordinal)
         job.replace_pod(replace)
         codes = job.wait(timeout=300)
         assert codes == dict.fromkeys(range(nnodes), 0), job.logs()[-6000:]
@@ -90,6 +101,28 @@ def test_ddp_recipe_replaced_pod_receives_from_its_peer(tmp_path: Path) -> None:
     assert {r["step"] for r in restores} == {12}
     assert paused[0]["hash"] == paused[1]["hash"]  # DDP replicas, before the loss
     assert final[0] == final[1] and final[0]["step"] == 24
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_ddp_recipe_every_rank_loads_the_checkpoint_when_restore_returns_none(
+    tmp_path: Path,
+) -> None:
+    """Every snapshot is lost (pod 1 replaced, pod 0's /dev/shm wiped): ``restore()`` returns
+    None on every rank and the recipe loads checkpoint 8 on every rank. A rank training on
+    anything else (its objects as a failed restore left them, its initialisation) would
+    leave the two DDP replicas with different states: they end bitwise equal."""
+    checkpoints = tmp_path / "checkpoints"
+    args = ["--steps=16", "--snapshot-every=4", "--checkpoint-every=8",
+            f"--checkpoint-dir={checkpoints}"]  # fmt: skip
+    paused, restores, final = run_with_replacement(
+        tmp_path, "train_ddp.py", args, nnodes=2, pause_at=12, replace=1, also_wipe=(0,)
+    )
+    assert paused[0]["hash"] == paused[1]["hash"]  # DDP replicas, before the loss
+    assert [r["role"] for r in restores] == [None, None], restores
+    assert restores[0]["why"] == restores[1]["why"] and restores[0]["why"], restores
+    assert (checkpoints / "latest").read_text() == "16"  # trained on from 8, checkpointed 16
+    assert final[0] == final[1] and final[0]["step"] == 16
 
 
 @pytest.mark.multiproc

@@ -8,7 +8,15 @@ import sys
 
 import peer_recovery
 
-USER_API = {"PeerRecovery", "RestoreResult", "Role", "SizingError", "TransferError"}
+USER_API = {
+    "DataPosition",
+    "PeerRecovery",
+    "RNGState",
+    "RestoreResult",
+    "Role",
+    "SizingError",
+    "TransferError",
+}
 
 
 def test_the_package_exports_the_user_api_and_nothing_else() -> None:
