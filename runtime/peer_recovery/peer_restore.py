@@ -132,12 +132,20 @@ class RoundSession:
         return cls(ctx, store, rank, world_size, env)
 
     def agree(
-        self, live_shard_key: str, checkpoint_step: int | None, timeout: float
+        self,
+        live_shard_key: str,
+        checkpoint_step: int | None,
+        timeout: float,
+        *,
+        job: str | None = None,
     ) -> RankPlan | None:
-        """This rank's plan for the round, or None: every rank loads the checkpoint."""
+        """This rank's plan for the round, or None: every rank loads the checkpoint.
+
+        ``job``: this job's identity; snapshots published with another are never used.
+        """
         ctx = self.ctx
         try:
-            agreement = self._agree(live_shard_key, checkpoint_step, timeout)
+            agreement = self._agree(live_shard_key, checkpoint_step, timeout, job)
         except (ExchangeError, ValueError) as error:
             log.warning("peer-recovery: rank %d: no agreement this round: %s", self.rank, error)
             self._publish_agreed(None, f"no agreement: {error}")
@@ -154,6 +162,7 @@ class RoundSession:
             agreement.step,
             receive_from=role.source if role.action is Action.PEER else None,
             send_to=role.send_to,
+            lineage=agreement.lineage,
         )
 
     def moves_bytes(self) -> bool:
@@ -211,7 +220,9 @@ class RoundSession:
 
     # --- the exchange ----------------------------------------------------------------------
 
-    def _agree(self, live_shard_key: str, checkpoint_step: int | None, timeout: float) -> Agreement:
+    def _agree(
+        self, live_shard_key: str, checkpoint_step: int | None, timeout: float, job: str | None
+    ) -> Agreement:
         ctx, store = self.ctx, self.store
         me = WorkerRecord(self.rank, live_shard_key, checkpoint_step)
         publish(store, keys.worker_key(ctx.prefix, self.rank), me)
@@ -250,6 +261,7 @@ class RoundSession:
             ranks=workers,
             load_checkpoint=directive.load_checkpoint,
             pods_per_replica=directive.pods_per_replica,
+            job=job,
         )
 
     def _publish_agreed(self, agreement: Agreement | None, reason: str) -> None:

@@ -45,6 +45,12 @@ def _int(value: Any, what: str) -> int:
     return value
 
 
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {value!r:.80}")
+    return value
+
+
 def _opt_int(value: Any, what: str) -> int | None:
     return None if value is None else _int(value, what)
 
@@ -74,16 +80,21 @@ def canonical_key(shard_key_json: Any) -> str:
 
 @dataclass(frozen=True)
 class Holding:
-    """One snapshot a pod holds: whose rank's state, at which step, under which shard key."""
+    """One snapshot a pod holds: whose rank's state, at which step, under which shard key,
+    and its identity (the job that took it, its lineage, the checksum of its content)."""
 
     rank: int
     step: int
     shard_key: str
     nbytes: int = 0
+    job: str = ""
+    lineage: str = ""
+    checksum: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"rank": self.rank, "step": self.step, "shard_key": self.shard_key,
-                "nbytes": self.nbytes}  # fmt: skip
+                "nbytes": self.nbytes, "job": self.job, "lineage": self.lineage,
+                "checksum": self.checksum}  # fmt: skip
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Holding:
@@ -92,6 +103,9 @@ class Holding:
             _int(raw["step"], "step"),
             str(raw["shard_key"]),
             _int(raw.get("nbytes", 0), "nbytes"),
+            _str(raw.get("job", ""), "job"),
+            _str(raw.get("lineage", ""), "lineage"),
+            _str(raw.get("checksum", ""), "checksum"),
         )
 
 
