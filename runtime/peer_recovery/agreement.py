@@ -12,14 +12,19 @@ durable checkpoint the script names (its ``WorkerRecord``); the round's directiv
 Rules:
 
 1. A directive to load the checkpoint (a transfer failed last round) wins: fall back.
-2. Candidate steps are the steps any snapshot holds, never older than the newest
-   ``checkpoint_step`` any rank names; tried newest first.
-3. At a step, a rank restores locally when it holds a snapshot of that step whose shard key
-   equals its live shard key. Otherwise it receives from a *holder*: another rank that
-   restores locally a snapshot of that step with exactly its shard key (and then sends its
-   restored state). Keys are compared here, before any byte moves; a mismatch is never
-   restored.
-4. The step is the newest at which every rank is local or has a holder.
+2. Only snapshots of this job count (``job``: the holding's job identity must equal it).
+   Candidates are snapshot identities, (step, lineage), never older than the newest
+   ``checkpoint_step`` any rank names; tried newest step first (lineages in a fixed order),
+   so two different states of one step (an abandoned timeline and its replacement) are
+   never mixed.
+3. At a candidate, a rank restores locally when it holds a snapshot of that step and
+   lineage whose shard key equals its live shard key. Otherwise it receives from a
+   *holder*: another rank that restores locally a snapshot of that step and lineage with
+   exactly its shard key (and then sends its restored state). Keys are compared here,
+   before any byte moves; a mismatch is never restored. All holders of one shard key at a
+   candidate must publish the same content checksum; if they do not, none of them is used
+   for it (no rank of that key is local or a holder there).
+4. The candidate is the newest at which every rank is local or has a holder.
 5. Sources: the pod's plan when it names a pod whose rank at the same local position is a
    holder (``plannedBy`` as the plan says); otherwise the planner
    (:func:`peer_recovery.contract.planning.assign_sources`) runs in-band on the pods' records
@@ -30,9 +35,10 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from peer_recovery.contract.names import Mode, PlannedBy
@@ -71,11 +77,13 @@ class Role:
 
 @dataclass(frozen=True)
 class Agreement:
-    """The round's decision. ``step`` is None when every rank must load the checkpoint."""
+    """The round's decision. ``step`` is None when every rank must load the checkpoint;
+    ``lineage`` is the resumed snapshots' lineage."""
 
     step: int | None
     roles: Mapping[int, Role] = field(default_factory=dict)
     reason: str = ""
+    lineage: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -103,8 +111,12 @@ def agree(
     ranks: Sequence[WorkerRecord],
     load_checkpoint: str | None = None,
     pods_per_replica: int | None = None,
+    job: str | None = None,
 ) -> Agreement:
-    """Decide the round (module docstring, rules 1-6). Raises ValueError on malformed input."""
+    """Decide the round (module docstring, rules 1-6). Raises ValueError on malformed input.
+
+    ``job``: this job's identity; None accepts every holding (for callers that check it
+    themselves)."""
     if nnodes < 1 or world_size < nnodes or world_size % nnodes:
         raise ValueError(f"world size {world_size} is not a multiple of {nnodes} nodes")
     layout = Layout(nnodes, world_size)
@@ -122,25 +134,47 @@ def agree(
     floor = max(floors) if floors else None
     # A pod's snapshots count only for its own ranks (pinned: see Layout).
     holdings = [h for p in pods for h in p.holdings if layout.pod_of(h.rank) == p.ordinal]
-    steps = sorted({h.step for h in holdings if floor is None or h.step >= floor}, reverse=True)
-    if not steps:
+    foreign = [h for h in holdings if job is not None and h.job != job]
+    holdings = [h for h in holdings if h not in foreign]
+    candidates = sorted(
+        {(h.step, h.lineage) for h in holdings if floor is None or h.step >= floor},
+        key=lambda c: (-c[0], c[1]),
+    )
+    if not candidates:
         newer = f" at or after checkpoint step {floor}" if floor is not None else ""
-        return _fallback(f"no pod holds a snapshot{newer}; every rank loads the checkpoint")
+        other = f" ({len(foreign)} snapshot(s) of other jobs ignored)" if foreign else ""
+        return _fallback(f"no pod holds a snapshot{newer}{other}; every rank loads the checkpoint")
     first_failure = ""
-    for step in steps:
-        holders: dict[str, list[int]] = {}
-        for h in holdings:
-            if h.step == step:
-                holders.setdefault(h.shard_key, []).append(h.rank)
+    for step, lineage in candidates:
+        holders, disputed = _holders(h for h in holdings if (h.step, h.lineage) == (step, lineage))
         local = {r for r in live if r in holders.get(live[r].shard_key, ())}
         orphans = [
             r for r in sorted(live) if r not in local and not _peers(r, live, holders, local)
         ]
         if orphans:
-            first_failure = first_failure or _orphan_reason(step, orphans, live, holders, floor)
+            reason = _orphan_reason(step, orphans, live, holders, floor)
+            if disputed:
+                reason += f" (holders of shard key(s) {disputed[:3]} disagree on its checksum)"
+            first_failure = first_failure or reason
             continue
-        return _assign(step, live, local, holders, by_pod, layout, pods_per_replica)
+        agreement = _assign(step, live, local, holders, by_pod, layout, pods_per_replica)
+        return dataclasses.replace(agreement, lineage=lineage)
     return _fallback(f"{first_failure}; every rank loads the checkpoint")
+
+
+def _holders(holdings: Iterable[Holding]) -> tuple[dict[str, list[int]], list[str]]:
+    """Ranks holding each shard key at one candidate; keys whose holders publish different
+    checksums are left out (second value): no copy of a disputed shard is used."""
+    by_key: dict[str, list[Holding]] = {}
+    for h in holdings:
+        by_key.setdefault(h.shard_key, []).append(h)
+    holders, disputed = {}, []
+    for key, found in by_key.items():
+        if len({h.checksum for h in found}) > 1:
+            disputed.append(key)
+        else:
+            holders[key] = [h.rank for h in found]
+    return holders, sorted(disputed)
 
 
 def _peers(

@@ -62,7 +62,8 @@ class RoundInputs:
     pods: tuple[PodReport, ...]
     workers: tuple[WorkerRecord, ...]
 
-    def agree(self, nnodes: int, world_size: int) -> Agreement:
+    def agree(self, nnodes: int, world_size: int, job: str | None = None) -> Agreement:
+        """The agreement; ``job``: this job's identity (other jobs' holdings are ignored)."""
         return agree(
             nnodes=nnodes,
             world_size=world_size,
@@ -70,6 +71,7 @@ class RoundInputs:
             ranks=self.workers,
             load_checkpoint=self.directive.load_checkpoint,
             pods_per_replica=self.directive.pods_per_replica,
+            job=job,
         )
 
 
@@ -103,13 +105,13 @@ def read_inputs(
 
 
 def to_record(agreement: Agreement) -> AgreementRecord:
-    """What the leader publishes: the step, the reason and the moves."""
+    """What the leader publishes: the step, its lineage, the reason and the moves."""
     moves = tuple(
         Move(rank, role.source, role.planned_by)
         for rank, role in sorted(agreement.roles.items())
         if role.action is Action.PEER and role.source is not None and role.planned_by is not None
     )
-    return AgreementRecord(agreement.step, agreement.reason, moves)
+    return AgreementRecord(agreement.step, agreement.reason, moves, agreement.lineage)
 
 
 def from_record(record: AgreementRecord, rank: int, world_size: int) -> Agreement:
@@ -137,14 +139,22 @@ def from_record(record: AgreementRecord, rank: int, world_size: int) -> Agreemen
             send_to=tuple(sorted(send_to.get(r, ()))),
             planned_by=None if move is None else move.planned_by,
         )
-    return Agreement(step=record.step, roles=roles, reason=record.reason)
+    return Agreement(step=record.step, roles=roles, reason=record.reason, lineage=record.lineage)
 
 
-def lead(store: Any, prefix: str, nnodes: int, world_size: int, timeout: float) -> Agreement:
-    """The leader's part: read everything once, agree, publish (also when it cannot agree)."""
+def lead(
+    store: Any,
+    prefix: str,
+    nnodes: int,
+    world_size: int,
+    timeout: float,
+    job: str | None = None,
+) -> Agreement:
+    """The leader's part: read everything once, agree, publish (also when it cannot agree).
+    ``job``: the job's identity, which every holding used must carry."""
     try:
         agreement = read_inputs(store, prefix, nnodes, world_size, timeout).agree(
-            nnodes, world_size
+            nnodes, world_size, job
         )
     except (ExchangeError, ValueError) as error:
         agreement = Agreement(step=None, roles={}, reason=f"no agreement: {error}")

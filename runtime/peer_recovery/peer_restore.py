@@ -131,12 +131,20 @@ class RoundSession:
         return cls(ctx, store, rank, world_size, env)
 
     def agree(
-        self, live_shard_key: str, checkpoint_step: int | None, timeout: float
+        self,
+        live_shard_key: str,
+        checkpoint_step: int | None,
+        timeout: float,
+        *,
+        job: str | None = None,
     ) -> RankPlan | None:
-        """This rank's plan for the round, or None: every rank loads the checkpoint."""
+        """This rank's plan for the round, or None: every rank loads the checkpoint.
+
+        ``job``: this job's identity; snapshots published with another are never used.
+        """
         ctx = self.ctx
         try:
-            agreement = self._agree(live_shard_key, checkpoint_step, timeout)
+            agreement = self._agree(live_shard_key, checkpoint_step, timeout, job)
         except (ExchangeError, ValueError) as error:
             log.warning("peer-recovery: rank %d: no agreement this round: %s", self.rank, error)
             self._publish_agreed(None, f"no agreement: {error}")
@@ -153,6 +161,7 @@ class RoundSession:
             agreement.step,
             receive_from=role.source if role.action is Action.PEER else None,
             send_to=role.send_to,
+            lineage=agreement.lineage,
         )
 
     def moves_bytes(self) -> bool:
@@ -217,13 +226,16 @@ class RoundSession:
 
     # --- the exchange ----------------------------------------------------------------------
 
-    def _agree(self, live_shard_key: str, checkpoint_step: int | None, timeout: float) -> Agreement:
-        """Publish this rank's record; the leader agrees for all, the others read its answer."""
+    def _agree(
+        self, live_shard_key: str, checkpoint_step: int | None, timeout: float, job: str | None
+    ) -> Agreement:
+        """Publish this rank's record; the leader agrees for all, the others read its answer.
+        ``job``: this job's identity: holdings of other jobs are never used."""
         ctx, store = self.ctx, self.store
         me = WorkerRecord(self.rank, live_shard_key, checkpoint_step)
         publish(store, keys.worker_key(ctx.prefix, self.rank), me)
         if self.rank == exchange.LEADER:
-            return exchange.lead(store, ctx.prefix, ctx.nnodes, self.world_size, timeout)
+            return exchange.lead(store, ctx.prefix, ctx.nnodes, self.world_size, timeout, job)
         return exchange.follow(store, ctx.prefix, self.rank, self.world_size, timeout)
 
     def _publish_agreed(self, agreement: Agreement | None, reason: str) -> None:

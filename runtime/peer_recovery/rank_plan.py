@@ -27,12 +27,14 @@ class RankPlan:
 
     ``step`` is the agreed resume step; ``receive_from`` the global rank streaming to this
     rank (role RECEIVE); ``send_to`` the ranks this rank streams its stored ``step`` to
-    after loading it (role SEND). Neither set: role LOCAL.
+    after loading it (role SEND). Neither set: role LOCAL. ``lineage``: the agreed
+    snapshots' lineage (``peer_recovery.snapshots.identity``); None accepts any.
     """
 
     step: int
     receive_from: int | None = None
     send_to: tuple[int, ...] = ()
+    lineage: str | None = None
 
     def __post_init__(self) -> None:
         if self.receive_from is not None and self.send_to:

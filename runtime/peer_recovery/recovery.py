@@ -32,6 +32,14 @@ transfer phase without the other ranks giving up on the vote meanwhile.
   back). Nothing raises where ``None`` is the outcome, including a rank that never joins.
 - If all voted yes, the checked slots are loaded. A load that fails after that raises
   ``RestoreAbandoned``: the other ranks resume, so this process must end, never train.
+
+Snapshot identity (``snapshots.identity``): every snapshot records this job and the
+lineage the state is on. A restore resumes one (step, lineage); afterwards every rank
+quarantines what is not on that timeline (newer steps of the abandoned continuation, other
+lineages, other jobs) and continues on a new lineage. A restore that returns ``None`` voids
+(quarantines) every snapshot newer than ``checkpoint_step`` (all of them without one) on
+every rank, and continues on a fresh lineage; ``invalidate(after_step=...)`` does the same
+for a script that rolls back by itself.
 """
 
 from __future__ import annotations
@@ -55,9 +63,14 @@ from peer_recovery.decision import DecisionUnknown, JobDecision, default_store
 from peer_recovery.protocol.records import canonical_key
 from peer_recovery.rank_plan import RankPlan, Role
 from peer_recovery.shard_key import ShardKey
-from peer_recovery.snapshots import settings
+from peer_recovery.snapshots import identity, settings
 from peer_recovery.snapshots.live import LiveState, Stateful, key_digest
-from peer_recovery.snapshots.local_restore import agree_on_step, load_private, usable_snapshots
+from peer_recovery.snapshots.local_restore import (
+    LocalAgreement,
+    agree_on_step,
+    load_private,
+    usable_snapshots,
+)
 from peer_recovery.snapshots.manifest import Manifest
 from peer_recovery.snapshots.metrics import SnapshotStats, log_restore
 from peer_recovery.snapshots.rollback import Backup
@@ -131,6 +144,7 @@ class PeerRecovery:
         vote_timeout_s: float | None = None,
         pg: dist.ProcessGroup | None = None,
         store: SnapshotStore | None = None,
+        job: str | None = None,
     ) -> None:
         if not state:
             raise ValueError("PeerRecovery needs at least one Stateful object to snapshot")
@@ -150,6 +164,11 @@ class PeerRecovery:
         self._undo: Callable[[], None] | None = None  # drops optimizer state a restore created
         self._backup: Backup | None = None  # a receiver's objects as they were
         self.last_failure: str | None = None  # why the last restore() returned None
+        #: This job's identity: snapshots of another job are never loaded.
+        self.job = job if job is not None else identity.job_identity(os.environ)
+        #: The timeline new snapshots belong to; a restore moves it on.
+        self.lineage = identity.root(self.job)
+        self._nonce: str | None = None  # this restore's id for a fallback's lineage
 
     @classmethod
     def from_env(
@@ -196,7 +215,33 @@ class PeerRecovery:
         replicated = self.state.flat()
         private = self.private.flat() if self.private.objects else None
         key = self.shard_key(replicated)
-        return self._writer.write(step, key, replicated, private, self.async_snapshot)
+        return self._writer.write(
+            step, key, replicated, private, self.async_snapshot, job=self.job, lineage=self.lineage
+        )
+
+    def invalidate(self, after_step: int) -> list[int]:
+        """Void every snapshot newer than ``after_step``: quarantine it, never load it again.
+
+        For a script that rolls back by itself (a NaN, a loss spike: it loads an older
+        checkpoint): call it on every rank with the step it goes back to. New snapshots then
+        start a new lineage, so they are never confused with the voided ones. Returns the
+        voided steps. ``restore()`` does this itself when it returns ``None``.
+        """
+        if not isinstance(after_step, int) or isinstance(after_step, bool):
+            raise ValueError(f"after_step must be an int, got {after_step!r}")
+        self.wait()
+        self.lineage = identity.invalidated(self.lineage, after_step)
+        return self._void_newer(after_step, f"voided by invalidate(after_step={after_step})")
+
+    def _void_newer(self, after_step: int, why: str) -> list[int]:
+        voided = self.store.void(
+            lambda m: m.step <= after_step and m.job == self.job, lambda m: why
+        )
+        if voided:
+            log.warning(
+                "peer-recovery: rank %d: voided snapshots of steps %s: %s", self.rank, voided, why
+            )
+        return voided
 
     def wait(self) -> None:
         """Wait for a background snapshot's commit (which never raises: a failed one is
@@ -244,6 +289,7 @@ class PeerRecovery:
             except Exception as error:  # the round's store is unreachable: no agreement
                 self.last_failure = f"could not join the round: {type(error).__name__}: {error}"
                 log.warning("peer-recovery: restore falls back: %s", self.last_failure)
+                self._fell_back(checkpoint_step)
                 return None
             if session is not None:
                 return self._restore_in_round(session, checkpoint_step)
@@ -252,12 +298,16 @@ class PeerRecovery:
     def _restore_in_round(
         self, session: peer_restore.RoundSession, checkpoint_step: int | None
     ) -> RestoreResult | None:
-        plan = session.agree(self._live_shard_key(), checkpoint_step, self.budget.vote_s)
+        plan = session.agree(
+            self._live_shard_key(), checkpoint_step, self.budget.vote_s, job=self.job
+        )
+        self._nonce = session.ctx.prefix  # the same on every rank, new every round
         if plan is None:
             agreement = session.agreement
             self.last_failure = (
                 agreement.reason if agreement is not None else "no agreement this round"
             )
+            self._fell_back(checkpoint_step)
             return None
         transport = None
         if session.moves_bytes():
@@ -289,6 +339,8 @@ class PeerRecovery:
         """Prepare this rank's part, vote, then load: see the module docstring."""
         started = time.perf_counter()
         self._undo, self._backup = None, None
+        if self._nonce is None:
+            self._nonce = os.urandom(16).hex()  # replaced by rank 0's on the local path
         failure: str | None = None
         sizing_error: SizingError | None = None
         usable: list[tuple[Manifest, Flat]] = []
@@ -307,7 +359,9 @@ class PeerRecovery:
             private = self.private.flat() if self.private.objects else None
             self.store.ensure_capacity(plan_sections(live[0], private)[2])
             if plan is None or plan.role is not Role.RECEIVE:
-                usable, reasons = usable_snapshots(self.store, self.rank, live, checkpoint_step)
+                usable, reasons = usable_snapshots(
+                    self.store, self.rank, live, checkpoint_step, self.job
+                )
         except SizingError as error:
             sizing_error, failure = error, failure or str(error)
         except Exception as error:
@@ -316,17 +370,20 @@ class PeerRecovery:
         try:
             if plan is None and (pg is not None or self.world_size == 1):
                 manifests = [m for m, _ in usable]
-                step, why = agree_on_step(pg, self.store, self.rank, manifests, reasons)
-                failure = failure or why
-                if failure is None and step is not None:
-                    ready = self._prepare_local(step, usable, None, transport)
+                local: LocalAgreement = agree_on_step(pg, self.store, self.rank, manifests, reasons)
+                self._nonce = local.nonce
+                failure = failure or local.reason
+                if failure is None and local.manifest is not None:
+                    ready = self._prepare_local(
+                        local.manifest.step, usable, None, transport, local.manifest.lineage
+                    )
             elif plan is not None and failure is None and plan.role is Role.RECEIVE:
                 if streams is not None:
                     ready = self._replicate(plan, streams, live, checkpoint_step)
                 else:
                     received = self._receive(plan, transport, checkpoint_step)
             elif plan is not None and failure is None:
-                ready = self._prepare_local(plan.step, usable, plan, transport)
+                ready = self._prepare_local(plan.step, usable, plan, transport, plan.lineage)
         except Exception as error:
             log.exception("peer-recovery: rank %d failed to restore", self.rank)
             failure, ready, received = f"{type(error).__name__}: {error}", None, None
@@ -337,11 +394,17 @@ class PeerRecovery:
         outcome = self._decide(ballot, begun)
         if not outcome.ok:
             self._roll_back(outcome.reason)
+            self._fell_back(checkpoint_step)
             if sizing_error is not None:
                 raise sizing_error
             return None
         result = received if ready is None else self._load_prepared(ready)
         assert result is not None
+        resumed_lineage = ready.manifest.lineage if ready else (plan.lineage if plan else None)
+        try:
+            self._resumed(resumed_lineage, result.step)
+        except OSError:  # the agreement pairs (step, lineage): stale files cannot mix in
+            log.exception("peer-recovery: rank %d: could not quarantine stale snapshots", self.rank)
         self.last_failure = None
         seconds = time.perf_counter() - started
         result = dataclasses.replace(result, seconds=seconds)
@@ -350,6 +413,54 @@ class PeerRecovery:
         self.stats.restore_seconds, self.stats.restore_bytes = seconds, result.bytes
         log_restore(result.role.value, result.step, result.source, result.bytes, seconds)
         return result
+
+    def _resumed(self, lineage: str | None, step: int) -> None:
+        """After resuming at ``step`` of ``lineage``: keep only that timeline, move it on.
+
+        Everything else (newer steps of the abandoned continuation, other lineages, other
+        jobs) is quarantined, so it can never be taken for this timeline's snapshots.
+        """
+        self._nonce = None
+        if lineage is None:  # a plan without a lineage (given by hand): keep the step's past
+            lineage = self.lineage
+        self.lineage = identity.resumed(lineage, step)
+        self.wait()
+
+        def keep(m: Manifest) -> bool:
+            return m.job == self.job and identity.on_timeline(
+                m.lineage, m.step, resumed_lineage=lineage, resumed_step=step
+            )
+
+        def why(m: Manifest) -> str:
+            if m.job != self.job:
+                return f"belongs to another job ({m.job!r})"
+            return f"not on the timeline resumed at step {step} (lineage {m.lineage[:12]})"
+
+        voided = self.store.void(keep, why)
+        if voided:
+            log.warning(
+                "peer-recovery: rank %d: resumed at step %d; voided snapshots of steps %s "
+                "(another timeline)",
+                self.rank,
+                step,
+                voided,
+            )
+
+    def _fell_back(self, checkpoint_step: int | None) -> None:
+        """``restore()`` returns None: void what is newer than the checkpoint, new lineage.
+
+        The script now loads the checkpoint (or starts fresh): snapshots newer than it
+        belong to a timeline this job has left. Never raises (``None`` is the outcome).
+        """
+        nonce, self._nonce = self._nonce or os.urandom(16).hex(), None
+        self.lineage = identity.fallback(self.job, nonce, checkpoint_step)
+        after = -1 if checkpoint_step is None else checkpoint_step
+        try:
+            self._void_newer(
+                after, f"the restore fell back to the checkpoint (step {checkpoint_step})"
+            )
+        except Exception:
+            log.exception("peer-recovery: rank %d: could not void newer snapshots", self.rank)
 
     def _roll_back(self, reason: str) -> None:
         """The vote failed: every object back as it was before ``restore()``; say why."""
@@ -398,10 +509,16 @@ class PeerRecovery:
         return flat, self.shard_key(flat)
 
     def _prepare_local(
-        self, step: int, usable: list[tuple[Manifest, Flat]], plan: RankPlan | None, transport: Any
+        self,
+        step: int,
+        usable: list[tuple[Manifest, Flat]],
+        plan: RankPlan | None,
+        transport: Any,
+        lineage: str | None,
     ) -> _Ready:
-        """Pick and check this rank's slot of ``step`` (and send from it); load nothing yet."""
-        found = [(m, f) for m, f in usable if m.step == step]
+        """Pick and check this rank's slot of ``step`` on ``lineage`` (and send from it);
+        load nothing yet."""
+        found = [(m, f) for m, f in usable if m.step == step and lineage in (None, m.lineage)]
         if not found:
             raise _Failure(
                 f"the plan says step {step}, this rank holds {[m.step for m, _ in usable]}"

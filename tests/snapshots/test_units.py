@@ -73,7 +73,7 @@ def test_manifest_round_trip_and_damage_is_refused(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path)
     raw = manifest.encode()
     assert Manifest.decode(raw) == manifest
-    assert manifest.summary()["step"] == 5 and manifest.summary()["checksum"].startswith("crc32:")
+    assert manifest.summary()["step"] == 5 and manifest.summary()["checksum"].startswith("b2:")
     with pytest.raises(ManifestError, match="own checksum"):
         Manifest.decode(raw.replace(b'"step":5', b'"step":6'))
     with pytest.raises(ManifestError, match="not JSON"):

@@ -47,6 +47,12 @@ def _int(value: Any, what: str) -> int:
     return value
 
 
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {value!r:.80}")
+    return value
+
+
 def _opt_int(value: Any, what: str) -> int | None:
     return None if value is None else _int(value, what)
 
@@ -76,16 +82,21 @@ def canonical_key(shard_key_json: Any) -> str:
 
 @dataclass(frozen=True)
 class Holding:
-    """One snapshot a pod holds: whose rank's state, at which step, under which shard key."""
+    """One snapshot a pod holds: whose rank's state, at which step, under which shard key,
+    and its identity (the job that took it, its lineage, the checksum of its content)."""
 
     rank: int
     step: int
     shard_key: str
     nbytes: int = 0
+    job: str = ""
+    lineage: str = ""
+    checksum: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"rank": self.rank, "step": self.step, "shard_key": self.shard_key,
-                "nbytes": self.nbytes}  # fmt: skip
+                "nbytes": self.nbytes, "job": self.job, "lineage": self.lineage,
+                "checksum": self.checksum}  # fmt: skip
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Holding:
@@ -94,6 +105,9 @@ class Holding:
             _int(raw["step"], "step"),
             str(raw["shard_key"]),
             _int(raw.get("nbytes", 0), "nbytes"),
+            _str(raw.get("job", ""), "job"),
+            _str(raw.get("lineage", ""), "lineage"),
+            _str(raw.get("checksum", ""), "checksum"),
         )
 
 
@@ -421,15 +435,17 @@ class Move:
 @dataclass(frozen=True)
 class AgreementRecord:
     """``agreement``: the round's agreement as its leader (rank 0) computed it, published
-    once for every other rank: the step (None: every rank loads the checkpoint), the reason,
-    and only the moves; every rank not named in a move restores locally."""
+    once for every other rank: the step (None: every rank loads the checkpoint), the
+    snapshots' lineage at that step, the reason, and only the moves; every rank not named in
+    a move restores locally."""
 
     step: int | None
     reason: str
     moves: tuple[Move, ...] = ()
+    lineage: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "reason": self.reason,
+        return {"step": self.step, "reason": self.reason, "lineage": self.lineage,
                 "moves": [[m.receiver, m.source, m.planned_by.value] for m in self.moves]}  # fmt: skip
 
     @classmethod
@@ -450,6 +466,9 @@ class AgreementRecord:
                 raise ValueError(f"a rank receives twice in {receivers}")
             if step is None and moves:
                 raise ValueError("moves without a step")
-            return cls(step, str(raw.get("reason") or ""), moves)
+            lineage = raw.get("lineage")
+            if lineage is not None and not isinstance(lineage, str):
+                raise ValueError(f"lineage must be a string, got {lineage!r}")
+            return cls(step, str(raw.get("reason") or ""), moves, lineage)
 
         return _parse("agreement record", where, parse)

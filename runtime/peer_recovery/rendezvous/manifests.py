@@ -39,6 +39,9 @@ def holdings_in(root: Path) -> list[Holding]:
                 step=manifest.step,
                 shard_key=canonical_key(manifest.shard_key.to_json()),
                 nbytes=manifest.replicated.nbytes,
+                job=manifest.job,
+                lineage=manifest.lineage,
+                checksum=manifest.content,
             )
         )
     return found

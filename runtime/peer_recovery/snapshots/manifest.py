@@ -1,8 +1,9 @@
 """Snapshot manifests: what a slot file holds, where, and how to check it.
 
 A manifest is the last thing written for a slot, atomically (temp file, fsync, rename), so
-a slot without a readable manifest is simply not a snapshot. It records the step, the shard
-key, the layout (each tensor's path, dtype, shape, offset and size in the slot file), the
+a slot without a readable manifest is simply not a snapshot. It records the snapshot's
+identity (the job that took it, its lineage, the step and a checksum of its content; see
+``identity``), the shard key, the layout (each tensor's path, dtype, shape, offset and size in the slot file), the
 skeletons of the replicated and the rank-private state (non-tensor leaves in tagged JSON,
 see ``tree``), and CRC-32 checksums of the data region in fixed-size chunks. The manifest
 guards itself with a CRC-32 of its body, so a damaged manifest is refused, not misread.
@@ -22,7 +23,7 @@ from peer_recovery.shard_key import ShardKey, state_digest
 
 __all__ = ["FORMAT", "Manifest", "ManifestError", "Section", "TensorEntry"]
 
-FORMAT = "peer-recovery.snapshot/v1"
+FORMAT = "peer-recovery.snapshot/v2"
 
 
 class ManifestError(ValueError):
@@ -121,21 +122,25 @@ class Manifest:
     chunk_bytes: int
     checksums: tuple[int, ...]
     created_unix: float
+    job: str = ""  # ``identity.job_identity`` of the job that took it
+    lineage: str = ""  # ``identity``: the timeline it belongs to
+    content: str = ""  # checksum of the replicated state (tensor bytes and skeleton)
 
     @property
     def checksum(self) -> str:
-        """One short checksum standing for all chunk checksums (for publishing)."""
-        crc = zlib.crc32(json.dumps(list(self.checksums)).encode())
-        return f"crc32:{crc:08x}"
+        """The content checksum: equal on every holder of the same state (for publishing)."""
+        return self.content
 
     def summary(self) -> dict[str, Any]:
-        """The cheap part to publish to peers: step, shard key, bytes, checksum."""
+        """The cheap part to publish to peers: identity, shard key, bytes."""
         return {
             "step": self.step,
             "rank": self.rank,
+            "job": self.job,
+            "lineage": self.lineage,
+            "checksum": self.content,
             "shard_key": self.shard_key.to_json(),
             "bytes": self.replicated.nbytes,
-            "checksum": self.checksum,
         }
 
     def body(self) -> dict[str, Any]:
@@ -151,6 +156,9 @@ class Manifest:
             "chunk_bytes": self.chunk_bytes,
             "checksums": list(self.checksums),
             "created_unix": self.created_unix,
+            "job": self.job,
+            "lineage": self.lineage,
+            "content": self.content,
         }
 
     def encode(self) -> bytes:
@@ -183,6 +191,9 @@ class Manifest:
         created = body.get("created_unix")
         _need(isinstance(created, (int, float)), "created_unix must be a number")
         private = body.get("private")
+        identity = {name: body.get(name) for name in ("job", "lineage", "content")}
+        for name, value in identity.items():
+            _need(isinstance(value, str), f"{name} must be a string, got {value!r:.80}")
         manifest = cls(
             step=_int(body.get("step"), "step"),
             slot=_int(body.get("slot"), "slot"),
@@ -194,6 +205,9 @@ class Manifest:
             chunk_bytes=_int(body.get("chunk_bytes"), "chunk_bytes", lo=1),
             checksums=tuple(_int(c, "checksum") for c in checksums),
             created_unix=float(created),
+            job=identity["job"],  # type: ignore[arg-type]
+            lineage=identity["lineage"],  # type: ignore[arg-type]
+            content=identity["content"],  # type: ignore[arg-type]
         )
         manifest.validate()
         return manifest

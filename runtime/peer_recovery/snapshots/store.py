@@ -15,6 +15,13 @@ Invariants:
   failed preallocation gives back only what it added: a committed slot is never truncated.
 - A commit that fails (e.g. a full filesystem) leaves its slot without a manifest and no
   temp file behind; the other slot is untouched.
+- Every manifest carries the snapshot's identity (job, lineage, step, content checksum; see
+  ``identity``). The content checksum covers the replicated state only (its tensor bytes,
+  with the alignment padding zeroed, its layout and skeleton), so every holder of the same
+  state publishes the same checksum; it is derived from the chunk checksums the commit
+  computes anyway, so it costs no extra pass over the data when there is no rank-private
+  state (and one pass over at most one chunk when there is).
+- ``void`` quarantines every snapshot a predicate rejects and never deletes one.
 - Data is mapped (``MAP_SHARED``) and copied with torch, so a snapshot costs one copy from
   the training tensors into the page cache of the memory filesystem, and restoring costs one
   copy back, with no serialisation on either side.
@@ -26,6 +33,8 @@ import concurrent.futures
 import contextlib
 import ctypes
 import errno
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -110,6 +119,19 @@ class SlotWrite:
 
     manifest: Manifest  # checksums still empty
     copy_seconds: float
+
+
+def _content_checksum(section: Section, chunk_sums: Sequence[int]) -> str:
+    """The content checksum of a replicated section from its chunks' CRC-32s (see above)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(list(chunk_sums)).encode())
+    h.update(json.dumps(section.to_json(), sort_keys=True, separators=(",", ":")).encode())
+    return "b2:" + h.hexdigest()
+
+
+def _section_end(section: Section) -> int:
+    """Where a section's data ends, padding included (where the next section starts)."""
+    return max((_align(t.offset + t.nbytes) for t in section.tensors), default=0)
 
 
 class SnapshotStore:
@@ -214,6 +236,20 @@ class SnapshotStore:
         )
         return base
 
+    def void(self, keep: Callable[[Manifest], bool], why: Callable[[Manifest], str]) -> list[int]:
+        """Quarantine every snapshot ``keep`` rejects (``why`` says why); return their steps.
+
+        Rescans afterwards, so the next write never lands in the slot that remains.
+        """
+        self._scanned = False
+        voided = []
+        for manifest in self.scan()[0]:
+            if not keep(manifest):
+                self.quarantine_slot(manifest.slot, manifest.step, why(manifest))
+                voided.append(manifest.step)
+        self.scan()
+        return voided
+
     def remove_all(self) -> None:
         for slot in (0, 1):
             self.remove_slot(slot)
@@ -301,8 +337,14 @@ class SnapshotStore:
         shard_key: ShardKey,
         replicated: Flat,
         private: Flat | None,
+        *,
+        job: str = "",
+        lineage: str = "",
     ) -> SlotWrite:
-        """Copy the tensors into the older slot (the training-blocking part of a snapshot)."""
+        """Copy the tensors into the older slot (the training-blocking part of a snapshot).
+
+        ``job`` and ``lineage`` are the snapshot's identity (``identity``).
+        """
         rep, priv, data_bytes = plan_sections(replicated, private)
         slot, buf = self.open_slot(data_bytes)
         started = time.perf_counter()
@@ -310,6 +352,10 @@ class SnapshotStore:
         entries = [*rep.tensors, *(priv.tensors if priv else ())]
         for tensor, entry in zip(tensors, entries, strict=True):
             _copy_into(buf, entry, tensor)
+        for entry in rep.tensors:  # padding is content too: make it the same on every holder
+            end = entry.offset + entry.nbytes
+            if _align(end) > end:
+                buf[end : _align(end)].zero_()
         if any(t.is_cuda for t in tensors):
             torch.cuda.synchronize()
         manifest = Manifest(
@@ -323,6 +369,8 @@ class SnapshotStore:
             chunk_bytes=CHUNK_BYTES,
             checksums=(),
             created_unix=time.time(),
+            job=job,
+            lineage=lineage,
         )
         return SlotWrite(manifest, time.perf_counter() - started)
 
@@ -371,9 +419,25 @@ class SnapshotStore:
         """
         draft = pending.manifest
         sums = tuple(self._checksums(draft.slot, draft.data_bytes, draft.chunk_bytes, threads))
-        manifest = Manifest(**{**draft.__dict__, "checksums": sums})
+        manifest = Manifest(
+            **{**draft.__dict__, "checksums": sums, "content": self._content(draft, sums)}
+        )
         self.install(manifest)
         return manifest
+
+    def _content(self, draft: Manifest, sums: Sequence[int]) -> str:
+        """The content checksum: the chunks of the replicated section, reusing ``sums``."""
+        end, chunk = _section_end(draft.replicated), draft.chunk_bytes
+        whole = end // chunk
+        rep_sums = list(sums[:whole])
+        if end % chunk:
+            if end == draft.data_bytes:
+                rep_sums.append(sums[whole])
+            else:  # the last chunk is shared with the rank-private section
+                rep_sums.append(
+                    crc32(memoryview(self._map(draft.slot).numpy())[whole * chunk : end])
+                )
+        return _content_checksum(draft.replicated, rep_sums)
 
     # -- reading -------------------------------------------------------------------------
     def _checksums(self, slot: int, data_bytes: int, chunk: int, threads: int = 1) -> list[int]:

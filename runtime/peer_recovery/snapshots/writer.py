@@ -31,13 +31,21 @@ class SnapshotWriter:
         self._pending: concurrent.futures.Future[None] | None = None
 
     def write(
-        self, step: int, key: ShardKey, replicated: Flat, private: Flat | None, background: bool
+        self,
+        step: int,
+        key: ShardKey,
+        replicated: Flat,
+        private: Flat | None,
+        background: bool,
+        *,
+        job: str = "",
+        lineage: str = "",
     ) -> float:
         """Copy into the store, then commit (in the background if ``background``); return
-        the seconds training was blocked."""
+        the seconds training was blocked. ``job``, ``lineage``: the snapshot's identity."""
         self.wait()
         started = time.perf_counter()
-        pending = self.store.write_data(step, key, replicated, private)
+        pending = self.store.write_data(step, key, replicated, private, job=job, lineage=lineage)
         stall = time.perf_counter() - started
         self.stats.last_step, self.stats.last_stall_seconds = step, stall
         self.stats.last_bytes = pending.manifest.data_bytes
