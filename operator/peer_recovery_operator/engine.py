@@ -30,9 +30,12 @@ from peer_recovery_operator import lifecycle
 from peer_recovery_operator.config import OperatorConfig
 from peer_recovery_operator.detection import (
     Detection,
+    JobChange,
     KnownPod,
     detect_change,
     detect_missed_replacement,
+    job_change,
+    outside_job,
 )
 from peer_recovery_operator.kube import ClusterApi
 from peer_recovery_operator.metrics import Metrics
@@ -41,6 +44,8 @@ from peer_recovery_operator.retention import Expired, expired
 from peer_recovery_operator.state import ClusterState, JobKey, Slot
 from peer_recovery_operator.views import (
     BadInput,
+    JobView,
+    is_pytorchjob_pod,
     job_name_of_pod,
     job_view,
     node_view,
@@ -122,6 +127,8 @@ class Engine:
 
     def pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         self.metrics.watch_events.labels("pods").inc()
+        if not is_pytorchjob_pod(body):
+            return  # a TFJob's, MPIJob's, ... pod (the label selector normally keeps these away)
         job_name = job_name_of_pod(body)
         if job_name is None:
             return  # not a training pod (the label selector normally keeps these away)
@@ -132,6 +139,11 @@ class Engine:
             return
         if self._of_deleted_job(pod, body):
             return  # the garbage collector is removing a deleted job's pods
+        key = (pod.namespace, pod.job)
+        job = self.state.jobs.get(key)
+        if job is not None and outside_job(job, pod):
+            self.state.forget_slot(pod.slot)  # suspended or scaled away: not a replacement
+            return
         if event_type == "DELETED":
             self.state.pod_gone(pod)
             return
@@ -139,8 +151,6 @@ class Engine:
         current = self.state.pod_in(pod.slot)
         if current is not None and current.uid != pod.uid:
             return  # a late event about an incarnation the slot has moved past
-        key = (pod.namespace, pod.job)
-        job = self.state.jobs.get(key)
         if previous is None:
             # Only pods from kopf's initial listing (type None) predate this process.
             self._first_sight(key, pod, listed=event_type is None)
@@ -165,12 +175,38 @@ class Engine:
             return
         if job.problem:
             self._warn(f"job:{job.uid}:{job.problem}", "annotation", job.problem, body)
+        change = job_change(self.state.jobs.get(key), job)
         self.state.jobs[key] = job
+        if change is not None:
+            self._job_changed(job, change)
         _, parked = self._parked.pop(key, (0.0, set()))
         for slot, listed in parked:
             pod = self.state.pod_in(slot)
             if pod is not None:
                 self._first_sight(key, pod, listed=listed)
+
+    def _job_changed(self, job: JobView, change: JobChange) -> None:
+        """Suspend, resume or scaling: the pods that come and go are no replacements."""
+        key = (job.namespace, job.name)
+        logger.info("%s", change.why)
+        self.metrics.job_changes.labels(change.reason).inc()
+        for slot in self.state.job_slots(*key):
+            pod = self.state.pod_in(slot)
+            if change.all_pods_leave or (pod is not None and outside_job(job, pod)):
+                self.state.forget_slot(slot)
+        work = self._work.get(key)
+        if work is not None:
+            work.detections = [(d, t) for d, t in work.detections if not outside_job(job, d.target)]
+            work.candidates = {
+                uid: p for uid, p in work.candidates.items() if not outside_job(job, p)
+            }
+        involved = _job_ref(job.namespace, job.name, job.uid)
+        asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: self._api.post_event(
+                involved, type_="Normal", reason=change.reason, message=change.why
+            ),
+        )
 
     def _forget_job(self, key: JobKey, meta: Mapping[str, Any]) -> None:
         """Free everything of a deleted job: state, queued work, parked pods, gauges."""
@@ -261,6 +297,7 @@ class Engine:
         (attempts for one target incarnation and restart) are indexed once per sweep, so a
         sweep costs time in proportion to the records, not to their square.
         """
+        began = time.perf_counter()
         now = self._clock()
         episodes: dict[tuple[str, str, str, int, str], list[RecoveryRecord]] = {}
         for r in self.state.recoveries.values():
@@ -291,6 +328,7 @@ class Engine:
                 self._enqueue(key).lifecycle.setdefault(rec.name, (rec, verdict))
         self._expire(now)
         self._check_parked()
+        self.metrics.sweep_seconds.observe(time.perf_counter() - began)
 
     def _expire(self, now: datetime) -> None:
         """Queue the deletion of finished records past the retention policy."""
@@ -352,9 +390,12 @@ class Engine:
                     nodes=dict(self.state.nodes),
                     recoveries=tuple(self.state.job_recoveries(*key)),
                 )
+                began = time.perf_counter()
                 try:
                     written, deleted = await asyncio.to_thread(self._round, snap, work)
                 except Exception:
+                    self.metrics.rounds.labels("failed").inc()
+                    self.metrics.round_seconds.observe(time.perf_counter() - began)
                     # Any failure (an API error, a reset connection, a timeout): the round's
                     # detections go back on the queue, so a replacement is never dropped.
                     logger.exception(
@@ -365,6 +406,8 @@ class Engine:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, cap)
                     continue
+                self.metrics.rounds.labels("ok").inc()
+                self.metrics.round_seconds.observe(time.perf_counter() - began)
                 delay = self.retry_backoff[0]
                 for body in written:
                     self._fold(body)
@@ -422,7 +465,9 @@ class Engine:
         found = []
         for pod in candidates:
             others = [p.created for p in pods if p.uid != pod.uid and not p.terminating]
-            detection = detect_missed_replacement(pod, others, grace=grace, recorded_uids=recorded)
+            detection = detect_missed_replacement(
+                pod, others, grace=grace, recorded_uids=recorded, elastic=job.elastic
+            )
             if detection is not None:
                 logger.info("caught up: %s", detection.why)
                 found.append((detection, seen))

@@ -62,6 +62,17 @@ class ClusterState:
         if current is not None and current.uid == pod.uid:
             self._slots[pod.slot] = dataclasses.replace(current, terminating=True, ready=False)
 
+    def forget_slot(self, slot: Slot) -> None:
+        """Drop the slot's identity: the next pod in it is a first sight, not a replacement."""
+        self._retired.pop(slot, None)
+        pod = self._slots.pop(slot, None)
+        self._job_slots.get(slot[:2], set()).discard(slot)
+        if pod is not None and self._by_name.get((pod.namespace, pod.name)) == slot:
+            del self._by_name[(pod.namespace, pod.name)]
+
+    def job_slots(self, namespace: str, job: str) -> list[Slot]:
+        return sorted(self._job_slots.get((namespace, job), ()))
+
     def job_pods(self, namespace: str, job: str) -> list[PodView]:
         return [self._slots[s] for s in sorted(self._job_slots.get((namespace, job), ()))]
 
