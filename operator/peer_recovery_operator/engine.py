@@ -25,7 +25,7 @@ from typing import Any
 
 from peer_recovery.contract import names
 from peer_recovery.contract.names import is_operator_reason
-from peer_recovery.contract.records import RecordError, RecoveryRecord, parse_recovery, parse_time
+from peer_recovery.contract.records import RecordError, parse_recovery, parse_time
 from peer_recovery_operator import lifecycle
 from peer_recovery_operator.config import OperatorConfig
 from peer_recovery_operator.detection import (
@@ -81,6 +81,11 @@ class _JobWork:
     def __bool__(self) -> bool:
         return bool(self.detections or self.candidates or self.lifecycle or self.expired)
 
+    def target_uids(self) -> set[str]:
+        """The pods this work is about (a round needs their records, besides live ones)."""
+        uids = {d.target.uid for d, _ in self.detections} | set(self.candidates)
+        return uids | {rec.target_uid for rec, _ in self.lifecycle.values()}
+
     def keep_for_retry(self, newer: _JobWork | None) -> _JobWork:
         """What a failed round leaves to retry, merged with work queued meanwhile.
 
@@ -107,7 +112,10 @@ class Engine:
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.state = ClusterState()
+        self.state = ClusterState(actionable=lifecycle.may_need_action)
+        #: When the retention rule must look at a job again although nothing changed (its
+        #: oldest finished record reaches the time to live).
+        self._retention_due: dict[JobKey, datetime] = {}
         self._api = cluster
         self._clock = clock
         self._recorder = Recorder(cluster, self.metrics, clock)
@@ -212,6 +220,7 @@ class Engine:
         """Free everything of a deleted job: state, queued work, parked pods, gauges."""
         self._parked.pop(key, None)
         self._work.pop(key, None)
+        self._retention_due.pop(key, None)
         for record in self.state.forget_job(*key):
             self.metrics.recovery_changed(record, None)
         try:
@@ -293,26 +302,18 @@ class Engine:
         closed attempts whose re-plan may be missing; queue what needs acting, and the
         deletion of finished records past the retention policy.
 
-        Finished records need nothing, so they are not looked at one by one: the episodes
-        (attempts for one target incarnation and restart) are indexed once per sweep, so a
-        sweep costs time in proportion to the records, not to their square.
+        Touches only what may need acting: the state keeps the records the lifecycle may act
+        on, and each record's episode, indexed as the watch reports them; finished records
+        are looked at only by the retention rule, and only for jobs whose finished records
+        changed or whose oldest one reaches the time to live.
         """
         began = time.perf_counter()
         now = self._clock()
-        episodes: dict[tuple[str, str, str, int, str], list[RecoveryRecord]] = {}
-        for r in self.state.recoveries.values():
-            episode_key = (r.namespace, r.job, r.target_uid, r.restart_count, r.reason.value)
-            episodes.setdefault(episode_key, []).append(r)
-        for rec in list(self.state.recoveries.values()):
-            if not lifecycle.may_need_action(rec):
-                continue
+        for rec in self.state.actionable_recoveries():
             key = (rec.namespace, rec.job)
-            job = self.state.jobs.get(key)
-            if job is None:
+            if key not in self.state.jobs:
                 continue
-            episode = episodes[
-                (rec.namespace, rec.job, rec.target_uid, rec.restart_count, rec.reason.value)
-            ]
+            episode = self.state.episode(rec)
             verdict = lifecycle.decide(
                 rec,
                 now=now,
@@ -331,14 +332,28 @@ class Engine:
         self.metrics.sweep_seconds.observe(time.perf_counter() - began)
 
     def _expire(self, now: datetime) -> None:
-        """Queue the deletion of finished records past the retention policy."""
-        known = [
-            r for r in self.state.recoveries.values() if (r.namespace, r.job) in self.state.jobs
-        ]
+        """Queue the deletion of finished records past the retention policy, for the jobs
+        whose finished records changed, or whose oldest one has reached the time to live."""
+        due = self.state.take_retention_dirty()
+        due |= {key for key, when in self._retention_due.items() if when <= now}
         policy = {"keep": self.config.keep_finished, "ttl": self.config.finished_ttl}
-        for found in expired(known, now=now, **policy):
-            rec = found.record
-            self._enqueue((rec.namespace, rec.job)).expired.setdefault(rec.name, found)
+        for key in due:
+            self._retention_due.pop(key, None)
+            if key not in self.state.jobs:
+                self._retention_due[key] = now  # records seen before their job: look later
+                continue
+            records = self.state.job_recoveries(*key)
+            found = expired(records, now=now, **policy)
+            for item in found:
+                rec = item.record
+                self._enqueue(key).expired.setdefault(rec.name, item)
+            finished = [r.phase_since for r in records if r.phase.terminal]
+            if found:
+                self._retention_due[key] = now  # look again until the deletions land
+            elif finished:
+                self._retention_due[key] = min(finished) + timedelta(
+                    seconds=self.config.finished_ttl
+                )
 
     def _check_parked(self) -> None:
         horizon = time.monotonic() - DELETED_JOB_MEMORY_SECONDS
@@ -388,7 +403,7 @@ class Engine:
                     job=job,
                     pods=tuple(self.state.job_pods(*key)),
                     nodes=dict(self.state.nodes),
-                    recoveries=tuple(self.state.job_recoveries(*key)),
+                    recoveries=tuple(self.state.recoveries_for(*key, work.target_uids())),
                 )
                 began = time.perf_counter()
                 try:
