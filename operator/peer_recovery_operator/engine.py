@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -128,6 +129,7 @@ class Engine:
         self._warned: collections.OrderedDict[str, None] = collections.OrderedDict()
         #: Deleted jobs: (UID, deletion time, when forgotten) by key; their pods are ignored.
         self._deleted: dict[JobKey, tuple[str, datetime, float]] = {}
+        self._events = concurrent.futures.ThreadPoolExecutor(1, "peer-recovery-events")
         #: Seconds before retrying a failed round: the first delay, doubled up to the cap.
         self.retry_backoff: tuple[float, float] = (0.5, 30.0)
 
@@ -209,12 +211,7 @@ class Engine:
                 uid: p for uid, p in work.candidates.items() if not outside_job(job, p)
             }
         involved = _job_ref(job.namespace, job.name, job.uid)
-        asyncio.get_running_loop().run_in_executor(
-            None,
-            lambda: self._api.post_event(
-                involved, type_="Normal", reason=change.reason, message=change.why
-            ),
-        )
+        self._post_event(involved, "Normal", change.reason, change.why)
 
     def _forget_job(self, key: JobKey, meta: Mapping[str, Any]) -> None:
         """Free everything of a deleted job: state, queued work, parked pods, gauges."""
@@ -498,13 +495,7 @@ class Engine:
         message = f"{view.name} {view.phase.value}" + (f": {view.message}" if view.message else "")
         job = self.state.jobs.get((view.namespace, view.job))
         involved = _job_ref(view.namespace, view.job, job.uid if job else "")
-        loop = asyncio.get_running_loop()
-        loop.run_in_executor(
-            None,
-            lambda: self._api.post_event(
-                involved, type_=kind, reason=f"PeerRecovery{view.phase.value}", message=message
-            ),
-        )
+        self._post_event(involved, kind, f"PeerRecovery{view.phase.value}", message)
 
     def _warn(
         self, once_key: str, kind: str, message: str, job_body: Mapping[str, Any] | None = None
@@ -522,13 +513,14 @@ class Engine:
             involved = _job_ref(
                 str(meta.get("namespace")), str(meta.get("name")), str(meta.get("uid"))
             )
-            loop = asyncio.get_running_loop()
-            loop.run_in_executor(
-                None,
-                lambda: self._api.post_event(
-                    involved, type_="Warning", reason="PeerRecoveryBadInput", message=message
-                ),
-            )
+            self._post_event(involved, "Warning", "PeerRecoveryBadInput", message)
+
+    def _post_event(self, involved: dict[str, str], kind: str, reason: str, message: str) -> None:
+        """Post an Event from the Events' own thread: a burst of them (thousands of records
+        finishing at once) never queues ahead of the rounds on the shared worker threads."""
+        self._events.submit(
+            self._api.post_event, involved, type_=kind, reason=reason, message=message
+        )
 
 
 def _job_ref(namespace: str, name: str, uid: str) -> dict[str, str]:
