@@ -28,6 +28,8 @@ __all__ = ["register"]
 logger = logging.getLogger(__name__)
 
 POD_SELECTOR = ("v1", "pods")
+#: Objects per page of kopf's initial listings (pods of 10-30 KB: a page is a few MB).
+LIST_PAGE_SIZE = 250
 
 
 def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
@@ -37,6 +39,9 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.watching.label_selectors[POD_SELECTOR] = views.POD_LABEL_SELECTOR
+        # The initial listing (at start and after every relist) comes in pages, so its peak
+        # memory is one page of bodies, not every pod of the namespace at once.
+        settings.watching.chunk_size = LIST_PAGE_SIZE
         settings.posting.enabled = False  # we post our own Events, on the job
         settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf")
         # Never used (no change handlers), but if a future handler needed them, they would
