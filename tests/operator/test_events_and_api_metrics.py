@@ -8,6 +8,7 @@ plane, acting as the chart's operator ServiceAccount (so the RBAC it needs is ch
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -72,12 +73,13 @@ def operator_api(
 ) -> Iterator[tuple[KubernetesApi, Metrics, str]]:
     """``KubernetesApi`` as the chart's operator ServiceAccount in ``namespace``, its
     metrics, and its kubeconfig (to make a fresh client: a restarted operator)."""
+    release = f"ev-{uuid.uuid4().hex[:8]}"  # its cluster-wide objects are named after it
     manifest = render_rbac(
-        control_plane.bin_dir / "helm", "ev", namespace, **{"watchNamespaces[0]": namespace}
+        control_plane.bin_dir / "helm", release, namespace, **{"watchNamespaces[0]": namespace}
     )
     control_plane.kubectl("apply", "-f", "-", input=manifest)
     try:
-        kubeconfig = control_plane.service_account_kubeconfig(namespace, "ev-peer-recovery")
+        kubeconfig = control_plane.service_account_kubeconfig(namespace, f"{release}-peer-recovery")
         metrics = Metrics()
         yield KubernetesApi(str(kubeconfig), on_error=metrics.api_error), metrics, str(kubeconfig)
     finally:
