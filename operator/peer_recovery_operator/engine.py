@@ -116,7 +116,7 @@ class Engine:
         self.state = ClusterState(actionable=lifecycle.may_need_action)
         #: When the retention rule must look at a job again although nothing changed (its
         #: oldest finished record reaches the time to live).
-        self._retention_due: dict[JobKey, datetime] = {}
+        self._retention_due: dict[Slot, datetime] = {}
         self._api = cluster
         self._clock = clock
         self._recorder = Recorder(cluster, self.metrics, clock)
@@ -217,7 +217,8 @@ class Engine:
         """Free everything of a deleted job: state, queued work, parked pods, gauges."""
         self._parked.pop(key, None)
         self._work.pop(key, None)
-        self._retention_due.pop(key, None)
+        for slot in [s for s in self._retention_due if s[:2] == key]:
+            del self._retention_due[slot]
         for record in self.state.forget_job(*key):
             self.metrics.recovery_changed(record, None)
         try:
@@ -301,8 +302,8 @@ class Engine:
 
         Touches only what may need acting: the state keeps the records the lifecycle may act
         on, and each record's episode, indexed as the watch reports them; finished records
-        are looked at only by the retention rule, and only for jobs whose finished records
-        changed or whose oldest one reaches the time to live.
+        are looked at only by the retention rule, and only in pod slots whose finished
+        records changed or whose oldest one reaches the time to live.
         """
         began = time.perf_counter()
         now = self._clock()
@@ -329,28 +330,28 @@ class Engine:
         self.metrics.sweep_seconds.observe(time.perf_counter() - began)
 
     def _expire(self, now: datetime) -> None:
-        """Queue the deletion of finished records past the retention policy, for the jobs
-        whose finished records changed, or whose oldest one has reached the time to live."""
+        """Queue the deletion of finished records past the retention policy, for the pod
+        slots whose finished records changed, or whose oldest one reaches the time to live
+        (the rule is per slot, so one record finishing costs a look at its slot only)."""
         due = self.state.take_retention_dirty()
-        due |= {key for key, when in self._retention_due.items() if when <= now}
+        due |= {slot for slot, when in self._retention_due.items() if when <= now}
         policy = {"keep": self.config.keep_finished, "ttl": self.config.finished_ttl}
-        for key in due:
-            self._retention_due.pop(key, None)
+        for slot in due:
+            self._retention_due.pop(slot, None)
+            key = (slot[0], slot[1])
             if key not in self.state.jobs:
-                self._retention_due[key] = now  # records seen before their job: look later
+                self._retention_due[slot] = now  # records seen before their job: look later
                 continue
-            records = self.state.job_recoveries(*key)
+            records = self.state.slot_recoveries(slot)
             found = expired(records, now=now, **policy)
             for item in found:
-                rec = item.record
-                self._enqueue(key).expired.setdefault(rec.name, item)
+                self._enqueue(key).expired.setdefault(item.record.name, item)
             finished = [r.phase_since for r in records if r.phase.terminal]
             if found:
-                self._retention_due[key] = now  # look again until the deletions land
+                self._retention_due[slot] = now  # look again until the deletions land
             elif finished:
-                self._retention_due[key] = min(finished) + timedelta(
-                    seconds=self.config.finished_ttl
-                )
+                ttl = timedelta(seconds=self.config.finished_ttl)
+                self._retention_due[slot] = min(finished) + ttl
 
     def _check_parked(self) -> None:
         horizon = time.monotonic() - DELETED_JOB_MEMORY_SECONDS

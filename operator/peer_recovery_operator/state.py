@@ -11,8 +11,8 @@ under a new UID is recognised; everything of a job is forgotten when the job is 
 Indexes kept on every change, so the sweep and the rounds touch only what may matter:
 the records a predicate (``actionable``, the lifecycle's "may need action") holds for;
 the records of each episode (attempts for one target incarnation and restart) and of each
-target UID; and the jobs whose finished records changed since the retention rule last
-looked (``take_retention_dirty``).
+target UID; and the slots whose finished records changed since the retention rule last
+looked (``take_retention_dirty``), by pod slot: the retention rule is per slot.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class ClusterState:
         self._actionable: set[RecordKey] = set()
         self._episodes: defaultdict[Episode, set[RecordKey]] = defaultdict(set)
         self._by_target: defaultdict[tuple[str, str], set[RecordKey]] = defaultdict(set)
-        self._retention_dirty: set[JobKey] = set()
+        self._retention_dirty: set[Slot] = set()
+        self._slot_records: defaultdict[Slot, set[RecordKey]] = defaultdict(set)
         self._job_live: defaultdict[JobKey, set[RecordKey]] = defaultdict(set)
         self.jobs: dict[JobKey, JobView] = {}
         self.nodes: dict[str, NodeView] = {}
@@ -117,12 +118,13 @@ class ClusterState:
         self._job_recoveries[(view.namespace, view.job)].add(key)
         self._episodes[episode_of(view)].add(key)
         self._by_target[(view.namespace, view.target_uid)].add(key)
+        self._slot_records[view.slot].add(key)
         if self._is_actionable(view):
             self._actionable.add(key)
         if not view.phase.terminal:
             self._job_live[(view.namespace, view.job)].add(key)
         if view.phase.terminal and (previous is None or not previous.phase.terminal):
-            self._retention_dirty.add((view.namespace, view.job))
+            self._retention_dirty.add(view.slot)
         return True
 
     def drop_recovery(self, namespace: str, name: str) -> RecoveryRecord | None:
@@ -131,7 +133,7 @@ class ClusterState:
             self._job_recoveries[(namespace, view.job)].discard((namespace, name))
             self._unindex((namespace, name), view)
             if view.phase.terminal:
-                self._retention_dirty.add((namespace, view.job))
+                self._retention_dirty.add(view.slot)
         return view
 
     def _unindex(self, key: RecordKey, view: RecoveryRecord) -> None:
@@ -139,6 +141,7 @@ class ClusterState:
         _discard(self._job_live, (view.namespace, view.job), key)
         _discard(self._episodes, episode_of(view), key)
         _discard(self._by_target, (view.namespace, view.target_uid), key)
+        _discard(self._slot_records, view.slot, key)
 
     def job_recoveries(self, namespace: str, job: str) -> list[RecoveryRecord]:
         keys = self._job_recoveries.get((namespace, job), ())
@@ -167,8 +170,12 @@ class ClusterState:
             )
         return [self.recoveries[k] for k in sorted(keys)]
 
-    def take_retention_dirty(self) -> set[JobKey]:
-        """The jobs whose finished records changed since the last call (and forget them)."""
+    def slot_recoveries(self, slot: Slot) -> list[RecoveryRecord]:
+        """Every record of one pod slot (the retention rule's unit)."""
+        return [self.recoveries[k] for k in self._slot_records.get(slot, ())]
+
+    def take_retention_dirty(self) -> set[Slot]:
+        """The slots whose finished records changed since the last call (and forget them)."""
         dirty, self._retention_dirty = self._retention_dirty, set()
         return dirty
 
@@ -188,7 +195,7 @@ class ClusterState:
             if record is not None:
                 self._unindex(key, record)
                 dropped.append(record)
-        self._retention_dirty.discard((namespace, job))
+        self._retention_dirty = {s for s in self._retention_dirty if s[:2] != (namespace, job)}
         return dropped
 
     def sizes(self) -> dict[str, int]:

@@ -31,16 +31,19 @@ def test_only_records_that_may_need_action_are_swept_and_rounds_see_only_theirs(
     assert names(state.episode(second)) == names([first, second])
     assert names(state.recoveries_for("ns", "train", {"u1"})) == names([first, second])
     assert names(state.recoveries_for("ns", "train", {"old-3"})) == names([history[3], second])
-    assert state.take_retention_dirty() == {("ns", "train")}
+    assert state.take_retention_dirty() == {r.slot for r in history} | {first.slot}
     assert state.take_retention_dirty() == set()
     # the live attempt finishes: no longer swept, and the retention rule must look again
     done = dataclasses.replace(second, phase=Phase.SUCCEEDED, resource_version="999")
     state.upsert_recovery(done)
     assert names(state.actionable_recoveries()) == names([first])
     assert names(state.recoveries_for("ns", "train", set())) == []
-    assert state.take_retention_dirty() == {("ns", "train")}
+    assert state.take_retention_dirty() == {second.slot}
+    assert names(state.slot_recoveries(("ns", "train", "worker", 0))) == names(
+        [*history, first, second]
+    )
     state.drop_recovery("ns", history[0].name)
-    assert state.take_retention_dirty() == {("ns", "train")}
+    assert state.take_retention_dirty() == {history[0].slot}
     assert state.recoveries_for("ns", "train", {"old-0"}) == []
     state.forget_job("ns", "train")
     assert state.actionable_recoveries() == [] and state.episode(first) == []
