@@ -227,7 +227,10 @@ def wait_quiet(operator: OperatorProcess, timeout: float = 600) -> float:
     """Wait until the operator has handled every watch event so far; return how long it took."""
     began, last, still = time.monotonic(), -1.0, 0
     while time.monotonic() - began < timeout:
-        count = metric(operator, "peer_recovery_watch_events_total")
+        try:
+            count = metric(operator, "peer_recovery_watch_events_total")
+        except OSError:  # busy (a fresh operator parsing its initial listing): not quiet yet
+            count = -1.0
         still = still + 1 if count == last else 0
         if still >= 5:
             return time.monotonic() - began
@@ -421,12 +424,14 @@ def main(argv: list[str] | None = None) -> int:
             assert operator.healthy()
             peak = rss_kib(operator.proc.pid, "VmHWM")  # type: ignore[union-attr]
             watched = metric(operator, 'peer_recovery_watch_events_total{resource="pods"}')
+            print(f"  peak RSS while the pods arrived: {peak / 1024:.0f} MB", flush=True)
             # A fresh process lists everything at once: the other peak (operator restarts)
             operator.stop()
             operator.start()
             wait_quiet(operator)
             assert operator.healthy()
             relisted = rss_kib(operator.proc.pid, "VmHWM")  # type: ignore[union-attr]
+            print(f"  peak RSS of a restarted operator: {relisted / 1024:.0f} MB", flush=True)
         finally:
             watch.stop()
             operator.stop()
