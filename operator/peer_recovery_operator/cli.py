@@ -132,7 +132,7 @@ def _run(config: OperatorConfig) -> None:
     server = None
     if config.metrics_address:
         server = metrics.serve(*metrics_host_port(config.metrics_address))
-    engine = Engine(KubernetesApi(), config, metrics)
+    engine = Engine(KubernetesApi(on_error=metrics.api_error), config, metrics)
     registry = kopf.OperatorRegistry()
     register(registry, engine)
     try:

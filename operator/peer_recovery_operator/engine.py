@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -25,14 +26,17 @@ from typing import Any
 
 from peer_recovery.contract import names
 from peer_recovery.contract.names import is_operator_reason
-from peer_recovery.contract.records import RecordError, RecoveryRecord, parse_recovery, parse_time
+from peer_recovery.contract.records import RecordError, parse_recovery, parse_time
 from peer_recovery_operator import lifecycle
 from peer_recovery_operator.config import OperatorConfig
 from peer_recovery_operator.detection import (
     Detection,
+    JobChange,
     KnownPod,
     detect_change,
     detect_missed_replacement,
+    job_change,
+    outside_job,
 )
 from peer_recovery_operator.kube import ClusterApi
 from peer_recovery_operator.metrics import Metrics
@@ -41,6 +45,8 @@ from peer_recovery_operator.retention import Expired, expired
 from peer_recovery_operator.state import ClusterState, JobKey, Slot
 from peer_recovery_operator.views import (
     BadInput,
+    JobView,
+    is_pytorchjob_pod,
     job_name_of_pod,
     job_view,
     node_view,
@@ -76,6 +82,11 @@ class _JobWork:
     def __bool__(self) -> bool:
         return bool(self.detections or self.candidates or self.lifecycle or self.expired)
 
+    def target_uids(self) -> set[str]:
+        """The pods this work is about (a round needs their records, besides live ones)."""
+        uids = {d.target.uid for d, _ in self.detections} | set(self.candidates)
+        return uids | {rec.target_uid for rec, _ in self.lifecycle.values()}
+
     def keep_for_retry(self, newer: _JobWork | None) -> _JobWork:
         """What a failed round leaves to retry, merged with work queued meanwhile.
 
@@ -102,7 +113,10 @@ class Engine:
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.state = ClusterState()
+        self.state = ClusterState(actionable=lifecycle.may_need_action)
+        #: When the retention rule must look at a job again although nothing changed (its
+        #: oldest finished record reaches the time to live).
+        self._retention_due: dict[Slot, datetime] = {}
         self._api = cluster
         self._clock = clock
         self._recorder = Recorder(cluster, self.metrics, clock)
@@ -115,6 +129,7 @@ class Engine:
         self._warned: collections.OrderedDict[str, None] = collections.OrderedDict()
         #: Deleted jobs: (UID, deletion time, when forgotten) by key; their pods are ignored.
         self._deleted: dict[JobKey, tuple[str, datetime, float]] = {}
+        self._events = concurrent.futures.ThreadPoolExecutor(1, "peer-recovery-events")
         #: Seconds before retrying a failed round: the first delay, doubled up to the cap.
         self.retry_backoff: tuple[float, float] = (0.5, 30.0)
 
@@ -122,6 +137,8 @@ class Engine:
 
     def pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         self.metrics.watch_events.labels("pods").inc()
+        if not is_pytorchjob_pod(body):
+            return  # a TFJob's, MPIJob's, ... pod (the label selector normally keeps these away)
         job_name = job_name_of_pod(body)
         if job_name is None:
             return  # not a training pod (the label selector normally keeps these away)
@@ -132,6 +149,11 @@ class Engine:
             return
         if self._of_deleted_job(pod, body):
             return  # the garbage collector is removing a deleted job's pods
+        key = (pod.namespace, pod.job)
+        job = self.state.jobs.get(key)
+        if job is not None and outside_job(job, pod):
+            self.state.forget_slot(pod.slot)  # suspended or scaled away: not a replacement
+            return
         if event_type == "DELETED":
             self.state.pod_gone(pod)
             return
@@ -139,8 +161,6 @@ class Engine:
         current = self.state.pod_in(pod.slot)
         if current is not None and current.uid != pod.uid:
             return  # a late event about an incarnation the slot has moved past
-        key = (pod.namespace, pod.job)
-        job = self.state.jobs.get(key)
         if previous is None:
             # Only pods from kopf's initial listing (type None) predate this process.
             self._first_sight(key, pod, listed=event_type is None)
@@ -165,17 +185,40 @@ class Engine:
             return
         if job.problem:
             self._warn(f"job:{job.uid}:{job.problem}", "annotation", job.problem, body)
+        change = job_change(self.state.jobs.get(key), job)
         self.state.jobs[key] = job
+        if change is not None:
+            self._job_changed(job, change)
         _, parked = self._parked.pop(key, (0.0, set()))
         for slot, listed in parked:
             pod = self.state.pod_in(slot)
             if pod is not None:
                 self._first_sight(key, pod, listed=listed)
 
+    def _job_changed(self, job: JobView, change: JobChange) -> None:
+        """Suspend, resume or scaling: the pods that come and go are no replacements."""
+        key = (job.namespace, job.name)
+        logger.info("%s", change.why)
+        self.metrics.job_changes.labels(change.reason).inc()
+        for slot in self.state.job_slots(*key):
+            pod = self.state.pod_in(slot)
+            if change.all_pods_leave or (pod is not None and outside_job(job, pod)):
+                self.state.forget_slot(slot)
+        work = self._work.get(key)
+        if work is not None:
+            work.detections = [(d, t) for d, t in work.detections if not outside_job(job, d.target)]
+            work.candidates = {
+                uid: p for uid, p in work.candidates.items() if not outside_job(job, p)
+            }
+        involved = _job_ref(job.namespace, job.name, job.uid)
+        self._post_event(involved, "Normal", change.reason, change.why)
+
     def _forget_job(self, key: JobKey, meta: Mapping[str, Any]) -> None:
         """Free everything of a deleted job: state, queued work, parked pods, gauges."""
         self._parked.pop(key, None)
         self._work.pop(key, None)
+        for slot in [s for s in self._retention_due if s[:2] == key]:
+            del self._retention_due[slot]
         for record in self.state.forget_job(*key):
             self.metrics.recovery_changed(record, None)
         try:
@@ -257,25 +300,18 @@ class Engine:
         closed attempts whose re-plan may be missing; queue what needs acting, and the
         deletion of finished records past the retention policy.
 
-        Finished records need nothing, so they are not looked at one by one: the episodes
-        (attempts for one target incarnation and restart) are indexed once per sweep, so a
-        sweep costs time in proportion to the records, not to their square.
+        Touches only what may need acting: the state keeps the records the lifecycle may act
+        on, and each record's episode, indexed as the watch reports them; finished records
+        are looked at only by the retention rule, and only in pod slots whose finished
+        records changed or whose oldest one reaches the time to live.
         """
+        began = time.perf_counter()
         now = self._clock()
-        episodes: dict[tuple[str, str, str, int, str], list[RecoveryRecord]] = {}
-        for r in self.state.recoveries.values():
-            episode_key = (r.namespace, r.job, r.target_uid, r.restart_count, r.reason.value)
-            episodes.setdefault(episode_key, []).append(r)
-        for rec in list(self.state.recoveries.values()):
-            if not lifecycle.may_need_action(rec):
-                continue
+        for rec in self.state.actionable_recoveries():
             key = (rec.namespace, rec.job)
-            job = self.state.jobs.get(key)
-            if job is None:
+            if key not in self.state.jobs:
                 continue
-            episode = episodes[
-                (rec.namespace, rec.job, rec.target_uid, rec.restart_count, rec.reason.value)
-            ]
+            episode = self.state.episode(rec)
             verdict = lifecycle.decide(
                 rec,
                 now=now,
@@ -291,16 +327,31 @@ class Engine:
                 self._enqueue(key).lifecycle.setdefault(rec.name, (rec, verdict))
         self._expire(now)
         self._check_parked()
+        self.metrics.sweep_seconds.observe(time.perf_counter() - began)
 
     def _expire(self, now: datetime) -> None:
-        """Queue the deletion of finished records past the retention policy."""
-        known = [
-            r for r in self.state.recoveries.values() if (r.namespace, r.job) in self.state.jobs
-        ]
+        """Queue the deletion of finished records past the retention policy, for the pod
+        slots whose finished records changed, or whose oldest one reaches the time to live
+        (the rule is per slot, so one record finishing costs a look at its slot only)."""
+        due = self.state.take_retention_dirty()
+        due |= {slot for slot, when in self._retention_due.items() if when <= now}
         policy = {"keep": self.config.keep_finished, "ttl": self.config.finished_ttl}
-        for found in expired(known, now=now, **policy):
-            rec = found.record
-            self._enqueue((rec.namespace, rec.job)).expired.setdefault(rec.name, found)
+        for slot in due:
+            self._retention_due.pop(slot, None)
+            key = (slot[0], slot[1])
+            if key not in self.state.jobs:
+                self._retention_due[slot] = now  # records seen before their job: look later
+                continue
+            records = self.state.slot_recoveries(slot)
+            found = expired(records, now=now, **policy)
+            for item in found:
+                self._enqueue(key).expired.setdefault(item.record.name, item)
+            finished = [r.phase_since for r in records if r.phase.terminal]
+            if found:
+                self._retention_due[slot] = now  # look again until the deletions land
+            elif finished:
+                ttl = timedelta(seconds=self.config.finished_ttl)
+                self._retention_due[slot] = min(finished) + ttl
 
     def _check_parked(self) -> None:
         horizon = time.monotonic() - DELETED_JOB_MEMORY_SECONDS
@@ -350,11 +401,14 @@ class Engine:
                     job=job,
                     pods=tuple(self.state.job_pods(*key)),
                     nodes=dict(self.state.nodes),
-                    recoveries=tuple(self.state.job_recoveries(*key)),
+                    recoveries=tuple(self.state.recoveries_for(*key, work.target_uids())),
                 )
+                began = time.perf_counter()
                 try:
                     written, deleted = await asyncio.to_thread(self._round, snap, work)
                 except Exception:
+                    self.metrics.rounds.labels("failed").inc()
+                    self.metrics.round_seconds.observe(time.perf_counter() - began)
                     # Any failure (an API error, a reset connection, a timeout): the round's
                     # detections go back on the queue, so a replacement is never dropped.
                     logger.exception(
@@ -365,6 +419,8 @@ class Engine:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, cap)
                     continue
+                self.metrics.rounds.labels("ok").inc()
+                self.metrics.round_seconds.observe(time.perf_counter() - began)
                 delay = self.retry_backoff[0]
                 for body in written:
                     self._fold(body)
@@ -422,7 +478,9 @@ class Engine:
         found = []
         for pod in candidates:
             others = [p.created for p in pods if p.uid != pod.uid and not p.terminating]
-            detection = detect_missed_replacement(pod, others, grace=grace, recorded_uids=recorded)
+            detection = detect_missed_replacement(
+                pod, others, grace=grace, recorded_uids=recorded, elastic=job.elastic
+            )
             if detection is not None:
                 logger.info("caught up: %s", detection.why)
                 found.append((detection, seen))
@@ -438,13 +496,7 @@ class Engine:
         message = f"{view.name} {view.phase.value}" + (f": {view.message}" if view.message else "")
         job = self.state.jobs.get((view.namespace, view.job))
         involved = _job_ref(view.namespace, view.job, job.uid if job else "")
-        loop = asyncio.get_running_loop()
-        loop.run_in_executor(
-            None,
-            lambda: self._api.post_event(
-                involved, type_=kind, reason=f"PeerRecovery{view.phase.value}", message=message
-            ),
-        )
+        self._post_event(involved, kind, f"PeerRecovery{view.phase.value}", message)
 
     def _warn(
         self, once_key: str, kind: str, message: str, job_body: Mapping[str, Any] | None = None
@@ -462,13 +514,14 @@ class Engine:
             involved = _job_ref(
                 str(meta.get("namespace")), str(meta.get("name")), str(meta.get("uid"))
             )
-            loop = asyncio.get_running_loop()
-            loop.run_in_executor(
-                None,
-                lambda: self._api.post_event(
-                    involved, type_="Warning", reason="PeerRecoveryBadInput", message=message
-                ),
-            )
+            self._post_event(involved, "Warning", "PeerRecoveryBadInput", message)
+
+    def _post_event(self, involved: dict[str, str], kind: str, reason: str, message: str) -> None:
+        """Post an Event from the Events' own thread: a burst of them (thousands of records
+        finishing at once) never queues ahead of the rounds on the shared worker threads."""
+        self._events.submit(
+            self._api.post_event, involved, type_=kind, reason=reason, message=message
+        )
 
 
 def _job_ref(namespace: str, name: str, uid: str) -> dict[str, str]:

@@ -4,8 +4,10 @@ Only ``@kopf.on.event`` is used, on every resource: it is the one kopf handler k
 keeps no progress and no diff-base on the object and adds no finalizer, so the operator
 never writes to pods, PyTorchJobs or nodes (a finalizer on a pod would stop the
 training-operator from recreating it under the same name). Pods are watched with a
-server-side label selector on ``training.kubeflow.org/job-name``, so pods outside any
-PyTorchJob never reach the operator at all.
+server-side label selector on ``training.kubeflow.org/operator-name=pytorchjob-controller``
+(the label the training-operator's PyTorchJob controller sets on every pod it makes), so
+pods outside any PyTorchJob, and those of TFJobs, MPIJobs and other kinds, never reach the
+operator at all.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import kopf
 
 from peer_recovery.contract import names
+from peer_recovery_operator import views
 from peer_recovery_operator.engine import Engine
 
 __all__ = ["register"]
@@ -25,6 +28,8 @@ __all__ = ["register"]
 logger = logging.getLogger(__name__)
 
 POD_SELECTOR = ("v1", "pods")
+#: Objects per page of kopf's initial listings (pods of 10-30 KB: a page is a few MB).
+LIST_PAGE_SIZE = 250
 
 
 def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
@@ -33,7 +38,10 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.watching.label_selectors[POD_SELECTOR] = names.LABEL_JOB_NAME
+        settings.watching.label_selectors[POD_SELECTOR] = views.POD_LABEL_SELECTOR
+        # The initial listing (at start and after every relist) comes in pages, so its peak
+        # memory is one page of bodies, not every pod of the namespace at once.
+        settings.watching.chunk_size = LIST_PAGE_SIZE
         settings.posting.enabled = False  # we post our own Events, on the job
         settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf")
         # Never used (no change handlers), but if a future handler needed them, they would

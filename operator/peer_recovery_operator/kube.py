@@ -6,6 +6,11 @@ so tests substitute an in-memory implementation, and the real one,
 dicts (``_preload_content=False`` + ``json``: the client's model classes cost far more
 than the decisions made on them).
 
+Every call that does not succeed is reported to ``on_error(verb, kind, code)`` (the
+``peer_recovery_api_errors_total`` metric), ``code`` being the HTTP status or
+``connection`` when no response came. Events are aggregated into series
+(:mod:`peer_recovery_operator.events`).
+
 Invariants: nothing here writes to pods or PyTorchJobs (the operator only observes them);
 status writes carry the ``resourceVersion`` the caller read, and a mismatch raises
 :class:`Conflict` instead of overwriting; calls are synchronous and run in worker
@@ -17,12 +22,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from peer_recovery.contract import names
 from peer_recovery.contract.errors import ApiError, Conflict
+from peer_recovery_operator import events, views
 
 __all__ = ["ClusterApi", "KubernetesApi"]
 
@@ -63,7 +69,11 @@ class ClusterApi(Protocol):
 class KubernetesApi:
     """:class:`ClusterApi` over the official client, from a kubeconfig or in-cluster config."""
 
-    def __init__(self, kubeconfig: str | None = None) -> None:
+    def __init__(
+        self,
+        kubeconfig: str | None = None,
+        on_error: Callable[[str, str, str], None] | None = None,
+    ) -> None:
         from kubernetes import client, config  # imported here: the seam's users need not
 
         path = kubeconfig or os.environ.get("KUBECONFIG")
@@ -77,21 +87,29 @@ class KubernetesApi:
         self._core = client.CoreV1Api(self._client)
         self._custom = client.CustomObjectsApi(self._client)
         self._errors = client.exceptions.ApiException
+        self._on_error = on_error or (lambda verb, kind, code: None)
+        self._series = events.EventSeries()
 
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, verb: str, kind: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Call ``fn`` raw; decode JSON; map NotFound to None and other errors to ours."""
         try:
             response = fn(*args, _preload_content=False, _request_timeout=30, **kwargs)
         except self._errors as error:
+            self._on_error(verb, kind, str(error.status))
             if error.status == 404:
                 return None
             if error.status == 409:
                 raise Conflict(_reason(error)) from None
             raise ApiError(f"{error.status} {_reason(error)}") from None
+        except Exception:
+            self._on_error(verb, kind, "connection")
+            raise
         return json.loads(response.data)
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._call(
+            "get",
+            "pytorchjobs",
             self._custom.get_namespaced_custom_object,
             names.PYTORCHJOB_GROUP,
             names.PYTORCHJOB_VERSION,
@@ -102,14 +120,18 @@ class KubernetesApi:
 
     def list_job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
         result = self._call(
+            "list",
+            "pods",
             self._core.list_namespaced_pod,
             namespace,
-            label_selector=f"{names.LABEL_JOB_NAME}={job}",
+            label_selector=f"{names.LABEL_JOB_NAME}={job},{views.POD_LABEL_SELECTOR}",
         )
         return list((result or {}).get("items") or ())
 
     def list_recoveries(self, namespace: str, *, job: str) -> list[dict[str, Any]]:
         result = self._call(
+            "list",
+            "peerrecoveries",
             self._custom.list_namespaced_custom_object,
             names.GROUP,
             names.VERSION,
@@ -121,6 +143,8 @@ class KubernetesApi:
 
     def get_recovery(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._call(
+            "get",
+            "peerrecoveries",
             self._custom.get_namespaced_custom_object,
             names.GROUP,
             names.VERSION,
@@ -132,6 +156,8 @@ class KubernetesApi:
     def create_recovery(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
         try:
             return self._call(
+                "create",
+                "peerrecoveries",
                 self._custom.create_namespaced_custom_object,
                 names.GROUP,
                 names.VERSION,
@@ -147,6 +173,8 @@ class KubernetesApi:
     ) -> dict[str, Any]:
         patch = {"metadata": {"resourceVersion": resource_version}, "status": dict(status)}
         result = self._call(
+            "patch",
+            "peerrecoveries/status",
             self._custom.patch_namespaced_custom_object_status,
             names.GROUP,
             names.VERSION,
@@ -165,6 +193,8 @@ class KubernetesApi:
         options = V1DeleteOptions(preconditions=V1Preconditions(resource_version=resource_version))
         try:
             deleted = self._call(
+                "delete",
+                "peerrecoveries",
                 self._custom.delete_namespaced_custom_object,
                 names.GROUP,
                 names.VERSION,
@@ -180,28 +210,41 @@ class KubernetesApi:
     def post_event(
         self, involved: Mapping[str, str], *, type_: str, reason: str, message: str
     ) -> None:
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {
-                "generateName": f"{involved['name']}.",
-                "namespace": involved["namespace"],
-            },
-            "involvedObject": dict(involved),
-            "type": type_,
-            "reason": reason,
-            "message": message[:1024],
-            "source": {"component": COMPONENT},
-            "reportingComponent": COMPONENT,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+        """Post one occurrence of the (object, type, reason) series: the first creates its
+        Event, a repeat bumps that Event's count (:mod:`peer_recovery_operator.events`)."""
+        key = events.event_key(involved, type_=type_, reason=reason)
+        now = datetime.now(timezone.utc)
+        occurrence = self._series.next(key, now)
         try:
-            self._call(self._core.create_namespaced_event, involved["namespace"], body)
-        except ApiError as error:
+            if not occurrence.is_first and self._bump(occurrence, message, now):
+                return
+            if occurrence.count > 1:
+                occurrence = self._series.restart(occurrence, now)  # expired by the server
+            body = events.event_body(occurrence, message, now, COMPONENT)
+            try:
+                self._call(
+                    "create", "events", self._core.create_namespaced_event, key.namespace, body
+                )
+            except Conflict:  # an earlier process began this series: continue its count
+                stored = self._call(
+                    "get", "events", self._core.read_namespaced_event, key.event_name, key.namespace
+                )
+                if stored is not None:
+                    self._bump(self._series.continue_from(occurrence, stored), message, now)
+        except (ApiError, Conflict) as error:
             logger.warning("could not post Event %s on %s: %s", reason, involved.get("name"), error)
+
+    def _bump(self, occurrence: events.Occurrence, message: str, now: datetime) -> bool:
+        """Patch the series' Event; False when it is gone."""
+        patched = self._call(
+            "patch",
+            "events",
+            self._core.patch_namespaced_event,
+            occurrence.key.event_name,
+            occurrence.key.namespace,
+            events.bump_patch(occurrence, message, now),
+        )
+        return patched is not None
 
 
 def _reason(error: Any) -> str:

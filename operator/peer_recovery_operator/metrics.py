@@ -8,7 +8,14 @@
 - ``peer_recovery_planning_seconds``: from seeing the pod change to the recovery's status
   being written (the operator's share of the reaction latency);
 - ``peer_recovery_input_warnings_total{kind}``: malformed objects reported;
-- ``peer_recovery_watch_events_total{resource}``: watch events handled.
+- ``peer_recovery_watch_events_total{resource}``: watch events handled;
+- ``peer_recovery_api_errors_total{verb,kind,code}``: API calls that did not succeed, by
+  HTTP status (``connection`` when no response came; 404 and 409 included, as the API
+  server's own client metrics count them);
+- ``peer_recovery_rounds_total{outcome}`` and ``peer_recovery_round_seconds``: rounds of
+  API work on one job (``ok`` or ``failed``) and how long each took;
+- ``peer_recovery_sweep_seconds``: how long each lifecycle sweep took;
+- ``peer_recovery_job_changes_total{reason}``: suspends, resumes and scalings recognised.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from peer_recovery.contract.records import RecoveryRecord
 __all__ = ["Metrics"]
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
 class Metrics:
@@ -74,6 +82,41 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+
+        self.api_errors = Counter(
+            "peer_recovery_api_errors",
+            "API calls that did not succeed, by verb, resource and HTTP status (or connection).",
+            ["verb", "kind", "code"],
+            registry=r,
+        )
+        self.rounds = Counter(
+            "peer_recovery_rounds",
+            "Rounds of API work on one job, by outcome (ok, failed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.round_seconds = Histogram(
+            "peer_recovery_round_seconds",
+            "Seconds one round of API work on one job took.",
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.sweep_seconds = Histogram(
+            "peer_recovery_sweep_seconds",
+            "Seconds one lifecycle sweep took.",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.job_changes = Counter(
+            "peer_recovery_job_changes",
+            "Job changes after which pods come and go without replacement, by Event reason.",
+            ["reason"],
+            registry=r,
+        )
+
+    def api_error(self, verb: str, kind: str, code: str) -> None:
+        """Count one API call that failed (``KubernetesApi``'s ``on_error``)."""
+        self.api_errors.labels(verb, kind, code).inc()
 
     def recovery_changed(self, old: RecoveryRecord | None, new: RecoveryRecord | None) -> None:
         """Move one object between the gauge's label sets as the watch reports it."""

@@ -7,24 +7,52 @@ It holds small records (:mod:`peer_recovery_operator.views`), never raw bodies.
 Invariants: a slot (namespace, job, replica type, replica index) keeps its last pod record
 after that pod is deleted (marked terminating), so the replacement that takes the slot
 under a new UID is recognised; everything of a job is forgotten when the job is deleted.
+
+Indexes kept on every change, so the sweep and the rounds touch only what may matter:
+the records a predicate (``actionable``, the lifecycle's "may need action") holds for;
+the records of each episode (attempts for one target incarnation and restart) and of each
+target UID; and the slots whose finished records changed since the retention rule last
+looked (``take_retention_dirty``), by pod slot: the retention rule is per slot.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 from peer_recovery.contract.records import RecoveryRecord
 from peer_recovery_operator.views import JobView, NodeView, PodView
 
-__all__ = ["ClusterState", "JobKey", "Slot"]
+__all__ = ["ClusterState", "Episode", "JobKey", "Slot", "episode_of"]
 
 Slot = tuple[str, str, str, int]
 JobKey = tuple[str, str]
+RecordKey = tuple[str, str]
+#: (namespace, job, target UID, restart count, reason): the attempts for one target.
+Episode = tuple[str, str, str, int, str]
+
+
+def episode_of(record: RecoveryRecord) -> Episode:
+    return (
+        record.namespace,
+        record.job,
+        record.target_uid,
+        record.restart_count,
+        record.reason.value,
+    )
 
 
 class ClusterState:
-    def __init__(self) -> None:
+    def __init__(self, actionable: Callable[[RecoveryRecord], bool] = lambda record: True) -> None:
+        self._is_actionable = actionable
+        self._actionable: set[RecordKey] = set()
+        self._episodes: defaultdict[Episode, set[RecordKey]] = defaultdict(set)
+        self._by_target: defaultdict[tuple[str, str], set[RecordKey]] = defaultdict(set)
+        self._retention_dirty: set[Slot] = set()
+        self._slot_records: defaultdict[Slot, set[RecordKey]] = defaultdict(set)
+        self._job_live: defaultdict[JobKey, set[RecordKey]] = defaultdict(set)
         self.jobs: dict[JobKey, JobView] = {}
         self.nodes: dict[str, NodeView] = {}
         self.recoveries: dict[tuple[str, str], RecoveryRecord] = {}
@@ -62,6 +90,17 @@ class ClusterState:
         if current is not None and current.uid == pod.uid:
             self._slots[pod.slot] = dataclasses.replace(current, terminating=True, ready=False)
 
+    def forget_slot(self, slot: Slot) -> None:
+        """Drop the slot's identity: the next pod in it is a first sight, not a replacement."""
+        self._retired.pop(slot, None)
+        pod = self._slots.pop(slot, None)
+        self._job_slots.get(slot[:2], set()).discard(slot)
+        if pod is not None and self._by_name.get((pod.namespace, pod.name)) == slot:
+            del self._by_name[(pod.namespace, pod.name)]
+
+    def job_slots(self, namespace: str, job: str) -> list[Slot]:
+        return sorted(self._job_slots.get((namespace, job), ()))
+
     def job_pods(self, namespace: str, job: str) -> list[PodView]:
         return [self._slots[s] for s in sorted(self._job_slots.get((namespace, job), ()))]
 
@@ -73,19 +112,72 @@ class ClusterState:
         previous = self.recoveries.get(key)
         if previous is not None and _older(view.resource_version, previous.resource_version):
             return False  # our own write was recorded before the watch caught up
+        if previous is not None:
+            self._unindex(key, previous)
         self.recoveries[key] = view
         self._job_recoveries[(view.namespace, view.job)].add(key)
+        self._episodes[episode_of(view)].add(key)
+        self._by_target[(view.namespace, view.target_uid)].add(key)
+        self._slot_records[view.slot].add(key)
+        if self._is_actionable(view):
+            self._actionable.add(key)
+        if not view.phase.terminal:
+            self._job_live[(view.namespace, view.job)].add(key)
+        if view.phase.terminal and (previous is None or not previous.phase.terminal):
+            self._retention_dirty.add(view.slot)
         return True
 
     def drop_recovery(self, namespace: str, name: str) -> RecoveryRecord | None:
         view = self.recoveries.pop((namespace, name), None)
         if view is not None:
             self._job_recoveries[(namespace, view.job)].discard((namespace, name))
+            self._unindex((namespace, name), view)
+            if view.phase.terminal:
+                self._retention_dirty.add(view.slot)
         return view
+
+    def _unindex(self, key: RecordKey, view: RecoveryRecord) -> None:
+        self._actionable.discard(key)
+        _discard(self._job_live, (view.namespace, view.job), key)
+        _discard(self._episodes, episode_of(view), key)
+        _discard(self._by_target, (view.namespace, view.target_uid), key)
+        _discard(self._slot_records, view.slot, key)
 
     def job_recoveries(self, namespace: str, job: str) -> list[RecoveryRecord]:
         keys = self._job_recoveries.get((namespace, job), ())
         return [self.recoveries[k] for k in sorted(keys) if k in self.recoveries]
+
+    def actionable_recoveries(self) -> list[RecoveryRecord]:
+        """The records the ``actionable`` predicate holds for (the sweep's work list)."""
+        return [self.recoveries[k] for k in sorted(self._actionable)]
+
+    def episode(self, record: RecoveryRecord) -> list[RecoveryRecord]:
+        """Every known attempt of ``record``'s episode (itself included)."""
+        return [self.recoveries[k] for k in self._episodes.get(episode_of(record), ())]
+
+    def recoveries_for(
+        self, namespace: str, job: str, target_uids: set[str]
+    ) -> list[RecoveryRecord]:
+        """The job's records that a round on ``target_uids`` may look at: every live one
+        (planning avoids their sources and targets; supersession closes them) and every
+        one of those targets, finished or not (attempt numbers, already recorded)."""
+        keys = set(self._job_live.get((namespace, job), ()))
+        for uid in target_uids:
+            keys.update(
+                k
+                for k in self._by_target.get((namespace, uid), ())
+                if self.recoveries[k].job == job
+            )
+        return [self.recoveries[k] for k in sorted(keys)]
+
+    def slot_recoveries(self, slot: Slot) -> list[RecoveryRecord]:
+        """Every record of one pod slot (the retention rule's unit)."""
+        return [self.recoveries[k] for k in self._slot_records.get(slot, ())]
+
+    def take_retention_dirty(self) -> set[Slot]:
+        """The slots whose finished records changed since the last call (and forget them)."""
+        dirty, self._retention_dirty = self._retention_dirty, set()
+        return dirty
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -101,7 +193,9 @@ class ClusterState:
         for key in self._job_recoveries.pop((namespace, job), set()):
             record = self.recoveries.pop(key, None)
             if record is not None:
+                self._unindex(key, record)
                 dropped.append(record)
+        self._retention_dirty = {s for s in self._retention_dirty if s[:2] != (namespace, job)}
         return dropped
 
     def sizes(self) -> dict[str, int]:
@@ -111,6 +205,14 @@ class ClusterState:
             "nodes": len(self.nodes),
             "recoveries": len(self.recoveries),
         }
+
+
+def _discard(index: dict[Any, set[RecordKey]], at: Any, key: RecordKey) -> None:
+    keys = index.get(at)
+    if keys is not None:
+        keys.discard(key)
+        if not keys:
+            del index[at]
 
 
 def _older(candidate: str, current: str) -> bool:

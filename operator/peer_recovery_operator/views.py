@@ -22,10 +22,12 @@ from peer_recovery.contract.ordinals import pod_ordinal
 from peer_recovery.contract.records import RecordError, parse_time
 
 __all__ = [
+    "POD_LABEL_SELECTOR",
     "BadInput",
     "JobView",
     "NodeView",
     "PodView",
+    "is_pytorchjob_pod",
     "job_name_of_pod",
     "job_view",
     "node_view",
@@ -34,6 +36,11 @@ __all__ = [
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
 SHM_PATH = "/dev/shm"
+#: The name the training-operator's PyTorchJob controller puts in the operator-name label
+#: of every pod it creates (TFJob, MPIJob, ... pods carry their own controller's name).
+PYTORCHJOB_CONTROLLER = "pytorchjob-controller"
+#: The server-side label selector of the pod watch: the PyTorchJob controller's pods only.
+POD_LABEL_SELECTOR = f"{names.LABEL_OPERATOR_NAME}={PYTORCHJOB_CONTROLLER}"
 
 
 class BadInput(RecordError):
@@ -83,6 +90,16 @@ class JobView:
     settings: JobSettings | None
     problem: str
     replica_types: frozenset[str]
+    #: ``spec.runPolicy.suspend``: the controller deletes every pod while it is true.
+    suspended: bool = False
+    #: ``(type, replicas)`` per replica type, sorted: what elastic scaling changes.
+    replicas: tuple[tuple[str, int], ...] = ()
+    #: ``spec.elasticPolicy`` is set: its worker count may change while it runs.
+    elastic: bool = False
+
+    def replica_count(self, replica_type: str) -> int | None:
+        """Pods of ``replica_type`` the spec asks for (None: the type is not in the spec)."""
+        return dict(self.replicas).get(replica_type)
 
     @property
     def has_master(self) -> bool:
@@ -110,6 +127,12 @@ def _meta(body: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _where(kind: str, meta: Mapping[str, Any]) -> str:
     return f"{kind} {meta.get('namespace', '')}/{meta.get('name', '?')}".replace(" /", " ")
+
+
+def is_pytorchjob_pod(body: Mapping[str, Any]) -> bool:
+    """Was the pod made by the PyTorchJob controller (not a TFJob's, MPIJob's, ...)?"""
+    labels = (body.get("metadata") or {}).get("labels") or {}
+    return labels.get(names.LABEL_OPERATOR_NAME) == PYTORCHJOB_CONTROLLER
 
 
 def job_name_of_pod(body: Mapping[str, Any]) -> str | None:
@@ -192,6 +215,7 @@ def job_view(body: Mapping[str, Any]) -> JobView:
     if unknown:
         raise BadInput(f"{where}: spec.pytorchReplicaSpecs has unknown types {sorted(unknown)}")
     pod_count = 0
+    counts = []
     for key, replica_spec in specs.items():
         replicas = (
             (replica_spec or {}).get("replicas", 1) if isinstance(replica_spec, Mapping) else None
@@ -199,6 +223,11 @@ def job_view(body: Mapping[str, Any]) -> JobView:
         if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
             raise BadInput(f"{where}: spec.pytorchReplicaSpecs.{key}.replicas={replicas!r}")
         pod_count += replicas
+        counts.append((str(key).lower(), replicas))
+    spec = body.get("spec") or {}
+    suspend = (spec.get("runPolicy") or {}).get("suspend", False)
+    if not isinstance(suspend, bool):
+        raise BadInput(f"{where}: spec.runPolicy.suspend={suspend!r} is not a boolean")
     settings: JobSettings | None = None
     problem = ""
     try:
@@ -214,6 +243,9 @@ def job_view(body: Mapping[str, Any]) -> JobView:
         settings=settings,
         problem=problem,
         replica_types=types,
+        suspended=suspend,
+        replicas=tuple(sorted(counts)),
+        elastic=bool(spec.get("elasticPolicy")),
     )
 
 

@@ -75,6 +75,7 @@ def pod_body(
         "creationTimestamp": ts(created),
         "labels": {
             names.LABEL_JOB_NAME: job,
+            names.LABEL_OPERATOR_NAME: "pytorchjob-controller",
             names.LABEL_REPLICA_TYPE: replica_type,
             names.LABEL_REPLICA_INDEX: str(index),
         },

@@ -205,12 +205,13 @@ def test_malformed_input_leaves_the_operator_healthy(
         workers=2,
         annotations={**ENABLED, names.ANNOTATION_PODS_PER_REPLICA: "x"},
     )
-    stray = {"metadata": {"name": "stray", "labels": {names.LABEL_JOB_NAME: "odd"}},
+    made_by = {names.LABEL_OPERATOR_NAME: "pytorchjob-controller"}  # what the selector watches
+    stray = {"metadata": {"name": "stray", "labels": {**made_by, names.LABEL_JOB_NAME: "odd"}},
              "spec": {"nodeName": control_plane.nodes[0], "containers": [{"name": "c", "image": "x"}]}}  # fmt: skip
     CoreV1Api(client).create_namespaced_pod(namespace, stray)
     CoreV1Api(client).create_namespaced_pod(
         namespace,
-        {"metadata": {"name": "ghost-worker-0", "labels": {names.LABEL_JOB_NAME: "ghost", names.LABEL_REPLICA_TYPE: "worker", names.LABEL_REPLICA_INDEX: "0"}},
+        {"metadata": {"name": "ghost-worker-0", "labels": {**made_by, names.LABEL_JOB_NAME: "ghost", names.LABEL_REPLICA_TYPE: "worker", names.LABEL_REPLICA_INDEX: "0"}},
          "spec": {"nodeName": control_plane.nodes[0], "containers": [{"name": "c", "image": "x"}]}},
     )  # fmt: skip
 

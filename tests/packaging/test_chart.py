@@ -116,9 +116,12 @@ def test_other_values_render_what_they_say(bin_dir: Path) -> None:
         "metrics.serviceMonitor.labels.release=prom",
         "runtime.serviceAccountName=trainer",
         "runtime.namespaces={team-a}",
+        "operator.keepFinished=2",
+        "operator.finishedTTL=3600",
     )
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
+    assert "--keep-finished=2" in container["args"] and "--finished-ttl=3600" in container["args"]
     assert container["image"] == "registry.example.com/pr:dev"
     assert "--namespace=team-a" in container["args"] and "--namespace=team-b" in container["args"]
     assert "--all-namespaces" not in container["args"]
@@ -162,6 +165,8 @@ def test_switches_turn_objects_off(bin_dir: Path) -> None:
         ("watchNamespaces={Team_A}", "at '/watchNamespaces/0'"),
         ("operator.metricsPort=70000", "at '/operator/metricsPort'"),
         ("operator.planDeadline=0", "at '/operator/planDeadline'"),
+        ("operator.keepFinished=0", "at '/operator/keepFinished': minimum: got 0, want 1"),
+        ("operator.finishedTTL=0", "at '/operator/finishedTTL'"),
         ("rbac.create=yes", "at '/rbac/create'"),
         ("operator.image=registry.example.com/pr:dev", "at '/operator/image'"),
         ("operator.image.repository=ghcr.io/x/op:1.0", "at '/operator/image/repository'"),
