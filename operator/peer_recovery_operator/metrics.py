@@ -8,7 +8,9 @@
 - ``peer_recovery_planning_seconds``: from seeing the pod change to the recovery's status
   being written (the operator's share of the reaction latency);
 - ``peer_recovery_input_warnings_total{kind}``: malformed objects reported;
-- ``peer_recovery_watch_events_total{resource}``: watch events handled.
+- ``peer_recovery_watch_events_total{resource}``: watch events handled;
+- ``peer_recovery_leader``: 1 while this replica holds the leader-election Lease;
+- ``peer_recovery_resync_drift_total``: objects a periodic relist showed the watches missed.
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ class Metrics:
         self.active = Gauge(
             "peer_recovery_active_recoveries",
             "PeerRecoveries not yet in a terminal phase.",
+            registry=r,
+        )
+        self.leader = Gauge(
+            "peer_recovery_leader",
+            "1 while this replica holds the leader-election Lease (always 1 without one).",
+            registry=r,
+        )
+        self.resync_drift = Counter(
+            "peer_recovery_resync_drift",
+            "Objects a periodic relist showed that the watches had not: vanished pods and "
+            "PeerRecoveries, pods never delivered.",
             registry=r,
         )
         self.plans = Counter(

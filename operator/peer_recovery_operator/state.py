@@ -62,6 +62,10 @@ class ClusterState:
         if current is not None and current.uid == pod.uid:
             self._slots[pod.slot] = dataclasses.replace(current, terminating=True, ready=False)
 
+    def all_pods(self) -> list[PodView]:
+        """Every slot's current pod record, terminating ones included."""
+        return list(self._slots.values())
+
     def job_pods(self, namespace: str, job: str) -> list[PodView]:
         return [self._slots[s] for s in sorted(self._job_slots.get((namespace, job), ()))]
 
