@@ -25,7 +25,7 @@ from typing import Any
 
 from peer_recovery.contract import names
 from peer_recovery.contract.names import is_operator_reason
-from peer_recovery.contract.records import RecordError, RecoveryRecord, parse_recovery, parse_time
+from peer_recovery.contract.records import RecordError, parse_recovery, parse_time
 from peer_recovery_operator import lifecycle
 from peer_recovery_operator.config import OperatorConfig
 from peer_recovery_operator.detection import (
@@ -103,7 +103,7 @@ class Engine:
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.state = ClusterState()
+        self.state = ClusterState(sweepable=lifecycle.may_need_action)
         self._api = cluster
         self._clock = clock
         self._recorder = Recorder(cluster, self.metrics, clock)
@@ -123,6 +123,11 @@ class Engine:
         self.leading: Callable[[], bool] = lambda: True
         #: When a resync found pods the pod watch never delivered; cleared by the next event.
         self._watch_stalled_since: float | None = None
+        #: The running retention pass, if any (one at a time).
+        self._expiring: asyncio.Task[None] | None = None
+        #: Whether the pod watch has delivered anything yet: before kopf has started it, a
+        #: relist naturally shows pods the state lacks, which is no sign of a stall.
+        self._pod_watch_started = False
 
     # --- leadership -----------------------------------------------------------------------
 
@@ -153,6 +158,7 @@ class Engine:
     def pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         self.metrics.watch_events.labels("pods").inc()
         self._watch_stalled_since = None  # the pod watch delivers
+        self._pod_watch_started = True
         self._apply_pod(event_type, body)
 
     def _apply_pod(self, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -288,28 +294,20 @@ class Engine:
 
     def sweep(self) -> None:
         """Check the operator's live recoveries against their deadlines and their pods, and
-        closed attempts whose re-plan may be missing; queue what needs acting, and the
-        deletion of finished records past the retention policy.
+        closed attempts whose re-plan may be missing; queue what needs acting, and start the
+        retention pass, which deletes finished records past the policy.
 
-        Finished records need nothing, so they are not looked at one by one: the episodes
-        (attempts for one target incarnation and restart) are indexed once per sweep, so a
-        sweep costs time in proportion to the records, not to their square.
+        Touches live records only: the state indexes the records the lifecycle rule may act
+        on and every episode's attempts, so a sweep costs time in proportion to the live
+        records, however many finished ones there are. The retention pass, which must look
+        at every finished record, runs on a worker thread over a snapshot of the records.
         """
         now = self._clock()
-        episodes: dict[tuple[str, str, str, int, str], list[RecoveryRecord]] = {}
-        for r in self.state.recoveries.values():
-            episode_key = (r.namespace, r.job, r.target_uid, r.restart_count, r.reason.value)
-            episodes.setdefault(episode_key, []).append(r)
-        for rec in list(self.state.recoveries.values()):
-            if not lifecycle.may_need_action(rec):
-                continue
+        for rec in self.state.sweepable_recoveries():
             key = (rec.namespace, rec.job)
-            job = self.state.jobs.get(key)
-            if job is None:
+            if key not in self.state.jobs:
                 continue
-            episode = episodes[
-                (rec.namespace, rec.job, rec.target_uid, rec.restart_count, rec.reason.value)
-            ]
+            attempts = self.state.episode_attempts(rec)
             verdict = lifecycle.decide(
                 rec,
                 now=now,
@@ -317,24 +315,39 @@ class Engine:
                 source_pod=self.state.pod_named(rec.namespace, rec.source_pod)
                 if rec.source_pod
                 else None,
-                attempts_in_episode=len(episode),
-                newer_attempt_exists=any(r.attempt > rec.attempt for r in episode),
+                attempts_in_episode=len(attempts),
+                newer_attempt_exists=any(a > rec.attempt for a in attempts),
                 config=self.config,
             )
             if verdict.action is not lifecycle.Action.KEEP:
                 self._enqueue(key).lifecycle.setdefault(rec.name, (rec, verdict))
-        self._expire(now)
+        if self._expiring is None:
+            loop = asyncio.get_running_loop()
+            self._expiring = loop.create_task(self._expire(now))
         self._check_parked()
 
-    def _expire(self, now: datetime) -> None:
-        """Queue the deletion of finished records past the retention policy."""
-        known = [
-            r for r in self.state.recoveries.values() if (r.namespace, r.job) in self.state.jobs
-        ]
-        policy = {"keep": self.config.keep_finished, "ttl": self.config.finished_ttl}
-        for found in expired(known, now=now, **policy):
-            rec = found.record
-            self._enqueue((rec.namespace, rec.job)).expired.setdefault(rec.name, found)
+    async def _expire(self, now: datetime) -> None:
+        """Queue the deletion of finished records past the retention policy; the rule runs
+        on a worker thread over a snapshot (a list of frozen records)."""
+        try:
+            jobs = set(self.state.jobs)
+            snapshot = list(self.state.recoveries.values())
+            policy = {"keep": self.config.keep_finished, "ttl": self.config.finished_ttl}
+            found = await asyncio.to_thread(
+                lambda: expired(
+                    [r for r in snapshot if (r.namespace, r.job) in jobs], now=now, **policy
+                )
+            )
+            for item in found:
+                rec = item.record
+                if self.state.recoveries.get((rec.namespace, rec.name)) is not rec:
+                    continue  # changed or gone since the snapshot: the next pass decides
+                if (rec.namespace, rec.job) in self.state.jobs:
+                    self._enqueue((rec.namespace, rec.job)).expired.setdefault(rec.name, item)
+        except Exception:  # one bad pass must not stop later ones
+            logger.exception("retention pass failed")
+        finally:
+            self._expiring = None
 
     def _check_parked(self) -> None:
         horizon = time.monotonic() - DELETED_JOB_MEMORY_SECONDS
@@ -405,7 +418,7 @@ class Engine:
                 self._apply_pod(None, body)  # as a listing would have shown it
         for body in recovery_bodies:
             self._fold(body)
-        if drift.unseen_pods:
+        if drift.unseen_pods and self._pod_watch_started:
             logger.warning(
                 "resync: the pod watch never delivered %d pod(s), e.g. %s/%s: watch stalled?",
                 len(drift.unseen_pods),

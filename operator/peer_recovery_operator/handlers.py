@@ -30,7 +30,7 @@ POD_SELECTOR = ("v1", "pods")
 #: from the last resourceVersion); the client gives up on a connection after
 #: ``CLIENT_TIMEOUT``, so a half-open connection (no data, no FIN) ends within that instead
 #: of stalling the watch silently.
-WATCH_SERVER_TIMEOUT = 60.0
+WATCH_SERVER_TIMEOUT = 60  # an integer: the API server refuses "60.0"
 WATCH_CLIENT_TIMEOUT = 90.0
 WATCH_CONNECT_TIMEOUT = 10.0
 

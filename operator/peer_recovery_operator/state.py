@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Callable
 
 from peer_recovery.contract.records import RecoveryRecord
 from peer_recovery_operator.views import JobView, NodeView, PodView
@@ -21,10 +22,31 @@ __all__ = ["ClusterState", "JobKey", "Slot"]
 
 Slot = tuple[str, str, str, int]
 JobKey = tuple[str, str]
+RecoveryKey = tuple[str, str]
+#: Attempts for one target incarnation and restart: (namespace, job, target UID, restart
+#: count, reason).
+EpisodeKey = tuple[str, str, str, int, str]
+
+
+def episode_of(record: RecoveryRecord) -> EpisodeKey:
+    return (
+        record.namespace,
+        record.job,
+        record.target_uid,
+        record.restart_count,
+        record.reason.value,
+    )
 
 
 class ClusterState:
-    def __init__(self) -> None:
+    def __init__(self, sweepable: Callable[[RecoveryRecord], bool] = lambda _: True) -> None:
+        """``sweepable`` says which records the lifecycle sweep must look at; they are kept
+        in an index so a sweep costs time in proportion to them, not to all records."""
+        self._sweepable_rule = sweepable
+        #: Records the sweep looks at (live ones, mostly), by key.
+        self._sweepable: set[RecoveryKey] = set()
+        #: Attempt numbers of every episode's records, by record key.
+        self._episodes: dict[EpisodeKey, dict[RecoveryKey, int]] = {}
         self.jobs: dict[JobKey, JobView] = {}
         self.nodes: dict[str, NodeView] = {}
         self.recoveries: dict[tuple[str, str], RecoveryRecord] = {}
@@ -77,15 +99,37 @@ class ClusterState:
         previous = self.recoveries.get(key)
         if previous is not None and _older(view.resource_version, previous.resource_version):
             return False  # our own write was recorded before the watch caught up
+        if previous is not None:
+            self._unindex(key, previous)
         self.recoveries[key] = view
         self._job_recoveries[(view.namespace, view.job)].add(key)
+        self._episodes.setdefault(episode_of(view), {})[key] = view.attempt
+        if self._sweepable_rule(view):
+            self._sweepable.add(key)
         return True
 
     def drop_recovery(self, namespace: str, name: str) -> RecoveryRecord | None:
         view = self.recoveries.pop((namespace, name), None)
         if view is not None:
             self._job_recoveries[(namespace, view.job)].discard((namespace, name))
+            self._unindex((namespace, name), view)
         return view
+
+    def _unindex(self, key: RecoveryKey, view: RecoveryRecord) -> None:
+        self._sweepable.discard(key)
+        episode = self._episodes.get(episode_of(view))
+        if episode is not None:
+            episode.pop(key, None)
+            if not episode:
+                del self._episodes[episode_of(view)]
+
+    def sweepable_recoveries(self) -> list[RecoveryRecord]:
+        """The records the sweep must look at (a snapshot: a list of frozen records)."""
+        return [self.recoveries[k] for k in self._sweepable]
+
+    def episode_attempts(self, record: RecoveryRecord) -> list[int]:
+        """The attempt numbers recorded in ``record``'s episode, its own included."""
+        return list(self._episodes.get(episode_of(record), {}).values())
 
     def job_recoveries(self, namespace: str, job: str) -> list[RecoveryRecord]:
         keys = self._job_recoveries.get((namespace, job), ())
@@ -105,6 +149,7 @@ class ClusterState:
         for key in self._job_recoveries.pop((namespace, job), set()):
             record = self.recoveries.pop(key, None)
             if record is not None:
+                self._unindex(key, record)
                 dropped.append(record)
         return dropped
 

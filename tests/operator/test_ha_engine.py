@@ -1,4 +1,4 @@
-"""A standby engine and the periodic resync, over the in-memory API.
+"""A standby engine, the periodic resync and the sweep's bounds, over the in-memory API.
 
 The watch gaps here (a DELETED event never delivered, a pod never delivered) are faults the
 real API server cannot be made to show on cue; the same behaviour across the real API is
@@ -135,6 +135,12 @@ def test_pods_a_relist_shows_but_the_watch_never_delivered_mark_it_stalled() -> 
         clock.now = T0.replace(minute=5)  # both pods are minutes old, never delivered
         drift = await engine.resync()
         assert len(drift.unseen_pods) == 2
+        assert engine.watch_problem() is None  # the pod watch has not started yet
+        other = pod_body("other", "worker", 0, uid="o")
+        engine.pod_event(None, other)  # now it has: a pod the relist shows is overdue
+        stored(fake, *job_pod_bodies(workers=2), other)
+        drift = await engine.resync()
+        assert [p.name for p in drift.unseen_pods] == ["train-worker-1"]
         assert "has not delivered" in (engine.watch_problem() or "")
         engine.pod_event("MODIFIED", job_pod_bodies(workers=1)[0])  # the watch delivers again
         assert engine.watch_problem() is None
@@ -155,3 +161,42 @@ def test_compare_never_takes_what_arrived_during_the_list_for_vanished() -> None
         list_started=Clock()(),
     )
     assert not drift
+
+
+class _Untouchable(dict[Any, Any]):
+    """The records, refusing to be walked whole (what the sweep must not do on the loop)."""
+
+    def values(self) -> Any:
+        raise AssertionError("the sweep walked every record on the event loop")
+
+    def items(self) -> Any:
+        raise AssertionError("the sweep walked every record on the event loop")
+
+    def __iter__(self) -> Any:
+        raise AssertionError("the sweep walked every record on the event loop")
+
+
+def test_the_sweep_touches_live_records_only_and_retention_runs_off_the_loop() -> None:
+    async def scenario() -> None:
+        engine, fake, _ = make(keep_finished=1)
+        start_job(engine)
+        for i, uid in enumerate(("w0-b", "w0-c", "w0-d")):
+            engine.pod_event("ADDED", pod_body("train", "worker", 0, uid=uid, created=40 + i))
+            await settle(engine)
+            feed_back(engine, fake)
+        for body in list(fake.recoveries.values()):  # the first two finish
+            if body["spec"]["target"]["podUID"] != "w0-d":
+                engine.recovery_event("MODIFIED", fake.runtime_sets_phase(
+                    "ns", body["metadata"]["name"], "Succeeded"))  # fmt: skip
+        real = engine.state.recoveries
+        engine.state.recoveries = _Untouchable(real)
+        try:
+            engine.sweep()
+        finally:
+            engine.state.recoveries = real
+        await settle(engine)
+        # retention (keep 1 finished per slot) ran on a worker thread over a snapshot
+        left = sorted(b["spec"]["target"]["podUID"] for b in fake.recoveries.values())
+        assert len(left) == 2 and "w0-d" in left  # the live one, and one finished
+
+    run(scenario)
