@@ -136,3 +136,21 @@ def test_two_standbys_racing_for_an_expired_lease_yield_one_leader(
     assert not c.tick()
     assert b.tick()
     assert kube.get_lease(namespace, "ha")["spec"]["holderIdentity"] == "b"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lease-duration", "5", "--lease-renew-deadline", "5"], "--lease-renew-deadline"),
+        (["--lease-retry-period", "0"], "--lease-retry-period"),
+        (["--lease-namespace", "ops", "--peering", "p"], "--lease-namespace and --peering"),
+        (["--resync-interval", "0"], "--resync-interval must be > 0"),
+    ],
+)
+def test_bad_lease_and_resync_flags_are_refused_naming_the_flag(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from peer_recovery_operator.cli import main
+
+    assert main(["--namespace", "ns", *flags]) == 2
+    assert message in capsys.readouterr().err
