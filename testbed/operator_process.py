@@ -16,7 +16,7 @@ import subprocess
 import sys
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -126,11 +126,18 @@ class OperatorProcess:
 
 @contextmanager
 def operator_under_rbac(
-    control_plane: Any, namespace: str, log_path: Path, *extra: str
+    control_plane: Any,
+    namespace: str,
+    log_path: Path,
+    *extra: str,
+    via: Callable[[Path], Path] | None = None,
 ) -> Iterator[OperatorProcess]:
     """The operator as a subprocess watching ``namespace``, under the chart's RBAC rendered
-    for that namespace and bound to its own ServiceAccount; the RBAC is removed after."""
+    for that namespace and bound to its own ServiceAccount; the RBAC is removed after.
+    ``via`` rewrites its kubeconfig (e.g. to reach the API server through a proxy)."""
     with _chart_rbac(control_plane, namespace) as (kubeconfig, _release):
+        if via is not None:
+            kubeconfig = via(kubeconfig)
         proc = OperatorProcess(kubeconfig, namespace, log_path, *extra)
         try:
             yield proc.start()

@@ -37,7 +37,7 @@ from peer_recovery_operator.detection import (
 from peer_recovery_operator.kube import ClusterApi
 from peer_recovery_operator.metrics import Metrics
 from peer_recovery_operator.recording import JobSnapshot, Recorder
-from peer_recovery_operator.resync import Drift, compare
+from peer_recovery_operator.resync import WATCH_STALL_SECONDS, Drift, compare
 from peer_recovery_operator.retention import Expired, expired
 from peer_recovery_operator.state import ClusterState, JobKey, Slot
 from peer_recovery_operator.views import (
@@ -128,6 +128,9 @@ class Engine:
         #: Whether the pod watch has delivered anything yet: before kopf has started it, a
         #: relist naturally shows pods the state lacks, which is no sign of a stall.
         self._pod_watch_started = False
+        #: Pods a relist showed before the pod watch did (UID -> when first listed): the
+        #: watch should deliver them within WATCH_STALL_SECONDS, or it is stalled.
+        self._awaiting_watch: dict[str, float] = {}
 
     # --- leadership -----------------------------------------------------------------------
 
@@ -159,6 +162,7 @@ class Engine:
         self.metrics.watch_events.labels("pods").inc()
         self._watch_stalled_since = None  # the pod watch delivers
         self._pod_watch_started = True
+        self._awaiting_watch.pop(str((body.get("metadata") or {}).get("uid")), None)
         self._apply_pod(event_type, body)
 
     def _apply_pod(self, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -407,6 +411,15 @@ class Engine:
             listed_recoveries=recovery_bodies,
             list_started=started,
         )
+        logger.debug(
+            "resync: %d pods and %d PeerRecoveries listed; %d pods gone, %d records gone, "
+            "%d pods never delivered",
+            len(listed),
+            len(recovery_bodies),
+            len(drift.gone_pods),
+            len(drift.gone_recoveries),
+            len(drift.unseen_pods),
+        )
         for pod in drift.gone_pods:
             logger.info("resync: pod %s/%s (%s) is gone", pod.namespace, pod.name, pod.uid)
             self.state.pod_gone(pod)
@@ -418,18 +431,32 @@ class Engine:
                 self._apply_pod(None, body)  # as a listing would have shown it
         for body in recovery_bodies:
             self._fold(body)
-        if drift.unseen_pods and self._pod_watch_started:
+        overdue = self._overdue_for_the_watch(listed, known)
+        if (drift.unseen_pods or overdue) and self._pod_watch_started:
             logger.warning(
-                "resync: the pod watch never delivered %d pod(s), e.g. %s/%s: watch stalled?",
-                len(drift.unseen_pods),
-                drift.unseen_pods[0].namespace,
-                drift.unseen_pods[0].name,
+                "resync: the pod watch never delivered %d pod(s) a relist shows: watch stalled?",
+                len(drift.unseen_pods) + len(overdue),
             )
             self._watch_stalled_since = self._watch_stalled_since or time.monotonic()
         self.metrics.resync_drift.inc(
             len(drift.gone_pods) + len(drift.gone_recoveries) + len(drift.unseen_pods)
         )
         return drift
+
+    def _overdue_for_the_watch(self, listed: list[Any], known: set[str]) -> list[str]:
+        """Note the listed pods the watch has not delivered; return (and forget) those it
+        has not delivered for WATCH_STALL_SECONDS since a relist first showed them."""
+        now = time.monotonic()
+        listed_uids = {p.uid for p in listed}
+        for uid in [u for u in self._awaiting_watch if u not in listed_uids]:
+            del self._awaiting_watch[uid]  # gone before the watch said anything
+        for pod in listed:
+            if pod.uid not in known:
+                self._awaiting_watch.setdefault(pod.uid, now)
+        overdue = [u for u, t in self._awaiting_watch.items() if now - t > WATCH_STALL_SECONDS]
+        for uid in overdue:
+            del self._awaiting_watch[uid]  # reported once
+        return overdue
 
     def _relist(
         self, scopes: list[str | None]

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 from peer_recovery_operator.views import PodView
 
-__all__ = ["Drift", "compare"]
+__all__ = ["WATCH_STALL_SECONDS", "Drift", "compare"]
 
 #: A pod the list shows, created this long before the list, that the watch never delivered
 #: means the pod watch is stalled (a watch normally delivers within a second).

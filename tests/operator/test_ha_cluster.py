@@ -124,3 +124,35 @@ def test_a_pod_deleted_while_the_operator_is_partitioned_is_not_chosen_as_source
         rec = wait_recovery(custom, namespace, uid=new["metadata"]["uid"], phase="FellBack")
         assert "source" not in rec["spec"], rec["spec"]
         assert proc.healthy()
+
+
+def test_a_stalled_watch_fails_healthz_until_the_client_timeout_ends_it(
+    control_plane: Any, namespace: str, crd: None, client: Any, tmp_path: Path
+) -> None:
+    from testbed.stalling_proxy import StallingProxy
+
+    port = int(control_plane.server.rsplit(":", 1)[1])
+    proxy = StallingProxy(port)
+    via = lambda original: proxy.kubeconfig(original, tmp_path / "proxied.kubeconfig")  # noqa: E731
+    log = tmp_path / "operator.log"
+    try:
+        with operator_under_rbac(
+            control_plane, namespace, log, "--resync-interval", "2", via=via
+        ) as proc:
+            pods_seen = 'peer_recovery_watch_events_total{resource="pods"}'
+            ready_job(client, namespace, "a", workers=1, annotations=ENABLED)
+            wait_for("the pod watch to deliver the job's pods", lambda: proc.metric(pods_seen) >= 2)
+            proxy.stall()  # every open connection, the watches' included, goes silent
+            ready_job(client, namespace, "b", workers=1)
+            wait_for(
+                "/healthz to fail on the stalled pod watch",
+                lambda: not proc.healthy(),
+                timeout=120,
+                why=lambda: proc.log()[-2000:],
+            )
+            assert "watch stalled?" in proc.log()
+            # the client timeout ends the silent watch; kopf reconnects (new connections
+            # pass) and the pod watch delivers again
+            wait_for("/healthz to recover", proc.healthy, timeout=180)
+    finally:
+        proxy.close()

@@ -142,6 +142,16 @@ def test_pods_a_relist_shows_but_the_watch_never_delivered_mark_it_stalled() -> 
         drift = await engine.resync()
         assert [p.name for p in drift.unseen_pods] == ["train-worker-1"]
         assert "has not delivered" in (engine.watch_problem() or "")
+        engine.pod_event("MODIFIED", other)
+        assert engine.watch_problem() is None
+        # a young pod the relist shows first: taken in, and overdue if the watch stays silent
+        young = pod_body("train", "worker", 2, uid="young", created=299)
+        stored(fake, *job_pod_bodies(workers=2), other, young)
+        await engine.resync()
+        assert engine.watch_problem() is None
+        engine._awaiting_watch["young"] -= 31  # as if the relist had shown it 31 s ago
+        await engine.resync()
+        assert "has not delivered" in (engine.watch_problem() or "")
         engine.pod_event("MODIFIED", job_pod_bodies(workers=1)[0])  # the watch delivers again
         assert engine.watch_problem() is None
 
