@@ -6,6 +6,11 @@ never writes to pods, PyTorchJobs or nodes (a finalizer on a pod would stop the
 training-operator from recreating it under the same name). Pods are watched with a
 server-side label selector on ``training.kubeflow.org/job-name``, so pods outside any
 PyTorchJob never reach the operator at all.
+
+Besides the handlers, three background tasks run on kopf's loop: the lifecycle sweep (only
+while this replica leads), the periodic resync (on every replica) and, with a
+:class:`~peer_recovery_operator.lease.LeaderElector`, the Lease loop; two probes report
+watch health (raising, so ``/healthz`` answers 500) and leadership.
 """
 
 from __future__ import annotations
