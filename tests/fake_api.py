@@ -150,6 +150,21 @@ class FakeApi:
             if ns == namespace and p["metadata"]["labels"].get(names.LABEL_JOB_NAME) == job
         ]
 
+    def list_pods(self, namespace: str | None) -> list[dict[str, Any]]:
+        self._check("list_pods")
+        return [
+            copy.deepcopy(p)
+            for (ns, _), p in self.pods.items()
+            if namespace in (None, ns)
+            and p["metadata"]["labels"].get(names.LABEL_OPERATOR_NAME) == "pytorchjob-controller"
+        ]
+
+    def list_all_recoveries(self, namespace: str | None) -> list[dict[str, Any]]:
+        self._check("list_all_recoveries")
+        return [
+            copy.deepcopy(b) for (ns, _), b in self.recoveries.items() if namespace in (None, ns)
+        ]
+
     def post_event(self, involved: Any, *, type_: str, reason: str, message: str) -> None:
         self.events.append(
             {"involved": dict(involved), "type": type_, "reason": reason, "message": message}

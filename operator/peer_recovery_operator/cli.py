@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -88,6 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--verbose", action="store_true", default=None, help="debug logging")
     add("--peering", metavar="NAME", help="kopf peering object (HA); default: standalone")
     add("--priority", type=int, metavar="N", help="kopf peering priority (distinct per replica)")
+    add(
+        "--lease-namespace",
+        metavar="NS",
+        help="elect a leader on a Lease in NS (HA: only the leader acts); default: no election",
+    )
+    add("--lease-name", metavar="NAME", help="the Lease's name (peer-recovery-operator)")
+    add("--identity", metavar="ID", help="this replica's name in the Lease (<hostname>_<pid>)")
+    add("--lease-duration", type=float, metavar="S", help="claim without renewal lasts (15)")
+    add("--lease-renew-deadline", type=float, metavar="S", help="leader stops acting after (10)")
+    add("--lease-retry-period", type=float, metavar="S", help="Lease read/renew period (2)")
+    add(
+        "--resync-interval",
+        type=float,
+        metavar="S",
+        help="relist pods and PeerRecoveries this often (300)",
+    )
     add("--kubeconfig", metavar="PATH", help="kubeconfig (default: $KUBECONFIG, then in-cluster)")
     return parser
 
@@ -101,8 +119,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _configure_logging(config)
     if args.kubeconfig:
-        import os
-
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf and our client both read it
     _run(config)
     return 0
@@ -132,9 +148,19 @@ def _run(config: OperatorConfig) -> None:
     server = None
     if config.metrics_address:
         server = metrics.serve(*metrics_host_port(config.metrics_address))
-    engine = Engine(KubernetesApi(on_error=metrics.api_error), config, metrics)
+    api = KubernetesApi(on_error=metrics.api_error)
+    engine = Engine(api, config, metrics)
+    elector = None
+    if config.lease_namespace:
+        from peer_recovery_operator.lease import LeaderElector, LeaseTiming
+
+        timing = LeaseTiming(
+            config.lease_duration, config.lease_renew_deadline, config.lease_retry_period
+        )
+        identity = config.identity or f"{socket.gethostname()}_{os.getpid()}"
+        elector = LeaderElector(api, config.lease_namespace, config.lease_name, identity, timing)
     registry = kopf.OperatorRegistry()
-    register(registry, engine)
+    register(registry, engine, elector)
     try:
         kopf.run(
             registry=registry,

@@ -53,13 +53,33 @@ class OperatorConfig:
     #: kopf peering object name; empty runs standalone (one replica, Recreate strategy).
     peering: str = ""
     priority: int = 0
+    #: Namespace of the leader-election Lease; empty runs without election (one replica).
+    lease_namespace: str = ""
+    #: Name of the Lease the replicas share.
+    lease_name: str = "peer-recovery-operator"
+    #: This replica's identity in the Lease; empty means ``<hostname>_<pid>``.
+    identity: str = ""
+    #: Seconds a leader's claim lasts without renewal before a standby takes over.
+    lease_duration: float = 15.0
+    #: A leader that could not renew for this long stops acting.
+    lease_renew_deadline: float = 10.0
+    #: How often every replica reads (the leader renews) the Lease.
+    lease_retry_period: float = 2.0
+    #: How often pods and PeerRecoveries are relisted to reconcile what a watch gap hid.
+    resync_interval: float = 300.0
 
     def __post_init__(self) -> None:
         if self.namespaces and self.all_namespaces:
             raise ConfigError("--namespace and --all-namespaces exclude each other")
         if not self.namespaces and not self.all_namespaces:
             raise ConfigError("give --namespace NS (repeatable) or --all-namespaces")
-        for name in ("plan_deadline", "stream_deadline", "sweep_interval", "finished_ttl"):
+        for name in (
+            "plan_deadline",
+            "stream_deadline",
+            "sweep_interval",
+            "finished_ttl",
+            "resync_interval",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_flag(name)} must be > 0, got {getattr(self, name)!r}")
         if self.catch_up_grace < 0:
@@ -72,6 +92,14 @@ class OperatorConfig:
             raise ConfigError(f"--log-format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         if self.metrics_address:
             metrics_host_port(self.metrics_address)
+        if self.lease_namespace and self.peering:
+            raise ConfigError("--lease-namespace and --peering exclude each other (pick one HA)")
+        if not 0 < self.lease_retry_period < self.lease_renew_deadline < self.lease_duration:
+            raise ConfigError(
+                "need 0 < --lease-retry-period < --lease-renew-deadline < --lease-duration, got "
+                f"{self.lease_retry_period!r}, {self.lease_renew_deadline!r}, "
+                f"{self.lease_duration!r}"
+            )
 
     def deadline_for(self, phase: str) -> float | None:
         """Seconds a recovery may stay in ``phase`` before the operator steps in."""

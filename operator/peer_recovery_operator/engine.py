@@ -41,6 +41,7 @@ from peer_recovery_operator.detection import (
 from peer_recovery_operator.kube import ClusterApi
 from peer_recovery_operator.metrics import Metrics
 from peer_recovery_operator.recording import JobSnapshot, Recorder
+from peer_recovery_operator.resync import WATCH_STALL_SECONDS, Drift, compare
 from peer_recovery_operator.retention import Expired, expired
 from peer_recovery_operator.state import ClusterState, JobKey, Slot
 from peer_recovery_operator.views import (
@@ -132,11 +133,53 @@ class Engine:
         self._events = concurrent.futures.ThreadPoolExecutor(1, "peer-recovery-events")
         #: Seconds before retrying a failed round: the first delay, doubled up to the cap.
         self.retry_backoff: tuple[float, float] = (0.5, 30.0)
+        #: Whether this replica may act (write, sweep, post Events): the leader-election
+        #: Lease's verdict (:mod:`peer_recovery_operator.lease`); always True without one.
+        self.leading: Callable[[], bool] = lambda: True
+        #: When a resync found pods the pod watch never delivered; cleared by the next event.
+        self._watch_stalled_since: float | None = None
+        #: The running retention pass, if any (one at a time).
+        #: Whether the pod watch has delivered anything yet: before kopf has started it, a
+        #: relist naturally shows pods the state lacks, which is no sign of a stall.
+        self._pod_watch_started = False
+        #: Pods a relist showed before the pod watch did (UID -> when first listed): the
+        #: watch should deliver them within WATCH_STALL_SECONDS, or it is stalled.
+        self._awaiting_watch: dict[str, float] = {}
+
+    # --- leadership -----------------------------------------------------------------------
+
+    def start_leading(self) -> None:
+        """This replica just became the leader: run the work queued while standing by (a
+        replacement the old leader saw but had not recorded is recorded now; one it did
+        record is an AlreadyExists, as names are deterministic)."""
+        for key, work in list(self._work.items()):
+            if work and key not in self._running:
+                self._running[key] = asyncio.get_running_loop().create_task(self._drain(key))
+
+    def prune_standby(self, horizon: float) -> None:
+        """While standing by, forget detections older than ``horizon`` seconds: the leader
+        has recorded them by then, or has been replaced by this replica (which ran them).
+        Bounds the standby's queue; catch-up candidates are bounded by the pods already."""
+        oldest = time.monotonic() - horizon
+        for key, work in list(self._work.items()):
+            if key in self._running:
+                continue
+            work.detections = [(d, seen) for d, seen in work.detections if seen >= oldest]
+            work.lifecycle.clear()  # decided by the leader's sweep; ours re-decides on takeover
+            work.expired.clear()
+            if not work:
+                del self._work[key]
 
     # --- watch events ---------------------------------------------------------------------
 
     def pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         self.metrics.watch_events.labels("pods").inc()
+        self._watch_stalled_since = None  # the pod watch delivers
+        self._pod_watch_started = True
+        self._awaiting_watch.pop(str((body.get("metadata") or {}).get("uid")), None)
+        self._apply_pod(event_type, body)
+
+    def _apply_pod(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         if not is_pytorchjob_pod(body):
             return  # a TFJob's, MPIJob's, ... pod (the label selector normally keeps these away)
         job_name = job_name_of_pod(body)
@@ -297,8 +340,8 @@ class Engine:
 
     def sweep(self) -> None:
         """Check the operator's live recoveries against their deadlines and their pods, and
-        closed attempts whose re-plan may be missing; queue what needs acting, and the
-        deletion of finished records past the retention policy.
+        closed attempts whose re-plan may be missing; queue what needs acting, and start the
+        retention pass, which deletes finished records past the policy.
 
         Touches only what may need acting: the state keeps the records the lifecycle may act
         on, and each record's episode, indexed as the watch reports them; finished records
@@ -380,11 +423,108 @@ class Engine:
         elif key not in self.state.jobs:
             self.job_event("ADDED", body)
 
+    # --- the periodic full resync ---------------------------------------------------------
+
+    async def resync(self) -> Drift:
+        """Relist pods and PeerRecoveries and reconcile what the watches did not deliver:
+        vanished pods are marked gone (never chosen as a source), vanished records dropped,
+        pods and records the watch missed taken in as a listing would."""
+        live = [p for p in self.state.all_pods() if not p.terminating]
+        known = {p.uid for p in self.state.all_pods()}
+        recoveries_before = list(self.state.recoveries)
+        started = self._clock()
+        scopes: list[str | None] = (
+            [None] if self.config.all_namespaces else list(self.config.namespaces)
+        )
+        pod_bodies, recovery_bodies = await asyncio.to_thread(self._relist, scopes)
+        listed = []
+        for body in pod_bodies:
+            job_name = job_name_of_pod(body)
+            if job_name is None:
+                continue
+            try:
+                listed.append(pod_view(body, job_name))
+            except BadInput:
+                continue  # reported when the watch delivers it
+        drift = compare(
+            live_before=live,
+            known_uids_before=known,
+            recoveries_before=recoveries_before,
+            listed_pods=listed,
+            listed_recoveries=recovery_bodies,
+            list_started=started,
+        )
+        logger.debug(
+            "resync: %d pods and %d PeerRecoveries listed; %d pods gone, %d records gone, "
+            "%d pods never delivered",
+            len(listed),
+            len(recovery_bodies),
+            len(drift.gone_pods),
+            len(drift.gone_recoveries),
+            len(drift.unseen_pods),
+        )
+        for pod in drift.gone_pods:
+            logger.info("resync: pod %s/%s (%s) is gone", pod.namespace, pod.name, pod.uid)
+            self.state.pod_gone(pod)
+        for namespace, name in drift.gone_recoveries:
+            self.recovery_event("DELETED", {"metadata": {"namespace": namespace, "name": name}})
+        for body in pod_bodies:
+            uid = (body.get("metadata") or {}).get("uid")
+            if uid not in known:
+                self._apply_pod(None, body)  # as a listing would have shown it
+        for body in recovery_bodies:
+            self._fold(body)
+        overdue = self._overdue_for_the_watch(listed, known)
+        if (drift.unseen_pods or overdue) and self._pod_watch_started:
+            logger.warning(
+                "resync: the pod watch never delivered %d pod(s) a relist shows: watch stalled?",
+                len(drift.unseen_pods) + len(overdue),
+            )
+            self._watch_stalled_since = self._watch_stalled_since or time.monotonic()
+        self.metrics.resync_drift.inc(
+            len(drift.gone_pods) + len(drift.gone_recoveries) + len(drift.unseen_pods)
+        )
+        return drift
+
+    def _overdue_for_the_watch(self, listed: list[Any], known: set[str]) -> list[str]:
+        """Note the listed pods the watch has not delivered; return (and forget) those it
+        has not delivered for WATCH_STALL_SECONDS since a relist first showed them."""
+        now = time.monotonic()
+        listed_uids = {p.uid for p in listed}
+        for uid in [u for u in self._awaiting_watch if u not in listed_uids]:
+            del self._awaiting_watch[uid]  # gone before the watch said anything
+        for pod in listed:
+            if pod.uid not in known:
+                self._awaiting_watch.setdefault(pod.uid, now)
+        overdue = [u for u, t in self._awaiting_watch.items() if now - t > WATCH_STALL_SECONDS]
+        for uid in overdue:
+            del self._awaiting_watch[uid]  # reported once
+        return overdue
+
+    def _relist(
+        self, scopes: list[str | None]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        pods: list[dict[str, Any]] = []
+        recoveries: list[dict[str, Any]] = []
+        for namespace in scopes:
+            pods += self._api.list_pods(namespace)
+            recoveries += self._api.list_all_recoveries(namespace)
+        return pods, recoveries
+
+    def watch_problem(self) -> str | None:
+        """Why the watches look stalled (for /healthz), or None."""
+        if self._watch_stalled_since is None:
+            return None
+        return (
+            "the pod watch has not delivered pods a relist shows "
+            f"(for {time.monotonic() - self._watch_stalled_since:.0f}s)"
+        )
+
     # --- per-job rounds on worker threads -------------------------------------------------
 
     def _enqueue(self, key: JobKey) -> _JobWork:
         work = self._work.setdefault(key, _JobWork())
-        if key not in self._running:
+        if key not in self._running and self.leading():
             self._running[key] = asyncio.get_running_loop().create_task(self._drain(key))
         return work
 
@@ -392,7 +532,7 @@ class Engine:
         delay, cap = self.retry_backoff
         try:
             await asyncio.sleep(0)  # let the events of this loop iteration join the round
-            while self._work.get(key):
+            while self._work.get(key) and self.leading():
                 work = self._work.pop(key)
                 job = self.state.jobs.get(key)
                 if job is None:
@@ -492,6 +632,8 @@ class Engine:
     # --- reporting ------------------------------------------------------------------------
 
     def _post_terminal(self, view: Any) -> None:
+        if not self.leading():
+            return  # the leader posts it
         kind = "Normal" if view.phase is names.Phase.SUCCEEDED else "Warning"
         message = f"{view.name} {view.phase.value}" + (f": {view.message}" if view.message else "")
         job = self.state.jobs.get((view.namespace, view.job))
@@ -509,7 +651,7 @@ class Engine:
             self._warned.popitem(last=False)
         self.metrics.input_warnings.labels(kind).inc()
         logger.warning("ignoring malformed input: %s", message)
-        if job_body is not None:
+        if job_body is not None and self.leading():
             meta = job_body.get("metadata") or {}
             involved = _job_ref(
                 str(meta.get("namespace")), str(meta.get("name")), str(meta.get("uid"))

@@ -8,6 +8,11 @@ server-side label selector on ``training.kubeflow.org/operator-name=pytorchjob-c
 (the label the training-operator's PyTorchJob controller sets on every pod it makes), so
 pods outside any PyTorchJob, and those of TFJobs, MPIJobs and other kinds, never reach the
 operator at all.
+
+Besides the handlers, three background tasks run on kopf's loop: the lifecycle sweep (only
+while this replica leads), the periodic resync (on every replica) and, with a
+:class:`~peer_recovery_operator.lease.LeaderElector`, the Lease loop; two probes report
+watch health (raising, so ``/healthz`` answers 500) and leadership.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import kopf
 from peer_recovery.contract import names
 from peer_recovery_operator import views
 from peer_recovery_operator.engine import Engine
+from peer_recovery_operator.lease import LeaderElector
 
 __all__ = ["register"]
 
@@ -31,10 +37,24 @@ POD_SELECTOR = ("v1", "pods")
 #: Objects per page of kopf's initial listings (pods of 10-30 KB: a page is a few MB).
 LIST_PAGE_SIZE = 250
 
+#: Watch timeouts. The server ends each watch after ``SERVER_TIMEOUT`` (kopf then resumes it
+#: from the last resourceVersion); the client gives up on a connection after
+#: ``CLIENT_TIMEOUT``, so a half-open connection (no data, no FIN) ends within that instead
+#: of stalling the watch silently.
+WATCH_SERVER_TIMEOUT = 60  # an integer: the API server refuses "60.0"
+WATCH_CLIENT_TIMEOUT = 90.0
+WATCH_CONNECT_TIMEOUT = 10.0
 
-def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
-    """Register the handlers for one engine on ``registry``."""
+
+def register(
+    registry: kopf.OperatorRegistry, engine: Engine, elector: LeaderElector | None = None
+) -> None:
+    """Register the handlers for one engine on ``registry``; with ``elector``, only the
+    holder of its Lease acts, the other replicas watch and stand by."""
     tasks: list[asyncio.Task[None]] = []
+    if elector is not None:
+        engine.leading = elector.leading
+    engine.metrics.leader.set(1 if elector is None else 0)
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -48,7 +68,14 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
         # land in a status field, which the operator cannot write on pods (RBAC), not on
         # pods' annotations.
         settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf")
-        tasks.append(asyncio.get_running_loop().create_task(_sweeper(engine)))
+        settings.watching.server_timeout = WATCH_SERVER_TIMEOUT
+        settings.watching.client_timeout = WATCH_CLIENT_TIMEOUT
+        settings.watching.connect_timeout = WATCH_CONNECT_TIMEOUT
+        loop = asyncio.get_running_loop()
+        tasks.append(loop.create_task(_sweeper(engine)))
+        tasks.append(loop.create_task(_resyncer(engine)))
+        if elector is not None:
+            tasks.append(loop.create_task(_elect(engine, elector)))
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -62,6 +89,21 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if elector is not None:
+            await asyncio.to_thread(elector.release)
+
+    @kopf.on.probe(id="watching", registry=registry)
+    def watching(**_: Any) -> str:
+        # kopf answers /healthz with 500 when a probe raises: the kubelet restarts a
+        # replica whose watches stalled.
+        problem = engine.watch_problem()
+        if problem is not None:
+            raise kopf.PermanentError(problem)
+        return "ok"
+
+    @kopf.on.probe(id="leader", registry=registry)
+    def leader(**_: Any) -> bool:
+        return engine.leading()
 
     @kopf.on.event(*POD_SELECTOR, registry=registry)
     async def pod(event: kopf.RawEvent, **_: Any) -> None:
@@ -83,10 +125,51 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
 
 
 async def _sweeper(engine: Engine) -> None:
-    """Run the lifecycle sweep every ``sweep_interval`` seconds until cancelled."""
+    """Run the lifecycle sweep (and retention) every ``sweep_interval`` seconds until
+    cancelled; only while this replica leads."""
     while True:
         await asyncio.sleep(engine.config.sweep_interval)
+        if not engine.leading():
+            continue
         try:
             engine.sweep()
         except Exception:  # one bad sweep must not end the sweeping
             logger.exception("lifecycle sweep failed")
+
+
+async def _resyncer(engine: Engine) -> None:
+    """Relist and reconcile every ``resync_interval`` seconds until cancelled (on every
+    replica: a standby's caches must be right when it takes over)."""
+    while True:
+        await asyncio.sleep(engine.config.resync_interval)
+        try:
+            await engine.resync()
+        except Exception:  # an unreachable API server: try again next time
+            logger.exception("resync failed")
+
+
+async def _elect(engine: Engine, elector: LeaderElector) -> None:
+    """Read (and, leading, renew) the Lease every retry period; on winning it, resync and
+    run the work queued while standing by."""
+    was_leading = False
+    horizon = 2 * elector.timing.duration + 2 * elector.timing.retry_period
+    while True:
+        try:
+            leading = await asyncio.to_thread(elector.tick)
+        except Exception:  # e.g. a reset connection: leading() lapses on its own
+            logger.exception("leader election round failed")
+            leading = elector.leading()
+        if leading and not was_leading:
+            engine.metrics.leader.set(1)
+            try:
+                await engine.resync()
+            except Exception:
+                logger.exception("resync on taking over failed")
+            engine.start_leading()
+        elif not leading:
+            if was_leading:
+                logger.warning("%s stopped leading: standing by", elector.identity)
+            engine.metrics.leader.set(0)
+            engine.prune_standby(horizon)
+        was_leading = leading
+        await asyncio.sleep(elector.timing.retry_period)

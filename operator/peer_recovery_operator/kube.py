@@ -45,6 +45,14 @@ class ClusterApi(Protocol):
 
     def list_recoveries(self, namespace: str, *, job: str) -> list[dict[str, Any]]: ...
 
+    def list_pods(self, namespace: str | None) -> list[dict[str, Any]]:
+        """Every training pod in ``namespace`` (None: all namespaces), for the resync."""
+        ...
+
+    def list_all_recoveries(self, namespace: str | None) -> list[dict[str, Any]]:
+        """Every PeerRecovery in ``namespace`` (None: all namespaces), for the resync."""
+        ...
+
     def get_recovery(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
     def create_recovery(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -206,6 +214,56 @@ class KubernetesApi:
         except Conflict:
             return False  # changed since it was read: the next sweep decides again
         return deleted is not None
+
+    def list_pods(self, namespace: str | None) -> list[dict[str, Any]]:
+        """Every PyTorchJob pod (the pod watch's selector) in ``namespace``, or in all
+        namespaces for None: the periodic resync's relist."""
+        selector = views.POD_LABEL_SELECTOR
+        if namespace is None:
+            result = self._call(self._core.list_pod_for_all_namespaces, label_selector=selector)
+        else:
+            result = self._call(self._core.list_namespaced_pod, namespace, label_selector=selector)
+        return list((result or {}).get("items") or ())
+
+    def list_all_recoveries(self, namespace: str | None) -> list[dict[str, Any]]:
+        """Every PeerRecovery in ``namespace`` (all namespaces for None): the resync's relist."""
+        if namespace is None:
+            result = self._call(
+                self._custom.list_cluster_custom_object, names.GROUP, names.VERSION, names.PLURAL
+            )
+        else:
+            result = self._call(
+                self._custom.list_namespaced_custom_object,
+                names.GROUP,
+                names.VERSION,
+                namespace,
+                names.PLURAL,
+            )
+        return list((result or {}).get("items") or ())
+
+    # --- the leader-election Lease (peer_recovery_operator.lease.LeaseApi) ----------------
+
+    def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._call(self._coordination().read_namespaced_lease, name, namespace)
+
+    def create_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self._call(self._coordination().create_namespaced_lease, namespace, dict(body))
+        except Conflict:
+            return None  # another replica created it first
+
+    def replace_lease(self, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        result = self._call(
+            self._coordination().replace_namespaced_lease, name, namespace, dict(body)
+        )
+        if result is None:
+            raise Conflict(f"Lease {namespace}/{name} is gone")
+        return result
+
+    def _coordination(self) -> Any:
+        from kubernetes.client import CoordinationV1Api
+
+        return CoordinationV1Api(self._client)
 
     def post_event(
         self, involved: Mapping[str, str], *, type_: str, reason: str, message: str

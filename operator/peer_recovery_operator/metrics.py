@@ -16,6 +16,8 @@
   API work on one job (``ok`` or ``failed``) and how long each took;
 - ``peer_recovery_sweep_seconds``: how long each lifecycle sweep took;
 - ``peer_recovery_job_changes_total{reason}``: suspends, resumes and scalings recognised.
+- ``peer_recovery_leader``: 1 while this replica holds the leader-election Lease;
+- ``peer_recovery_resync_drift_total``: objects a periodic relist showed the watches missed.
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ class Metrics:
         self.active = Gauge(
             "peer_recovery_active_recoveries",
             "PeerRecoveries not yet in a terminal phase.",
+            registry=r,
+        )
+        self.leader = Gauge(
+            "peer_recovery_leader",
+            "1 while this replica holds the leader-election Lease (always 1 without one).",
+            registry=r,
+        )
+        self.resync_drift = Counter(
+            "peer_recovery_resync_drift",
+            "Objects a periodic relist showed that the watches had not: vanished pods and "
+            "PeerRecoveries, pods never delivered.",
             registry=r,
         )
         self.plans = Counter(

@@ -101,6 +101,10 @@ class ClusterState:
     def job_slots(self, namespace: str, job: str) -> list[Slot]:
         return sorted(self._job_slots.get((namespace, job), ()))
 
+    def all_pods(self) -> list[PodView]:
+        """Every slot's current pod record, terminating ones included (for the resync)."""
+        return list(self._slots.values())
+
     def job_pods(self, namespace: str, job: str) -> list[PodView]:
         return [self._slots[s] for s in sorted(self._job_slots.get((namespace, job), ()))]
 

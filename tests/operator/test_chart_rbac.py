@@ -19,7 +19,15 @@ def rules(manifest: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize(
-    "values", [{}, {"watchNamespaces[0]": "team-a", "peering.enabled": "true"}]
+    "values",
+    [
+        {},
+        {
+            "watchNamespaces[0]": "team-a",
+            "leaderElection.enabled": "false",
+            "operator.replicas": "1",
+        },
+    ],
 )
 def test_rbac_is_least_privilege(values: dict[str, str]) -> None:
     helm = require_bin_dir() / "helm"
@@ -35,29 +43,39 @@ def test_rbac_is_least_privilege(values: dict[str, str]) -> None:
                 "peerrecoveries",
                 "peerrecoveries/status",
                 "events",
-                "kopfpeerings",
-                "clusterkopfpeerings",
+                "leases",
             }, rule
             if "delete" in writes:  # finished records past the retention policy only
                 assert rule["resources"] == ["peerrecoveries"], rule
-    kinds = [d["kind"] for d in yaml.safe_load_all(manifest) if d]
-    peering = any(
-        "kopfpeerings" in r["resources"] or "clusterkopfpeerings" in r["resources"] for r in granted
-    )
-    assert peering == bool(values.get("peering.enabled"))
-    assert ("RoleBinding" in kinds) == bool(values)
+            if "update" in writes:  # only the one Lease the replicas share
+                assert rule["resourceNames"] == ["rel-peer-recovery-operator"], rule
+    docs = [d for d in yaml.safe_load_all(manifest) if d]
+    lease_roles = [d for d in docs if d["kind"] == "Role"]
+    if values.get("leaderElection.enabled") == "false":
+        assert not lease_roles
+        assert not any("leases" in r["resources"] for r in granted)
+    else:  # namespaced to the release's namespace, never a ClusterRole
+        assert [d["metadata"]["namespace"] for d in lease_roles] == ["ops"]
+        assert all(
+            "leases" not in r["resources"]
+            for d in docs
+            if d["kind"] == "ClusterRole"
+            for r in d["rules"]
+        )
+    bound = {(d["kind"], d["metadata"].get("namespace")) for d in docs if "Binding" in d["kind"]}
+    assert ("RoleBinding", "team-a") in bound or not values
 
 
 def test_the_namespaced_rights_are_exactly_the_calls_the_operator_makes() -> None:
     helm = require_bin_dir() / "helm"
-    granted = {
-        (group, resource): set(rule["verbs"])
-        for rule in rules(render_rbac(helm, "rel", "ops"))
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        if resource not in ("nodes", "namespaces", "customresourcedefinitions")
-    }
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in rules(render_rbac(helm, "rel", "ops")):
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                if resource not in ("nodes", "namespaces", "customresourcedefinitions"):
+                    granted.setdefault((group, resource), set()).update(rule["verbs"])
     assert granted == {
+        ("coordination.k8s.io", "leases"): {"create", "get", "update"},
         ("", "pods"): {"get", "list", "watch"},
         ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch"},
         ("peerrecovery.io", "peerrecoveries"): {"get", "list", "watch", "create", "delete"},
@@ -66,15 +84,61 @@ def test_the_namespaced_rights_are_exactly_the_calls_the_operator_makes() -> Non
     }
 
 
-def test_deployment_is_one_replica_with_recreate() -> None:
+def deployment(*values: str) -> dict[str, Any]:
     import subprocess
 
     helm = require_bin_dir() / "helm"
-    out = subprocess.run(
-        [str(helm), "template", "rel", str(CHART), "--show-only", "templates/operator-deployment.yaml"],
+    argv = [str(helm), "template", "rel", str(CHART), "--namespace", "ops"]
+    for value in values:
+        argv += ["--set", value]
+    argv += ["--show-only", "templates/operator-deployment.yaml"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout
+    return dict(yaml.safe_load(out))
+
+
+def test_deployment_is_two_replicas_electing_a_leader_spread_and_quick_off_lost_nodes() -> None:
+    spec = deployment()["spec"]
+    pod = spec["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    assert "--all-namespaces" in args
+    assert {"--lease-namespace=ops", "--lease-name=rel-peer-recovery-operator"} <= set(args)
+    assert "--identity=$(POD_NAME)" in args
+    assert {t["key"]: t["tolerationSeconds"] for t in pod["tolerations"]} == {
+        "node.kubernetes.io/not-ready": 30,
+        "node.kubernetes.io/unreachable": 30,
+    }
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert pod["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_without_leader_election_it_is_one_replica_with_recreate_and_no_pdb() -> None:
+    import subprocess
+
+    spec = deployment("leaderElection.enabled=false", "operator.replicas=1")["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    assert not any(
+        a.startswith("--lease") for a in spec["template"]["spec"]["containers"][0]["args"]
+    )
+    helm = require_bin_dir() / "helm"
+    refused = subprocess.run(
+        [str(helm), "template", "rel", str(CHART), "--set", "leaderElection.enabled=false"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "operator.replicas > 1 needs leaderElection.enabled=true" in refused.stderr
+    single = subprocess.run(
+        [str(helm), "template", "rel", str(CHART), "--set", "operator.replicas=1"],
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout  # fmt: skip
-    deployment = yaml.safe_load(out)
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
-    assert "--all-namespaces" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "PodDisruptionBudget" not in single
+    pdb = subprocess.run(
+        [str(helm), "template", "rel", str(CHART), "--show-only", "templates/operator-pdb.yaml"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    assert yaml.safe_load(pdb)["spec"]["minAvailable"] == 1

@@ -38,7 +38,7 @@ def make(**config: Any) -> tuple[Engine, FakeApi, Clock]:
 async def settle(engine: Engine) -> None:
     for _ in range(200):
         await asyncio.sleep(0.01)
-        if not engine._running and not engine._work and not engine._lookups:
+        if not (engine._running or engine._work or engine._lookups):
             return
     raise AssertionError("engine did not settle")
 

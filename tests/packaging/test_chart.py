@@ -62,7 +62,8 @@ def test_default_values_render_a_locked_down_operator(bin_dir: Path) -> None:
     objects = render(bin_dir)
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == ["ClusterRole"] * 4 + ["ClusterRoleBinding", "ClusterRoleBinding",
-                     "Deployment", "Service", "ServiceAccount"]  # fmt: skip
+                     "Deployment", "PodDisruptionBudget", "Role", "RoleBinding", "Service",
+                     "ServiceAccount"]  # fmt: skip
     deployment = one(objects, "Deployment")
     spec = deployment["spec"]
     pod = spec["template"]["spec"]
@@ -96,7 +97,7 @@ def test_default_values_render_a_locked_down_operator(bin_dir: Path) -> None:
         {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}
     ]
     for o in objects:
-        if o["kind"] in ("Deployment", "Service", "ServiceAccount"):
+        if o["kind"] in ("Deployment", "Service", "ServiceAccount", "PodDisruptionBudget"):
             assert o["metadata"]["namespace"] == "ops", o["kind"]
 
 
@@ -133,9 +134,16 @@ def test_other_values_render_what_they_say(bin_dir: Path) -> None:
     bindings = {
         (b["metadata"]["namespace"], b["roleRef"]["kind"]) for b in by_kind(objects, "RoleBinding")
     }
-    assert bindings == {("team-a", "ClusterRole"), ("team-b", "ClusterRole"), ("team-a", "Role")}
+    lease = ("ops", "Role")  # the leader-election Lease, in the release's namespace
+    assert bindings == {
+        ("team-a", "ClusterRole"),
+        ("team-b", "ClusterRole"),
+        ("team-a", "Role"),
+        lease,
+    }
     assert len(by_kind(objects, "ClusterRoleBinding")) == 1  # nodes/CRDs only, cluster-wide
-    assert one(objects, "Role")["metadata"]["namespace"] == "team-a"
+    roles = {r["metadata"]["name"]: r["metadata"]["namespace"] for r in by_kind(objects, "Role")}
+    assert sorted(roles.values()) == ["ops", "team-a"]
     assert one(objects, "Service")["spec"]["ports"][0]["port"] == 8443
     monitor = one(objects, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prom"
@@ -149,7 +157,7 @@ def test_switches_turn_objects_off(bin_dir: Path) -> None:
         bin_dir, "rbac.create=false", "serviceAccount.create=false",
         "serviceAccount.name=existing", "metrics.service.enabled=false",
     )  # fmt: skip
-    assert [o["kind"] for o in objects] == ["Deployment"]
+    assert [o["kind"] for o in objects] == ["PodDisruptionBudget", "Deployment"]
     assert (
         one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
     )
@@ -160,7 +168,9 @@ def test_switches_turn_objects_off(bin_dir: Path) -> None:
     [
         ("operator.maxAttempts=0", "at '/operator/maxAttempts': minimum: got 0, want 1"),
         ("operator.logFormat=xml", "at '/operator/logFormat'"),
-        ("operator.replicas=2", "at '/operator': additional properties 'replicas' not allowed"),
+        ("operator.replicas=0", "at '/operator/replicas': minimum: got 0, want 1"),
+        ("operator.replica=2", "at '/operator': additional properties 'replica' not allowed"),
+        ("leaderElection.leaseDuration=0", "at '/leaderElection/leaseDuration'"),
         ("watchNamespace=team-a", "additional properties 'watchNamespace' not allowed"),
         ("watchNamespaces={Team_A}", "at '/watchNamespaces/0'"),
         ("operator.metricsPort=70000", "at '/operator/metricsPort'"),
