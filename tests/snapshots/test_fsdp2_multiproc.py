@@ -155,7 +155,9 @@ def _peer_restore(rank: int, world: int, root: str, plans: list[dict[int, Any]])
                                 state_dict=restorer.template)  # fmt: skip
             transport = _AdoptMetadata(inner, restorer.template)
         before = _hash(fresh_model, fresh_optim)
-        result = restorer.restore(plan=plan, transport=transport)
+        # A checkpoint at step 2: the refused attempt voids only snapshots newer than it
+        # (restore() returning None voids what is newer than the checkpoint).
+        result = restorer.restore(2, plan=plan, transport=transport)
         outcomes.append({
             "step": None if result is None else result.step,
             "unchanged": _hash(fresh_model, fresh_optim) == before,
