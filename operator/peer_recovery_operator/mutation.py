@@ -60,10 +60,8 @@ ENV_PODS_PER_REPLICA: Final = "PEER_RECOVERY_PODS_PER_REPLICA"
 #: Name of the volume the webhook adds at /dev/shm.
 SHM_VOLUME: Final = "peer-recovery-shm"
 SHM_PATH: Final = "/dev/shm"
-#: Job annotation: the size of one snapshot of one pod's state (a quantity, e.g. "6Gi").
-ANNOTATION_SNAPSHOT_SIZE: Final = "peerrecovery.io/snapshot-size"
-#: Job annotation: the /dev/shm sizeLimit itself (a quantity), overriding the rule.
-ANNOTATION_SHM_SIZE: Final = "peerrecovery.io/shm-size"
+ANNOTATION_SNAPSHOT_SIZE: Final = names.ANNOTATION_SNAPSHOT_SIZE
+ANNOTATION_SHM_SIZE: Final = names.ANNOTATION_SHM_SIZE
 _DEFAULT_ACCOUNTS: Final = ("", "default")
 
 

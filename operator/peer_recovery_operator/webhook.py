@@ -128,8 +128,9 @@ class WebhookServer:
             logger.warning("pod of unknown PyTorchJob %s/%s admitted as it is", namespace, job_name)
             return None
         mutation = self._mutate(pod, job, self._settings)
-        if mutation.patch and self._access is not None and self._settings.service_account:
-            await asyncio.to_thread(self._access.ensure, namespace)
+        account = self._access is not None and self._settings.service_account
+        if mutation.patch and account and not request.get("dryRun"):  # NoneOnDryRun
+            await asyncio.to_thread(self._access.ensure, namespace)  # type: ignore[union-attr]
         if mutation.patch:
             pod_name = (pod.get("metadata") or {}).get("name") or "(generated)"
             logger.info("completed pod %s/%s: %s", namespace, pod_name, ", ".join(mutation.added))

@@ -20,6 +20,8 @@ __all__ = [
     "ANNOTATION_MUTATED",
     "ANNOTATION_PODS_PER_REPLICA",
     "ANNOTATION_RESTART_COUNT",
+    "ANNOTATION_SHM_SIZE",
+    "ANNOTATION_SNAPSHOT_SIZE",
     "API_VERSION",
     "CATEGORY",
     "GROUP",
@@ -82,6 +84,11 @@ ANNOTATION_ENABLED_PREFIXED: Final = "peerrecovery.io/enabled"
 ANNOTATION_ENABLED_PREFIXED_VALUE: Final = "true"
 #: How many consecutive pods make up one full replica of the state (default: every pod does).
 ANNOTATION_PODS_PER_REPLICA: Final = "peerrecovery.io/pods-per-replica"
+#: The size of one snapshot of one pod's state (a quantity, e.g. "6Gi"): the webhook sizes
+#: /dev/shm for two of them (docs/webhook.md).
+ANNOTATION_SNAPSHOT_SIZE: Final = "peerrecovery.io/snapshot-size"
+#: The /dev/shm sizeLimit the webhook sets (a quantity), overriding its rule.
+ANNOTATION_SHM_SIZE: Final = "peerrecovery.io/shm-size"
 
 # --- Annotations on a PeerRecovery ----------------------------------------------------------
 
