@@ -178,3 +178,19 @@ def test_warns_about_a_users_small_or_disk_shm() -> None:
     body["spec"]["volumes"] = [{"name": "my-shm", "emptyDir": {}}]
     disk = mutate_pod(body, job(ON), SETTINGS)
     assert any("not a memory emptyDir" in w for w in disk.warnings)
+
+
+@pytest.mark.parametrize(
+    ("annotations", "limit"),
+    [
+        ({}, 16 * GI),
+        ({}, None),
+        ({mutation.ANNOTATION_SNAPSHOT_SIZE: "3Gi"}, 16 * GI),
+        ({mutation.ANNOTATION_SHM_SIZE: "5Gi", mutation.ANNOTATION_SNAPSHOT_SIZE: "3Gi"}, None),
+        ({mutation.ANNOTATION_SNAPSHOT_SIZE: "lots"}, 2 * GI),
+    ],
+)
+def test_doctor_applies_the_same_size_rule(annotations: dict[str, str], limit: int | None) -> None:
+    from peer_recovery.doctor import webhook_shm_bytes
+
+    assert webhook_shm_bytes(annotations, limit) == shm_size(annotations, limit).size

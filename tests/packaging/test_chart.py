@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
+from peer_recovery_operator.cli import build_parser
+from peer_recovery_operator.config import from_sources
 from tests.controlplane.fixtures import require_bin_dir
 from tests.packaging.chart_support import (
     CHART,
@@ -248,6 +250,9 @@ def test_webhook_configuration_rbac_and_certificate_options(bin_dir: Path) -> No
         == one(render(bin_dir, "runtime.serviceAccountName=t"), "Role")["rules"]
     )
 
+    # The operator accepts the flags the chart gives it, with and without cert-manager.
+    from_sources(vars(build_parser().parse_args(args)), env={})
+
     managed = render(bin_dir, "webhook.certManager.enabled=true")
     (config,) = by_kind(managed, "MutatingWebhookConfiguration")
     assert config["metadata"]["annotations"] == {
@@ -257,6 +262,7 @@ def test_webhook_configuration_rbac_and_certificate_options(bin_dir: Path) -> No
     assert one(managed, "Issuer")["spec"] == {"selfSigned": {}}
     pod = one(managed, "Deployment")["spec"]["template"]["spec"]
     assert "--webhook-cert-dir=/webhook-tls" in pod["containers"][0]["args"]
+    from_sources(vars(build_parser().parse_args(pod["containers"][0]["args"])), env={})
     assert {
         "name": "webhook-tls",
         "secret": {"secretName": "rel-peer-recovery-webhook-tls"},
