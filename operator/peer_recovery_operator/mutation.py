@@ -20,7 +20,8 @@ only what is missing and never changes what the user set:
    through while the webhook was down (failure policy ``Ignore``) from completed ones.
 
 Warnings (never refusals: the webhook must not block training): the memory limit cannot
-hold two snapshots, ``/dev/shm`` is smaller than two snapshots, a malformed size annotation.
+hold two snapshots, ``/dev/shm`` is smaller than two snapshots, a malformed size annotation,
+no ServiceAccount token mounted.
 """
 
 from __future__ import annotations
@@ -198,6 +199,13 @@ def mutate_pod(
             patch.append({"op": "replace", "path": "/spec/serviceAccount",
                           "value": settings.service_account})  # fmt: skip
         added.append(f"serviceAccountName {settings.service_account}")
+
+    if spec.get("automountServiceAccountToken") is False:
+        warnings.append(
+            "the pod mounts no ServiceAccount token (automountServiceAccountToken: false): "
+            "its runtime can neither read its plans nor report progress; recovery is "
+            "planned in-band only"
+        )
 
     meta = pod.get("metadata") or {}
     if meta.get("annotations") is None:

@@ -194,3 +194,13 @@ def test_doctor_applies_the_same_size_rule(annotations: dict[str, str], limit: i
     from peer_recovery.doctor import webhook_shm_bytes
 
     assert webhook_shm_bytes(annotations, limit) == shm_size(annotations, limit).size
+
+
+def test_warns_when_the_pod_mounts_no_token() -> None:
+    body = pod()
+    body["spec"]["automountServiceAccountToken"] = False
+    result = mutate_pod(body, job(ON), SETTINGS)
+    assert any("automountServiceAccountToken: false" in w for w in result.warnings)
+    assert not any(
+        "automountServiceAccountToken" in w for w in mutate_pod(pod(), job(ON), SETTINGS).warnings
+    )
