@@ -100,9 +100,12 @@ class Webhook:
 
     def __exit__(self, *exc: object) -> None:
         self.operator.stop()
-        self.plane.kubectl("delete", "--ignore-not-found", "mutatingwebhookconfiguration",
-                           self.fullname, check=False)  # fmt: skip
-        self.plane.kubectl("delete", "--ignore-not-found", "-f", "-", input=self.rbac, check=False)
+        # A generous limit: on a loaded machine kubectl alone can take most of a minute.
+        self.plane.kubectl("delete", "--ignore-not-found", "--wait=false", "-f", "-",
+                           input=self.rbac, check=False, timeout=300)  # fmt: skip
+        self.plane.kubectl("delete", "--ignore-not-found", "--wait=false",
+                           "mutatingwebhookconfiguration", self.fullname, check=False,
+                           timeout=300)  # fmt: skip
         print(self.operator.log()[-6000:])
 
     def point_at(self, port: int) -> None:
@@ -134,6 +137,13 @@ def mutated(pod: dict[str, Any]) -> bool:
 
 
 def wait_webhook_answers(client: Any, namespace: str, job: dict[str, Any], up: bool) -> None:
+    """Probe with dry runs until the webhook is up (or down). A dry run makes no account
+    (sideEffects NoneOnDryRun), so first wait for the one the job's watch event makes."""
+    from kubernetes.client import CoreV1Api
+
+    core = CoreV1Api(client)
+    wait_for("the runtime's ServiceAccount", lambda: exists(
+        core.read_namespaced_service_account, RUNTIME_SA, namespace), timeout=60)  # fmt: skip
     wait_for(
         f"the webhook to be {'up' if up else 'down'}",
         lambda: mutated(probe(client, namespace, job)) == up,
@@ -244,7 +254,8 @@ def test_opted_in_pods_come_out_complete_others_untouched_users_settings_kept(
         pj.delete_job(client, namespace, name)
     wait_for("the runtime's binding removed", lambda: not exists(
         rbac.read_namespaced_role_binding, RUNTIME_SA, namespace), timeout=60)  # fmt: skip
-    assert not exists(core.read_namespaced_service_account, RUNTIME_SA, namespace)
+    wait_for("the runtime's account removed", lambda: not exists(
+        core.read_namespaced_service_account, RUNTIME_SA, namespace), timeout=60)  # fmt: skip
 
 
 def test_ddp_example_shrinks_to_what_the_user_writes_and_doctor_passes_the_mutated_pod(
