@@ -71,7 +71,7 @@ def test_values_are_all_documented_and_the_schema_is_closed() -> None:
 def test_default_values_render_a_locked_down_operator(bin_dir: Path) -> None:
     objects = render(bin_dir)
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ClusterRole"] * 6 + ["ClusterRoleBinding"] * 3 + [
+    assert kinds == ["ClusterRole"] * 7 + ["ClusterRoleBinding"] * 4 + [
         "Deployment", "MutatingWebhookConfiguration", "Service", "Service", "ServiceAccount"]  # fmt: skip
     deployment = one(objects, "Deployment")
     spec = deployment["spec"]
@@ -234,7 +234,12 @@ def test_webhook_configuration_rbac_and_certificate_options(bin_dir: Path) -> No
     assert "--runtime-service-account=peer-recovery-runtime" in args
     assert "--runtime-cluster-role=rel-peer-recovery-runtime" in args
     roles = {r["metadata"]["name"]: r for r in by_kind(objects, "ClusterRole")}
-    rules = roles["rel-peer-recovery-operator-webhook"]["rules"]
+    rules = roles["rel-peer-recovery-operator-webhook"]["rules"] + roles[
+        "rel-peer-recovery-operator-access"]["rules"]  # fmt: skip
+    # The access rights are bound in the watched namespaces only.
+    access = [b for b in by_kind(objects, "RoleBinding")
+              if b["roleRef"]["name"] == "rel-peer-recovery-operator-access"]  # fmt: skip
+    assert [b["metadata"]["namespace"] for b in access] == ["team-a"]
     # The operator may bind the runtime ClusterRole and no other, and touch one configuration.
     assert {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"],
             "resourceNames": ["rel-peer-recovery-runtime"], "verbs": ["bind"]} in rules  # fmt: skip
@@ -268,8 +273,8 @@ def test_webhook_configuration_rbac_and_certificate_options(bin_dir: Path) -> No
         "secret": {"secretName": "rel-peer-recovery-webhook-tls"},
     } in pod["volumes"]
     rules = {r["metadata"]["name"]: r for r in by_kind(managed, "ClusterRole")}
-    webhook_rules = rules["rel-peer-recovery-operator-webhook"]["rules"]
-    assert not [r for r in webhook_rules if "mutatingwebhookconfigurations" in r["resources"]]
+    assert "rel-peer-recovery-operator-webhook" not in rules  # cert-manager injects the CA
+    assert "rel-peer-recovery-operator-access" in rules
     issuer = render(bin_dir, "webhook.certManager.enabled=true",
                     "webhook.certManager.issuerRef.kind=ClusterIssuer",
                     "webhook.certManager.issuerRef.name=corp")  # fmt: skip

@@ -120,7 +120,8 @@ def test_aggregated_roles_read_for_view_delete_for_edit(bin_dir: Path) -> None:
     off = render(bin_dir, "rbac.aggregateToDefaultRoles=false")
     assert {r["metadata"]["name"] for r in by_kind(off, "ClusterRole")} == {
         "rel-peer-recovery-operator", "rel-peer-recovery-operator-cluster",
-        "rel-peer-recovery-operator-webhook", "rel-peer-recovery-runtime",
+        "rel-peer-recovery-operator-webhook", "rel-peer-recovery-operator-access",
+        "rel-peer-recovery-runtime",
     }  # fmt: skip
 
 
