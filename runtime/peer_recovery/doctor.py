@@ -459,7 +459,7 @@ def _pod_facts(
             size = webhook_shm_bytes(annotations or {}, _memory_limit(container))
             shm = Shm(True, True, size, "memory emptyDir added by the webhook")
         if account in ("", "default"):
-            account = "the runtime account the webhook sets"
+            account = "peer-recovery-runtime, set by the webhook"
     return PodFacts(
         where=where,
         env=env,
