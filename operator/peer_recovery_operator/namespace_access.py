@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 #: On the ServiceAccount and RoleBinding the operator makes, so they are easy to find.
 MANAGED_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_VALUE = "peer-recovery-operator"
+#: Seconds a namespace's access, once made sure of, is taken as still there.
+ENSURED_TTL = 60.0
 
 
 @dataclass(frozen=True)
@@ -75,12 +78,21 @@ class OptedInJobs:
 class NamespaceAccess:
     """Creates and removes the runtime's ServiceAccount and RoleBinding per namespace."""
 
-    def __init__(self, api: AdmissionApi, *, service_account: str, cluster_role: str) -> None:
+    def __init__(
+        self,
+        api: AdmissionApi,
+        *,
+        service_account: str,
+        cluster_role: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.service_account = service_account
         self.cluster_role = cluster_role
         self.jobs = OptedInJobs()
         self._api = api
-        self._bound: set[str] = set()
+        self._clock = clock
+        #: Namespace -> when its account and binding were last made sure of.
+        self._bound: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def job_event(self, event_type: str | None, body: Mapping[str, Any]) -> AccessChange | None:
@@ -96,9 +108,11 @@ class NamespaceAccess:
             self.release(change.namespace)
 
     def ensure(self, namespace: str) -> None:
-        """The account and its binding exist in ``namespace`` (idempotent; remembered)."""
+        """The account and its binding exist in ``namespace`` (idempotent). Remembered for
+        :data:`ENSURED_TTL` seconds only: another replica may have removed them meanwhile."""
         with self._lock:
-            if namespace in self._bound:
+            made = self._bound.get(namespace)
+            if made is not None and self._clock() - made < ENSURED_TTL:
                 return
             labels = {MANAGED_LABEL: MANAGED_VALUE}
             self._api.ensure_service_account(namespace, self.service_account, labels)
@@ -109,7 +123,7 @@ class NamespaceAccess:
                 service_account=self.service_account,
                 labels=labels,
             )
-            self._bound.add(namespace)
+            self._bound[namespace] = self._clock()
             logger.info("bound %s to %s in %s", self.cluster_role, self.service_account, namespace)
 
     def release(self, namespace: str) -> None:
@@ -123,5 +137,5 @@ class NamespaceAccess:
             except ApiError as error:
                 logger.warning("could not remove the runtime's access in %s: %s", namespace, error)
                 return
-            self._bound.discard(namespace)
+            self._bound.pop(namespace, None)
             logger.info("unbound %s in %s: no opted-in job left", self.cluster_role, namespace)

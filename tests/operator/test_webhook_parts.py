@@ -170,3 +170,30 @@ def test_webhook_flags_are_checked() -> None:
         env={"PEER_RECOVERY_WEBHOOK_CONFIG_NAME": "pr"},
     )
     assert config.webhook_config_name == "pr"
+
+
+def test_namespace_access_is_made_removed_and_remade_after_another_replica_removed_it() -> None:
+    from peer_recovery_operator.namespace_access import ENSURED_TTL, NamespaceAccess
+    from tests.fake_api import FakeApi
+
+    api, now = FakeApi(), [0.0]
+    access = NamespaceAccess(api, service_account="rt", cluster_role="cr", clock=lambda: now[0])
+    change = access.job_event("ADDED", job("1", annotations=ON))
+    assert change == AccessChange("bind", "a")
+    access.apply(change)
+    assert api.service_accounts == {("a", "rt")}
+    assert api.role_bindings == {("a", "rt"): {"roleRef": "cr", "subject": "rt"}}
+    calls = len(api.calls)
+    access.ensure("a")  # remembered: no API call per pod
+    assert len(api.calls) == calls
+    access.release("a")  # a job is still there: kept
+    assert api.role_bindings
+    api.role_bindings.clear()  # as another replica would, after the namespace's last job
+    api.service_accounts.clear()
+    now[0] += ENSURED_TTL
+    access.ensure("a")
+    assert ("a", "rt") in api.role_bindings and ("a", "rt") in api.service_accounts
+    gone = access.job_event("DELETED", job("1", annotations=ON))
+    assert gone == AccessChange("unbind", "a")
+    access.apply(gone)
+    assert api.role_bindings == {} and api.service_accounts == set()
