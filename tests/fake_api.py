@@ -1,7 +1,8 @@
 """The one in-memory API server of the unit tests, for the operator and the runtime alike.
 
-It serves both client seams: the operator's ``ClusterApi`` (jobs, pods, PeerRecoveries,
-Events) and the runtime's ``RecoveryApi`` (PeerRecoveries). It keeps objects with
+It serves the client seams: the operator's ``ClusterApi`` (jobs, pods, PeerRecoveries,
+Events) and ``AdmissionApi`` (the runtime's ServiceAccounts and RoleBindings), and the
+runtime's ``RecoveryApi`` (PeerRecoveries). It keeps objects with
 increasing resourceVersions and enforces the preconditions the API server does
 (AlreadyExists on create, Conflict on a stale resourceVersion; a status write merges into
 the status like a merge patch), so retry and idempotence logic is exercised for real.
@@ -30,6 +31,9 @@ class FakeApi:
         self.pods: dict[Key, dict[str, Any]] = {}
         self.recoveries: dict[Key, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
+        #: (namespace, name) of ServiceAccounts, and RoleBindings with their body.
+        self.service_accounts: set[Key] = set()
+        self.role_bindings: dict[Key, dict[str, Any]] = {}
         #: Every call by name (operator tests count them).
         self.calls: list[str] = []
         #: Every status write that landed: (name, phase).
@@ -169,3 +173,25 @@ class FakeApi:
         self.events.append(
             {"involved": dict(involved), "type": type_, "reason": reason, "message": message}
         )
+
+    # --- the operator's admission seam ----------------------------------------------------
+
+    def ensure_service_account(self, namespace: str, name: str, labels: Any) -> None:
+        self._check("ensure_service_account")
+        self.service_accounts.add((namespace, name))
+
+    def ensure_role_binding(
+        self, namespace: str, name: str, *, cluster_role: str, service_account: str, labels: Any
+    ) -> None:
+        self._check("ensure_role_binding")
+        self.role_bindings.setdefault(
+            (namespace, name), {"roleRef": cluster_role, "subject": service_account}
+        )
+
+    def delete_role_binding(self, namespace: str, name: str) -> None:
+        self._check("delete_role_binding")
+        self.role_bindings.pop((namespace, name), None)
+
+    def delete_service_account(self, namespace: str, name: str) -> None:
+        self._check("delete_service_account")
+        self.service_accounts.discard((namespace, name))

@@ -107,7 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="relist pods and PeerRecoveries this often (300)",
     )
     add("--kubeconfig", metavar="PATH", help="kubeconfig (default: $KUBECONFIG, then in-cluster)")
+    _add_webhook_flags(parser)
     return parser
+
+
+def _add_webhook_flags(parser: argparse.ArgumentParser) -> None:
+    """The mutating webhook's flags (docs/webhook.md)."""
+    group = parser.add_argument_group("mutating webhook")
+    add = group.add_argument
+    add("--webhook-address", metavar="HOST:PORT", help="serve the pod webhook (HTTPS) here")
+    add("--webhook-cert-dir", metavar="DIR", help="tls.crt and tls.key (default: self-signed)")
+    add("--webhook-config-name", metavar="NAME", help="MutatingWebhookConfiguration to patch")
+    add("--webhook-hosts", metavar="H,H", help="DNS names / IPs of the self-signed certificate")
+    add("--runtime-service-account", metavar="NAME", help="account set on default-account pods")
+    add("--runtime-cluster-role", metavar="NAME", help="ClusterRole bound to it per namespace")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,6 +174,10 @@ def _run(config: OperatorConfig) -> None:
         elector = LeaderElector(api, config.lease_namespace, config.lease_name, identity, timing)
     registry = kopf.OperatorRegistry()
     register(registry, engine, elector)
+    if config.webhook_address or config.runtime_service_account:
+        from peer_recovery_operator.admission_handlers import register_admission
+
+        register_admission(registry, engine, config)
     try:
         kopf.run(
             registry=registry,

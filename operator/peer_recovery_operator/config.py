@@ -67,6 +67,20 @@ class OperatorConfig:
     lease_retry_period: float = 2.0
     #: How often pods and PeerRecoveries are relisted to reconcile what a watch gap hid.
     resync_interval: float = 300.0
+    #: ``HOST:PORT`` the mutating webhook listens on (HTTPS); empty serves no webhook.
+    webhook_address: str = ""
+    #: Directory holding ``tls.crt`` and ``tls.key`` (e.g. cert-manager's Secret, mounted);
+    #: empty: the operator makes a self-signed pair and patches the caBundle itself.
+    webhook_cert_dir: str = ""
+    #: The MutatingWebhookConfiguration whose caBundle carries the self-signed CA.
+    webhook_config_name: str = ""
+    #: Comma-separated DNS names / IP addresses of the self-signed certificate.
+    webhook_hosts: str = ""
+    #: The ServiceAccount the webhook sets on pods running as ``default``, which the
+    #: operator creates and binds in each namespace with an opted-in job; empty: neither.
+    runtime_service_account: str = ""
+    #: The ClusterRole that account is bound to (a RoleBinding per namespace).
+    runtime_cluster_role: str = ""
 
     def __post_init__(self) -> None:
         if self.namespaces and self.all_namespaces:
@@ -100,17 +114,26 @@ class OperatorConfig:
                 f"{self.lease_retry_period!r}, {self.lease_renew_deadline!r}, "
                 f"{self.lease_duration!r}"
             )
+        if self.webhook_address:
+            metrics_host_port(self.webhook_address, "--webhook-address")
+            if not self.webhook_cert_dir and not self.webhook_hosts:
+                raise ConfigError(
+                    "--webhook-address needs --webhook-cert-dir or --webhook-hosts "
+                    "(the names of the self-signed certificate)"
+                )
+        if bool(self.runtime_service_account) != bool(self.runtime_cluster_role):
+            raise ConfigError("--runtime-service-account and --runtime-cluster-role go together")
 
     def deadline_for(self, phase: str) -> float | None:
         """Seconds a recovery may stay in ``phase`` before the operator steps in."""
         return {"Planned": self.plan_deadline, "Streaming": self.stream_deadline}.get(phase)
 
 
-def metrics_host_port(address: str) -> tuple[str, int]:
+def metrics_host_port(address: str, flag: str = "--metrics-address") -> tuple[str, int]:
     """Split ``HOST:PORT``; refuse anything else with a message naming the flag."""
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--metrics-address must be HOST:PORT, got {address!r}")
+        raise ConfigError(f"{flag} must be HOST:PORT, got {address!r}")
     return host, int(port)
 
 

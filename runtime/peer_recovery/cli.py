@@ -124,7 +124,13 @@ def doctor_main(args: argparse.Namespace, out: TextIO) -> int:
 
         try:
             docs = [d for d in yaml.safe_load_all(Path(args.pod_yaml).read_text()) if d]
-            all_facts = [f for d in docs for f in doctor.facts_from_manifest(d)]
+            all_facts = [
+                f
+                for d in docs
+                for f in doctor.facts_from_manifest(
+                    d, webhook=not getattr(args, "no_webhook", False)
+                )
+            ]
         except (OSError, yaml.YAMLError, ValueError, AttributeError) as error:
             print(f"peer-recovery doctor: {args.pod_yaml}: {error}", file=sys.stderr)
             return 2
@@ -156,6 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--state-bytes",
         metavar="QUANTITY",
         help="size of one snapshot of the training state (e.g. 3Gi); /dev/shm needs twice it",
+    )
+    doc.add_argument(
+        "--no-webhook",
+        action="store_true",
+        help="check an opted-in PyTorchJob as written, not as the webhook completes its pods",
     )
     doc.add_argument(
         "--command",

@@ -12,6 +12,12 @@ right, the torchrun command line). What recovery needs (docs/design.md):
   their status (the chart's runtime Role);
 - torchrun with ``--rdzv-backend=peer-recovery``, ``--max-restarts`` >= 1, an explicit
   ``--rdzv-id`` and a fixed ``--nnodes`` (the plugin's own launch checks, reused).
+
+The operator's mutating webhook adds the identity env, ``/dev/shm`` and the ServiceAccount
+to the pods of opted-in jobs (docs/webhook.md). A PyTorchJob manifest that opts in is
+therefore checked as the webhook will complete its pods (``webhook=False`` checks it as
+written); a Pod of a PyTorchJob that lacks the webhook's ``peerrecovery.io/mutated``
+annotation came through while the webhook was down, and the ``webhook`` check says so.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from __future__ import annotations
 import math
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, NoReturn
 
-from peer_recovery.contract.annotations import AnnotationError, parse_job_annotations
+from peer_recovery.contract import names
+from peer_recovery.contract.annotations import AnnotationError, is_enabled, parse_job_annotations
 from peer_recovery.kube.identity import IDENTITY_ENV
 from peer_recovery.rendezvous.launch import launch_problems
 from peer_recovery.snapshots.sizing import format_bytes
@@ -37,6 +44,7 @@ __all__ = [
     "check_shm",
     "check_token",
     "check_torchrun",
+    "check_webhook",
     "facts_from_manifest",
     "parse_quantity",
     "run_checks",
@@ -94,6 +102,8 @@ class PodFacts:
     rights: Mapping[tuple[str, str, str], bool] | None = None
     #: Why the rights could not be asked for (in a pod), if they could not.
     rights_error: str = ""
+    #: For a Pod of a PyTorchJob: whether the webhook completed it; None when not known.
+    mutated: bool | None = None
 
 
 # --- quantities -----------------------------------------------------------------------------
@@ -336,37 +346,84 @@ def run_checks(facts: PodFacts, *, state_bytes: int | None = None) -> list[Check
         check_permissions(facts),
         check_torchrun(facts),
     ]
+    if facts.mutated is not None:
+        checks.append(check_webhook(facts))
     return checks
+
+
+def check_webhook(facts: PodFacts) -> Check:
+    name = "webhook"
+    if facts.mutated:
+        return Check(name, True, "the pod was completed by the peer-recovery webhook")
+    return Check(
+        name, False,
+        "the pod lacks the annotation peerrecovery.io/mutated: it was created while the "
+        "webhook was down or before it was installed (the operator posts PodNotMutated on the "
+        "job), so what the webhook adds is checked above as the pod has it",
+        "once the webhook is up, delete the pod: its controller recreates it, completed",
+    )  # fmt: skip
 
 
 # --- facts from a manifest ------------------------------------------------------------------
 
 
-def facts_from_manifest(doc: Mapping[str, Any]) -> list[PodFacts]:
-    """One :class:`PodFacts` per pod template: a Pod, or each replica of a PyTorchJob.
-    ValueError names what the manifest lacks."""
+def facts_from_manifest(doc: Mapping[str, Any], *, webhook: bool = True) -> list[PodFacts]:
+    """One :class:`PodFacts` per pod template: a Pod, or each replica of a PyTorchJob (with
+    ``webhook``, an opted-in job's templates as the webhook completes them). ValueError
+    names what the manifest lacks."""
     kind = doc.get("kind")
     if kind == "Pod":
-        name = (doc.get("metadata") or {}).get("name", "?")
-        return [_pod_facts(f"Pod {name}", doc.get("spec") or {}, None)]
+        meta = doc.get("metadata") or {}
+        facts = _pod_facts(f"Pod {meta.get('name', '?')}", doc.get("spec") or {}, None)
+        if names.LABEL_JOB_NAME not in (meta.get("labels") or {}):
+            return [facts]
+        mutated = names.ANNOTATION_MUTATED in (meta.get("annotations") or {})
+        return [replace(facts, mutated=mutated)]
     if kind == "PyTorchJob":
         meta = doc.get("metadata") or {}
         specs = (doc.get("spec") or {}).get("pytorchReplicaSpecs") or {}
         if not specs:
             raise ValueError("the PyTorchJob has no spec.pytorchReplicaSpecs")
         annotations = meta.get("annotations") or {}
+        completed = webhook and is_enabled(annotations)
         return [
             _pod_facts(
                 f"PyTorchJob {meta.get('name', '?')} {rtype}",
                 ((replica or {}).get("template") or {}).get("spec") or {},
                 annotations,
+                webhook=completed,
             )
             for rtype, replica in sorted(specs.items())
         ]
     raise ValueError(f"expected a Pod or a PyTorchJob, got kind {kind!r}")
 
 
-def _pod_facts(where: str, spec: Mapping[str, Any], annotations: Any) -> PodFacts:
+def webhook_shm_bytes(annotations: Mapping[str, str], memory_limit: int | None) -> int | None:
+    """The /dev/shm sizeLimit the webhook sets (its rule, docs/webhook.md): the job's
+    ``peerrecovery.io/shm-size``, else twice ``peerrecovery.io/snapshot-size``, else half
+    the container's memory limit, else none. A malformed annotation counts as absent."""
+
+    def quantity(key: str) -> int | None:
+        try:
+            value = parse_quantity(annotations[key]) if key in annotations else None
+        except ValueError:
+            return None
+        return value if value else None
+
+    explicit, snapshot = (
+        quantity(names.ANNOTATION_SHM_SIZE),
+        quantity(names.ANNOTATION_SNAPSHOT_SIZE),
+    )
+    if explicit is not None:
+        return explicit
+    if snapshot is not None:
+        return 2 * snapshot
+    return None if memory_limit is None else memory_limit // 2
+
+
+def _pod_facts(
+    where: str, spec: Mapping[str, Any], annotations: Any, *, webhook: bool = False
+) -> PodFacts:
     containers = spec.get("containers") or []
     if not containers:
         raise ValueError(f"{where}: the pod template has no containers")
@@ -394,12 +451,29 @@ def _pod_facts(where: str, spec: Mapping[str, Any], annotations: Any) -> PodFact
             shm = Shm(True, True, None if limit is None else parse_quantity(limit),
                       f"memory emptyDir {mount.get('name')!r}")  # fmt: skip
     argv = [*(container.get("command") or ()), *(container.get("args") or ())] or None
+    account = str(spec.get("serviceAccountName") or "")
+    if webhook:  # as the operator's webhook completes the pod (peer_recovery_operator.mutation)
+        for env_name, path in IDENTITY_ENV.items():
+            env.setdefault(env_name, f"fieldRef:{path}")
+        if not shm.mounted:
+            size = webhook_shm_bytes(annotations or {}, _memory_limit(container))
+            shm = Shm(True, True, size, "memory emptyDir added by the webhook")
+        if account in ("", "default"):
+            account = "peer-recovery-runtime, set by the webhook"
     return PodFacts(
         where=where,
         env=env,
         shm=shm,
         token=spec.get("automountServiceAccountToken", True) is not False,
-        service_account=str(spec.get("serviceAccountName") or ""),
+        service_account=account,
         argv=argv,
         job_annotations=annotations,
     )
+
+
+def _memory_limit(container: Mapping[str, Any]) -> int | None:
+    raw = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+    try:
+        return None if raw is None else parse_quantity(raw)
+    except ValueError:
+        return None

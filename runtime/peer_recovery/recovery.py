@@ -57,7 +57,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from peer_recovery import peer_restore, peer_slots
+from peer_recovery import _env, peer_restore, peer_slots
 from peer_recovery.budget import DEFAULT_RESTORE_TIMEOUT_S, ENV_RESTORE_TIMEOUT, RestoreBudget
 from peer_recovery.decision import DecisionUnknown, JobDecision, default_store
 from peer_recovery.protocol.records import canonical_key
@@ -181,6 +181,13 @@ class PeerRecovery:
         overrides.setdefault("rank", int(os.environ.get("RANK", "0")))
         overrides.setdefault("world_size", int(os.environ.get("WORLD_SIZE", "1")))
         return cls(state, private, **overrides)
+
+    @staticmethod
+    def pods_per_replica(default: int = 1) -> int:
+        """The job's ``peerrecovery.io/pods-per-replica``, as the webhook passes it to the
+        pod (``$PEER_RECOVERY_PODS_PER_REPLICA``): how many consecutive pods shard one
+        replica, for building the device mesh; ``default`` outside such a pod."""
+        return _env.pods_per_replica(os.environ, default)
 
     # -- identity ------------------------------------------------------------------------
     def shard_key(self, flat: Flat) -> ShardKey:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from peer_recovery import doctor
+from peer_recovery.contract import names
 from peer_recovery.doctor import PodFacts, Shm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,13 +44,17 @@ def broken() -> dict[str, Any]:
     # The example's Worker template is a YAML alias of the Master's: both are broken.
     pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     container = pod["containers"][0]
-    container["env"] = [e for e in container["env"] if e["name"] != "POD_UID"]
+    # Not opted in, so no webhook completes it: what is written by hand is all there is.
+    container["env"] = [
+        {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+        for name, path in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"))
+    ]
     container["args"] = [
         a for a in container["args"] if not a.startswith(("--rdzv-backend", "--max-restarts"))
     ]
     container["args"] = [a.replace("--nnodes=4", "--nnodes=2:4") for a in container["args"]]
-    pod["volumes"][0]["emptyDir"] = {}  # on disk, no size
-    del pod["serviceAccountName"]
+    container["volumeMounts"] = [{"name": "shm", "mountPath": "/dev/shm"}]
+    pod["volumes"] = [{"name": "shm", "emptyDir": {}}]  # on disk, no size
     return job
 
 
@@ -71,6 +76,33 @@ def test_broken_manifest_names_each_missing_piece_with_its_fix() -> None:
     for piece in ("--rdzv-backend", "--max-restarts", "--nnodes is 2:4"):
         assert piece in flags.detail, flags.detail
     assert "--rdzv-id" not in flags.detail  # that one is present
+
+
+def test_an_opted_in_job_is_checked_as_the_webhook_completes_it() -> None:
+    written = doctor.facts_from_manifest(example(), webhook=False)[0]
+    checks = by_name(doctor.run_checks(written))
+    assert checks["pod identity (downward API)"].ok is False
+    assert checks["/dev/shm for snapshots"].ok is False
+    completed = doctor.facts_from_manifest(example())[0]
+    assert completed.shm.size_bytes == doctor.parse_quantity("8Gi")  # half of limits.memory
+    assert "added by the webhook" in completed.shm.source
+    too_big = by_name(doctor.run_checks(completed, state_bytes=doctor.parse_quantity("5Gi")))
+    assert too_big["/dev/shm for snapshots"].ok is False
+
+
+def test_a_pod_that_came_through_without_the_webhook_is_named() -> None:
+    pod = {
+        "kind": "Pod",
+        "metadata": {"name": "ddp-worker-0", "labels": {names.LABEL_JOB_NAME: "ddp"}},
+        "spec": example()["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"],
+    }
+    check = by_name(doctor.run_checks(doctor.facts_from_manifest(pod)[0]))["webhook"]
+    assert check.ok is False and "peerrecovery.io/mutated" in check.detail
+    assert "delete the pod" in check.fix
+    pod["metadata"]["annotations"] = {names.ANNOTATION_MUTATED: "0.1.0"}
+    assert by_name(doctor.run_checks(doctor.facts_from_manifest(pod)[0]))["webhook"].ok is True
+    del pod["metadata"]["labels"]  # not a PyTorchJob's pod: no webhook check
+    assert "webhook" not in by_name(doctor.run_checks(doctor.facts_from_manifest(pod)[0]))
 
 
 def test_shm_sizes_against_the_state() -> None:

@@ -36,7 +36,7 @@ def test_enabled_and_pods_per_replica() -> None:
 
 @pytest.mark.parametrize("value", ["true", "Enabled", "yes", ""])
 def test_enabled_with_another_value_is_an_error_not_a_silent_off(value: str) -> None:
-    with pytest.raises(AnnotationError, match=rf"peer-recovery={value!r}.*'enabled'"):
+    with pytest.raises(AnnotationError, match=rf'peer-recovery={value!r}.*"enabled"'):
         parse_job_annotations({names.ANNOTATION_ENABLED: value})
     assert not is_enabled({names.ANNOTATION_ENABLED: value})
 
@@ -71,3 +71,24 @@ def test_pods_per_replica_must_divide_the_job() -> None:
 def test_non_string_value_is_reported() -> None:
     with pytest.raises(AnnotationError, match="annotation values are strings"):
         parse_job_annotations({names.ANNOTATION_PODS_PER_REPLICA: 2})  # type: ignore[dict-item]
+
+
+def test_the_prefixed_opt_in_is_accepted() -> None:
+    prefixed = {names.ANNOTATION_ENABLED_PREFIXED: "true"}
+    assert parse_job_annotations(prefixed) == JobSettings(enabled=True)
+    assert is_enabled(prefixed)
+    assert parse_job_annotations({**ON, **prefixed}).enabled
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [(names.ANNOTATION_ENABLED, "true"), (names.ANNOTATION_ENABLED_PREFIXED, "enabled")],
+)
+def test_a_wrong_value_names_both_accepted_forms(key: str, value: str) -> None:
+    with pytest.raises(AnnotationError) as caught:
+        parse_job_annotations({key: value})
+    message = str(caught.value)
+    assert f"{key}={value!r}" in message
+    assert 'peer-recovery: "enabled"' in message
+    assert 'peerrecovery.io/enabled: "true"' in message
+    assert not is_enabled({key: value})

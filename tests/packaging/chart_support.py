@@ -34,3 +34,11 @@ def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     found = by_kind(objects, kind)
     assert len(found) == 1, f"{len(found)} {kind} objects"
     return found[0]
+
+
+def metrics_service(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics Service (the webhook has a Service of its own)."""
+    found = [o for o in by_kind(objects, "Service")
+             if o["metadata"]["labels"].get("app.kubernetes.io/component") == "metrics"]  # fmt: skip
+    assert len(found) == 1, f"{len(found)} metrics Services"
+    return found[0]

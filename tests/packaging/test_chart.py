@@ -12,8 +12,18 @@ from typing import Any
 import pytest
 import yaml
 
+from peer_recovery_operator.cli import build_parser
+from peer_recovery_operator.config import from_sources
 from tests.controlplane.fixtures import require_bin_dir
-from tests.packaging.chart_support import CHART, REPO, by_kind, helm, one, render
+from tests.packaging.chart_support import (
+    CHART,
+    REPO,
+    by_kind,
+    helm,
+    metrics_service,
+    one,
+    render,
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +71,9 @@ def test_values_are_all_documented_and_the_schema_is_closed() -> None:
 def test_default_values_render_a_locked_down_operator(bin_dir: Path) -> None:
     objects = render(bin_dir)
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ClusterRole"] * 4 + ["ClusterRoleBinding", "ClusterRoleBinding",
-                     "Deployment", "PodDisruptionBudget", "Role", "RoleBinding", "Service",
-                     "ServiceAccount"]  # fmt: skip
+    assert kinds == ["ClusterRole"] * 7 + ["ClusterRoleBinding"] * 4 + [
+        "Deployment", "MutatingWebhookConfiguration", "PodDisruptionBudget", "Role",
+        "RoleBinding", "Service", "Service", "ServiceAccount"]  # fmt: skip
     deployment = one(objects, "Deployment")
     spec = deployment["spec"]
     pod = spec["template"]["spec"]
@@ -85,13 +95,13 @@ def test_default_values_render_a_locked_down_operator(bin_dir: Path) -> None:
     assert resources["requests"]["cpu"] and resources["requests"]["memory"]
     assert resources["limits"]["memory"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"liveness": 8080, "metrics": 9090}
+    assert ports == {"liveness": 8080, "metrics": 9090, "webhook": 9443}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
     args = container["args"]
     assert "--all-namespaces" in args
     assert "--liveness=http://0.0.0.0:8080/healthz" in args
     assert "--metrics-address=0.0.0.0:9090" in args
-    service = one(objects, "Service")
+    service = metrics_service(objects)
     assert service["spec"]["selector"] == selector
     assert service["spec"]["ports"] == [
         {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}
@@ -141,23 +151,27 @@ def test_other_values_render_what_they_say(bin_dir: Path) -> None:
         ("team-a", "Role"),
         lease,
     }
-    assert len(by_kind(objects, "ClusterRoleBinding")) == 1  # nodes/CRDs only, cluster-wide
+    # nodes/CRDs, and the webhook's cluster-scoped rights (docs/webhook.md)
+    assert len(by_kind(objects, "ClusterRoleBinding")) == 2
     roles = {r["metadata"]["name"]: r["metadata"]["namespace"] for r in by_kind(objects, "Role")}
     assert sorted(roles.values()) == ["ops", "team-a"]
-    assert one(objects, "Service")["spec"]["ports"][0]["port"] == 8443
+    assert metrics_service(objects)["spec"]["ports"][0]["port"] == 8443
     monitor = one(objects, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prom"
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     selected = monitor["spec"]["selector"]["matchLabels"]
-    assert selected.items() <= one(objects, "Service")["metadata"]["labels"].items()
+    assert selected.items() <= metrics_service(objects)["metadata"]["labels"].items()
 
 
 def test_switches_turn_objects_off(bin_dir: Path) -> None:
     objects = render(
         bin_dir, "rbac.create=false", "serviceAccount.create=false",
-        "serviceAccount.name=existing", "metrics.service.enabled=false",
+        "serviceAccount.name=existing", "metrics.service.enabled=false", "webhook.enabled=false",
+        "runtime.namespaceAccess.enabled=false",
     )  # fmt: skip
     assert [o["kind"] for o in objects] == ["PodDisruptionBudget", "Deployment"]
+    args = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in args if a.startswith(("--webhook", "--runtime"))]
     assert (
         one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
     )
@@ -214,3 +228,81 @@ def test_install_manifest_is_the_chart_rendered_with_defaults(bin_dir: Path) -> 
     assert {"Namespace", "CustomResourceDefinition", "Deployment", "ClusterRole"} <= kinds
     namespaced = [o for o in objects if o["kind"] in ("Deployment", "Service", "ServiceAccount")]
     assert {o["metadata"]["namespace"] for o in namespaced} == {"peer-recovery"}
+
+
+def test_webhook_configuration_rbac_and_certificate_options(bin_dir: Path) -> None:
+    objects = render(bin_dir, "watchNamespaces={team-a}")
+    (config,) = by_kind(objects, "MutatingWebhookConfiguration")
+    (hook,) = config["webhooks"]
+    assert hook["failurePolicy"] == "Ignore" and hook["sideEffects"] == "NoneOnDryRun"
+    assert hook["clientConfig"]["service"]["name"] == "rel-peer-recovery-webhook"
+    assert hook["clientConfig"]["service"]["path"] == "/mutate-pods"
+    assert hook["rules"][0]["operations"] == ["CREATE"] and hook["rules"][0]["resources"] == [
+        "pods"
+    ]
+    assert hook["objectSelector"]["matchExpressions"][0]["key"] == "training.kubeflow.org/job-name"
+    assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["team-a"]
+    args = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--webhook-address=0.0.0.0:9443" in args
+    assert "--webhook-config-name=rel-peer-recovery" in args
+    assert "--webhook-hosts=rel-peer-recovery-webhook.ops.svc" in args
+    assert "--runtime-service-account=peer-recovery-runtime" in args
+    assert "--runtime-cluster-role=rel-peer-recovery-runtime" in args
+    roles = {r["metadata"]["name"]: r for r in by_kind(objects, "ClusterRole")}
+    rules = roles["rel-peer-recovery-operator-webhook"]["rules"] + roles[
+        "rel-peer-recovery-operator-access"]["rules"]  # fmt: skip
+    # The access rights are bound in the watched namespaces only.
+    access = [b for b in by_kind(objects, "RoleBinding")
+              if b["roleRef"]["name"] == "rel-peer-recovery-operator-access"]  # fmt: skip
+    assert [b["metadata"]["namespace"] for b in access] == ["team-a"]
+    # The operator may bind the runtime ClusterRole and no other, and touch one configuration.
+    assert {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"],
+            "resourceNames": ["rel-peer-recovery-runtime"], "verbs": ["bind"]} in rules  # fmt: skip
+    assert {"apiGroups": ["admissionregistration.k8s.io"],
+            "resources": ["mutatingwebhookconfigurations"],
+            "resourceNames": ["rel-peer-recovery"], "verbs": ["get", "patch"]} in rules  # fmt: skip
+    for rule in rules:
+        assert "*" not in rule["verbs"] and "escalate" not in rule["verbs"], rule
+        if "delete" in rule["verbs"]:
+            assert rule["resourceNames"] == ["peer-recovery-runtime"], rule
+    assert (
+        roles["rel-peer-recovery-runtime"]["rules"]
+        == one(
+            render(
+                bin_dir,
+                "runtime.serviceAccountName=t",
+                "leaderElection.enabled=false",
+                "operator.replicas=1",
+            ),
+            "Role",
+        )["rules"]
+    )
+
+    # The operator accepts the flags the chart gives it, with and without cert-manager.
+    from_sources(vars(build_parser().parse_args(args)), env={})
+
+    managed = render(bin_dir, "webhook.certManager.enabled=true")
+    (config,) = by_kind(managed, "MutatingWebhookConfiguration")
+    assert config["metadata"]["annotations"] == {
+        "cert-manager.io/inject-ca-from": "ops/rel-peer-recovery-webhook"
+    }
+    assert one(managed, "Certificate")["spec"]["dnsNames"][0] == "rel-peer-recovery-webhook.ops.svc"
+    assert one(managed, "Issuer")["spec"] == {"selfSigned": {}}
+    pod = one(managed, "Deployment")["spec"]["template"]["spec"]
+    assert "--webhook-cert-dir=/webhook-tls" in pod["containers"][0]["args"]
+    from_sources(vars(build_parser().parse_args(pod["containers"][0]["args"])), env={})
+    assert {
+        "name": "webhook-tls",
+        "secret": {"secretName": "rel-peer-recovery-webhook-tls"},
+    } in pod["volumes"]
+    rules = {r["metadata"]["name"]: r for r in by_kind(managed, "ClusterRole")}
+    assert "rel-peer-recovery-operator-webhook" not in rules  # cert-manager injects the CA
+    assert "rel-peer-recovery-operator-access" in rules
+    issuer = render(bin_dir, "webhook.certManager.enabled=true",
+                    "webhook.certManager.issuerRef.kind=ClusterIssuer",
+                    "webhook.certManager.issuerRef.name=corp")  # fmt: skip
+    assert by_kind(issuer, "Issuer") == []
+    assert one(issuer, "Certificate")["spec"]["issuerRef"] == {
+        "kind": "ClusterIssuer",
+        "name": "corp",
+    }

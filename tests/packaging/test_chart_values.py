@@ -16,7 +16,7 @@ import yaml
 
 from peer_recovery_operator.cli import build_parser
 from tests.controlplane.fixtures import require_bin_dir
-from tests.packaging.chart_support import CHART, by_kind, helm, one, render
+from tests.packaging.chart_support import CHART, by_kind, helm, metrics_service, one, render
 
 APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 DIGEST = "sha256:" + "ab" * 32
@@ -53,7 +53,7 @@ def test_name_overrides(bin_dir: Path) -> None:
     assert deployment["metadata"]["name"] == "rel-pr-operator"
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert selector == {"app.kubernetes.io/name": "pr", "app.kubernetes.io/instance": "rel"}
-    assert one(named, "Service")["spec"]["selector"] == selector
+    assert metrics_service(named)["spec"]["selector"] == selector
 
     full = render(bin_dir, "fullnameOverride=recovery", "runtime.serviceAccountName=trainer")
     names = {(o["kind"], o["metadata"]["name"]) for o in full}
@@ -123,7 +123,9 @@ def test_aggregated_roles_read_for_view_delete_for_edit(bin_dir: Path) -> None:
                               "verbs": ["delete", "deletecollection"]}]  # fmt: skip
     off = render(bin_dir, "rbac.aggregateToDefaultRoles=false")
     assert {r["metadata"]["name"] for r in by_kind(off, "ClusterRole")} == {
-        "rel-peer-recovery-operator", "rel-peer-recovery-operator-cluster"
+        "rel-peer-recovery-operator", "rel-peer-recovery-operator-cluster",
+        "rel-peer-recovery-operator-webhook", "rel-peer-recovery-operator-access",
+        "rel-peer-recovery-runtime",
     }  # fmt: skip
 
 

@@ -82,10 +82,14 @@ def test_readme_install_examples_and_uninstall(control_plane: Any) -> None:
         assert container["imagePullPolicy"] == "Never"
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert len(sh.objects(f"kubectl -n {NAMESPACE} get serviceaccounts {selector}")) == 1
-        assert len(sh.objects(f"kubectl -n {NAMESPACE} get services {selector}")) == 1
-        assert len(sh.objects(f"kubectl get clusterroles {selector}")) == 4  # + view, edit
-        assert len(sh.objects(f"kubectl get clusterrolebindings {selector}")) == 2
-        assert len(sh.objects(f"kubectl -n {TRAINING} get roles {selector}")) == 1
+        # metrics and the webhook
+        assert len(sh.objects(f"kubectl -n {NAMESPACE} get services {selector}")) == 2
+        # operator, operator-cluster, operator-webhook, operator-access, runtime; + view, edit
+        assert len(sh.objects(f"kubectl get clusterroles {selector}")) == 7
+        assert len(sh.objects(f"kubectl get clusterrolebindings {selector}")) == 4
+        # No per-namespace setup: the operator binds the runtime's rights where a job opts
+        # in (tests/operator/test_webhook_cluster.py runs that part).
+        assert sh.objects(f"kubectl -n {TRAINING} get roles {selector}") == []
         sh("kubectl get crd peerrecoveries.peerrecovery.io")
         assert sh(f"kubectl -n {TRAINING} get pytorchjob ddp -o name").stdout.strip()
 

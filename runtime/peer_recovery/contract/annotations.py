@@ -2,8 +2,9 @@
 
 Pure and torch-free. Two annotations (keys in :mod:`peer_recovery.contract.names`):
 
-- ``peer-recovery: enabled`` opts the job in. Absent means off; any other value is an error
-  rather than a silent "off", so ``peer-recovery: "true"`` is reported, not ignored.
+- ``peer-recovery: enabled``, or the prefixed ``peerrecovery.io/enabled: "true"``, opts the
+  job in. Absent means off; any other value of either key is an error rather than a silent
+  "off", so ``peer-recovery: "true"`` is reported (naming both accepted forms), not ignored.
 - ``peerrecovery.io/pods-per-replica: "<k>"``: k consecutive pods hold one full replica of
   the state, so pods hold the same shards when their ordinals are equal modulo k. Absent
   means every pod holds a full replica (k = 1). k must be a positive decimal integer and,
@@ -18,13 +19,28 @@ from dataclasses import dataclass
 
 from peer_recovery.contract.names import (
     ANNOTATION_ENABLED,
+    ANNOTATION_ENABLED_PREFIXED,
+    ANNOTATION_ENABLED_PREFIXED_VALUE,
     ANNOTATION_ENABLED_VALUE,
     ANNOTATION_PODS_PER_REPLICA,
 )
 
-__all__ = ["AnnotationError", "JobSettings", "is_enabled", "parse_job_annotations"]
+__all__ = [
+    "ACCEPTED_OPT_INS",
+    "AnnotationError",
+    "JobSettings",
+    "is_enabled",
+    "parse_job_annotations",
+]
 
 _DECIMAL = re.compile(r"^[0-9]+$")
+
+#: Every (key, value) that opts a job in.
+ACCEPTED_OPT_INS: tuple[tuple[str, str], ...] = (
+    (ANNOTATION_ENABLED, ANNOTATION_ENABLED_VALUE),
+    (ANNOTATION_ENABLED_PREFIXED, ANNOTATION_ENABLED_PREFIXED_VALUE),
+)
+_ACCEPTED_TEXT = " or ".join(f'{key}: "{value}"' for key, value in ACCEPTED_OPT_INS)
 
 
 class AnnotationError(ValueError):
@@ -46,8 +62,9 @@ class JobSettings:
 
 
 def is_enabled(annotations: Mapping[str, str] | None) -> bool:
-    """True only for exactly ``peer-recovery: enabled`` (never raises; for filters)."""
-    return (annotations or {}).get(ANNOTATION_ENABLED) == ANNOTATION_ENABLED_VALUE
+    """True only for exactly one of :data:`ACCEPTED_OPT_INS` (never raises; for filters)."""
+    annotations = annotations or {}
+    return any(annotations.get(key) == value for key, value in ACCEPTED_OPT_INS)
 
 
 def parse_job_annotations(
@@ -61,12 +78,15 @@ def parse_job_annotations(
     annotations = annotations or {}
     if not isinstance(annotations, Mapping):
         raise AnnotationError(f"job annotations must be a mapping, got {annotations!r}")
-    raw_enabled = annotations.get(ANNOTATION_ENABLED)
-    if raw_enabled is not None and raw_enabled != ANNOTATION_ENABLED_VALUE:
-        raise AnnotationError(
-            f"annotation {ANNOTATION_ENABLED}={raw_enabled!r}: the only value is "
-            f"{ANNOTATION_ENABLED_VALUE!r} (remove the annotation to opt out)"
-        )
+    enabled = False
+    for key, value in ACCEPTED_OPT_INS:
+        raw = annotations.get(key)
+        if raw is not None and raw != value:
+            raise AnnotationError(
+                f"annotation {key}={raw!r}: the job opts in with {_ACCEPTED_TEXT} "
+                f"(remove the annotation to opt out)"
+            )
+        enabled = enabled or raw is not None
     k = _parse_pods_per_replica(annotations.get(ANNOTATION_PODS_PER_REPLICA))
     if k is not None and pod_count is not None:
         if not isinstance(pod_count, int) or isinstance(pod_count, bool) or pod_count < 1:
@@ -76,7 +96,7 @@ def parse_job_annotations(
                 f"annotation {ANNOTATION_PODS_PER_REPLICA}={k} does not divide the job's "
                 f"{pod_count} pods: every replica must have exactly {k} pods"
             )
-    return JobSettings(enabled=raw_enabled is not None, pods_per_replica=k)
+    return JobSettings(enabled=enabled, pods_per_replica=k)
 
 
 def _parse_pods_per_replica(raw: object) -> int | None:

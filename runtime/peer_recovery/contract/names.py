@@ -14,11 +14,17 @@ from typing import Any, Final
 
 __all__ = [
     "ANNOTATION_ENABLED",
+    "ANNOTATION_ENABLED_PREFIXED",
+    "ANNOTATION_ENABLED_PREFIXED_VALUE",
     "ANNOTATION_ENABLED_VALUE",
+    "ANNOTATION_MUTATED",
     "ANNOTATION_PODS_PER_REPLICA",
     "ANNOTATION_RESTART_COUNT",
+    "ANNOTATION_SHM_SIZE",
+    "ANNOTATION_SNAPSHOT_SIZE",
     "API_VERSION",
     "CATEGORY",
+    "ENV_JOB_UID",
     "GROUP",
     "KIND",
     "LABEL_JOB_NAME",
@@ -73,8 +79,17 @@ PYTORCHJOB_API_VERSION: Final = f"{PYTORCHJOB_GROUP}/{PYTORCHJOB_VERSION}"
 #: Opt-in switch. Only jobs whose annotation has exactly ANNOTATION_ENABLED_VALUE are watched.
 ANNOTATION_ENABLED: Final = "peer-recovery"
 ANNOTATION_ENABLED_VALUE: Final = "enabled"
+#: The same switch under the project's prefix, for clusters whose policies require prefixed
+#: keys: ``peerrecovery.io/enabled: "true"``. Either key opts the job in.
+ANNOTATION_ENABLED_PREFIXED: Final = "peerrecovery.io/enabled"
+ANNOTATION_ENABLED_PREFIXED_VALUE: Final = "true"
 #: How many consecutive pods make up one full replica of the state (default: every pod does).
 ANNOTATION_PODS_PER_REPLICA: Final = "peerrecovery.io/pods-per-replica"
+#: The size of one snapshot of one pod's state (a quantity, e.g. "6Gi"): the webhook sizes
+#: /dev/shm for two of them (docs/webhook.md).
+ANNOTATION_SNAPSHOT_SIZE: Final = "peerrecovery.io/snapshot-size"
+#: The /dev/shm sizeLimit the webhook sets (a quantity), overriding its rule.
+ANNOTATION_SHM_SIZE: Final = "peerrecovery.io/shm-size"
 
 # --- Annotations on a PeerRecovery ----------------------------------------------------------
 
@@ -82,6 +97,16 @@ ANNOTATION_PODS_PER_REPLICA: Final = "peerrecovery.io/pods-per-replica"
 #: restarts of one pod incarnation get distinct attempts. The runtime's own records carry
 #: "0", so an operator that creates the same name a moment later sees "already recorded".
 ANNOTATION_RESTART_COUNT: Final = "peerrecovery.io/restart-count"
+
+# --- Annotations on a pod -------------------------------------------------------------------
+
+#: Put on every pod the operator's mutating webhook has completed, with the operator's
+#: version; an opted-in job's pod without it came through while the webhook was down.
+ANNOTATION_MUTATED: Final = "peerrecovery.io/mutated"
+
+#: The env var that tells a pod its PyTorchJob's UID (set by the webhook): part of every
+#: snapshot's job identity, so a new job of the same name never loads an old job's state.
+ENV_JOB_UID: Final = "PEER_RECOVERY_JOB_UID"
 
 # --- Labels the training-operator puts on every pod of a job --------------------------------
 

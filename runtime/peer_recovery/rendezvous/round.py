@@ -23,6 +23,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
+from peer_recovery._env import ENV_PODS_PER_REPLICA  # the job's pods-per-replica
 from peer_recovery.plan_sources import PlanSource
 from peer_recovery.protocol import keys
 from peer_recovery.protocol.codec import ExchangeError, decode, publish, read_all
@@ -47,8 +48,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_PLAN_TIMEOUT_S: Final = 10.0
-#: The job's ``peerrecovery.io/pods-per-replica``, passed to the pod as an env var.
-ENV_PODS_PER_REPLICA: Final = "PEER_RECOVERY_PODS_PER_REPLICA"
 
 #: Returns this pod's snapshot holdings (read from its snapshot manifests).
 HoldingsReader = Callable[[], list[Holding]]

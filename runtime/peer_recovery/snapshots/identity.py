@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
+from peer_recovery.contract import names
+
 __all__ = [
     "ENV_JOB_UID",
     "ENV_RUN_ID",
@@ -33,8 +35,8 @@ __all__ = [
 ]
 
 ENV_RUN_ID = "TORCHELASTIC_RUN_ID"
-#: The PyTorchJob's UID, when the pod is told it (e.g. by the job spec); optional.
-ENV_JOB_UID = "PEER_RECOVERY_JOB_UID"
+#: The PyTorchJob's UID, when the pod is told it (the operator's webhook sets it); optional.
+ENV_JOB_UID = names.ENV_JOB_UID
 _NO_RUN_ID = "none"
 
 
