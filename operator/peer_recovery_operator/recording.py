@@ -262,11 +262,7 @@ def _already_recorded(detection: Detection, recoveries: Sequence[RecoveryRecord]
 
 
 def _same_episode(rec: RecoveryRecord, old: RecoveryRecord) -> bool:
-    return (rec.target_uid, rec.restart_count, rec.reason) == (
-        old.target_uid,
-        old.restart_count,
-        old.reason,
-    )
+    return rec.episode == old.episode
 
 
 def _plan(

@@ -45,14 +45,14 @@ def expired(
     attempts: dict[tuple[str, str, str, int, str], int] = {}
     for record in records:
         by_slot.setdefault(record.slot, []).append(record)
-        episode = _episode(record)
+        episode = record.episode
         attempts[episode] = max(attempts.get(episode, 0), record.attempt)
     found: list[Expired] = []
     for slot_records in by_slot.values():
         finished = [
             r
             for r in slot_records
-            if r.phase.terminal and not _awaits_replan(r, attempts[_episode(r)])
+            if r.phase.terminal and not _awaits_replan(r, attempts[r.episode])
         ]
         finished.sort(key=lambda r: (r.phase_since, r.attempt), reverse=True)
         for rank, record in enumerate(finished):
@@ -64,16 +64,6 @@ def expired(
                     Expired(record, f"{rank} newer finished records of its pod (keeping {keep})")
                 )
     return found
-
-
-def _episode(record: RecoveryRecord) -> tuple[str, str, str, int, str]:
-    return (
-        record.namespace,
-        record.job,
-        record.target_uid,
-        record.restart_count,
-        record.reason.value,
-    )
 
 
 def _awaits_replan(record: RecoveryRecord, newest_attempt: int) -> bool:

@@ -35,13 +35,7 @@ Episode = tuple[str, str, str, int, str]
 
 
 def episode_of(record: RecoveryRecord) -> Episode:
-    return (
-        record.namespace,
-        record.job,
-        record.target_uid,
-        record.restart_count,
-        record.reason.value,
-    )
+    return record.episode
 
 
 class ClusterState:

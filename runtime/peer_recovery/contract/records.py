@@ -82,6 +82,12 @@ class RecoveryRecord:
         return self.target.ordinal
 
     @property
+    def episode(self) -> tuple[str, str, str, int, str]:
+        """The attempts for one target incarnation and restart share this key: (namespace,
+        job, target UID, restart count, reason)."""
+        return (self.namespace, self.job, self.target_uid, self.restart_count, self.reason.value)
+
+    @property
     def source_pod(self) -> str:
         return "" if self.source is None else self.source.pod
 
