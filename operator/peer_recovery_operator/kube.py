@@ -220,19 +220,30 @@ class KubernetesApi:
         namespaces for None: the periodic resync's relist."""
         selector = views.POD_LABEL_SELECTOR
         if namespace is None:
-            result = self._call(self._core.list_pod_for_all_namespaces, label_selector=selector)
+            result = self._call(
+                "list", "pods", self._core.list_pod_for_all_namespaces, label_selector=selector
+            )
         else:
-            result = self._call(self._core.list_namespaced_pod, namespace, label_selector=selector)
+            result = self._call(
+                "list", "pods", self._core.list_namespaced_pod, namespace, label_selector=selector
+            )
         return list((result or {}).get("items") or ())
 
     def list_all_recoveries(self, namespace: str | None) -> list[dict[str, Any]]:
         """Every PeerRecovery in ``namespace`` (all namespaces for None): the resync's relist."""
         if namespace is None:
             result = self._call(
-                self._custom.list_cluster_custom_object, names.GROUP, names.VERSION, names.PLURAL
+                "list",
+                "peerrecoveries",
+                self._custom.list_cluster_custom_object,
+                names.GROUP,
+                names.VERSION,
+                names.PLURAL,
             )
         else:
             result = self._call(
+                "list",
+                "peerrecoveries",
                 self._custom.list_namespaced_custom_object,
                 names.GROUP,
                 names.VERSION,
@@ -244,17 +255,30 @@ class KubernetesApi:
     # --- the leader-election Lease (peer_recovery_operator.lease.LeaseApi) ----------------
 
     def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self._call(self._coordination().read_namespaced_lease, name, namespace)
+        return self._call(
+            "get", "leases", self._coordination().read_namespaced_lease, name, namespace
+        )
 
     def create_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
         try:
-            return self._call(self._coordination().create_namespaced_lease, namespace, dict(body))
+            return self._call(
+                "create",
+                "leases",
+                self._coordination().create_namespaced_lease,
+                namespace,
+                dict(body),
+            )
         except Conflict:
             return None  # another replica created it first
 
     def replace_lease(self, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
         result = self._call(
-            self._coordination().replace_namespaced_lease, name, namespace, dict(body)
+            "update",
+            "leases",
+            self._coordination().replace_namespaced_lease,
+            name,
+            namespace,
+            dict(body),
         )
         if result is None:
             raise Conflict(f"Lease {namespace}/{name} is gone")
