@@ -60,6 +60,7 @@ import torch.distributed as dist
 from peer_recovery import _env, peer_restore, peer_slots
 from peer_recovery.budget import DEFAULT_RESTORE_TIMEOUT_S, ENV_RESTORE_TIMEOUT, RestoreBudget
 from peer_recovery.decision import DecisionUnknown, JobDecision, default_store
+from peer_recovery.protocol import keys
 from peer_recovery.protocol.records import canonical_key
 from peer_recovery.rank_plan import RankPlan, Role
 from peer_recovery.shard_key import ShardKey
@@ -490,7 +491,7 @@ class PeerRecovery:
         when this rank cannot learn it: then it must not train."""
         if self.world_size == 1:
             return decide([ballot])
-        attempt = f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}.{next(_ATTEMPTS)}"
+        attempt = f"{_round_id(os.environ)}.{next(_ATTEMPTS)}"
         try:
             store = default_store()
         except Exception as error:
@@ -642,6 +643,17 @@ def _unpack_payload(received: object, source: int) -> tuple[ShardKey, Any]:
         return ShardKey.from_json(json.loads(received["shard_key"])), received["state"]
     except (TypeError, ValueError) as error:
         raise _Failure(f"rank {source} sent a malformed shard key: {error}") from None
+
+
+def _round_id(env: Mapping[str, str]) -> str:
+    """What every rank of this worker group shares, and the next group does not: the
+    plugin's round prefix, else the group's store address. Never the restart count: agents
+    count their own restarts (one whose workers failed counts one more than one whose
+    workers were stopped for a new member), so ranks of one round can disagree on it."""
+    prefix = env.get(keys.ENV_ROUND_PREFIX)
+    if prefix:
+        return prefix
+    return f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
 
 
 def _budget(restore_timeout_s: float | None, vote_timeout_s: float | None) -> RestoreBudget:
