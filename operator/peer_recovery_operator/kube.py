@@ -137,6 +137,11 @@ class KubernetesApi:
         return list((result or {}).get("items") or ())
 
     def list_recoveries(self, namespace: str, *, job: str) -> list[dict[str, Any]]:
+        return self._list_namespaced_recoveries(
+            namespace, label_selector=f"{names.LABEL_RECOVERY_JOB}={job}"
+        )
+
+    def _list_namespaced_recoveries(self, namespace: str, **kwargs: Any) -> list[dict[str, Any]]:
         result = self._call(
             "list",
             "peerrecoveries",
@@ -145,7 +150,7 @@ class KubernetesApi:
             names.VERSION,
             namespace,
             names.PLURAL,
-            label_selector=f"{names.LABEL_RECOVERY_JOB}={job}",
+            **kwargs,
         )
         return list((result or {}).get("items") or ())
 
@@ -240,17 +245,8 @@ class KubernetesApi:
                 names.VERSION,
                 names.PLURAL,
             )
-        else:
-            result = self._call(
-                "list",
-                "peerrecoveries",
-                self._custom.list_namespaced_custom_object,
-                names.GROUP,
-                names.VERSION,
-                namespace,
-                names.PLURAL,
-            )
-        return list((result or {}).get("items") or ())
+            return list((result or {}).get("items") or ())
+        return self._list_namespaced_recoveries(namespace)
 
     # --- the leader-election Lease (peer_recovery_operator.lease.LeaseApi) ----------------
 
