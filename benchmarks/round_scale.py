@@ -90,8 +90,10 @@ def _one_rank(
     store.wait([prefix + "go"])
     started = float(store.get(prefix + "go"))
     cpu_started = time.thread_time()
+    arrived = time.time()  # when this rank joined the exchange (its thread got to run)
     plan = session.agree(SHARD_KEY, STEP // 2, timeout=300)
-    out[r] = (time.time() - started, time.thread_time() - cpu_started)
+    finished = time.time()
+    out[r] = (finished - started, time.thread_time() - cpu_started, arrived, finished)
     if plan is None:
         raise RuntimeError(f"rank {r}: no agreement: {session.agreement}")
 
@@ -107,7 +109,7 @@ def _ranks_process(
         connected = pool.map(lambda _: TCPStore("127.0.0.1", port, is_master=False), ranks)
         stores = dict(zip(ranks, connected, strict=True))
     for round_no, mode in rounds:
-        out: dict[int, tuple[float, float]] = {}
+        out: dict[int, tuple[float, float, float, float]] = {}
         threads = [
             threading.Thread(
                 target=_one_rank, args=(stores[r], r, mode, round_no, world, per_pod, out)
@@ -154,6 +156,7 @@ def main() -> None:
     print(f"{world} ranks ({nnodes} pods x {per_pod}) as threads of {args.procs} processes, "
           f"one TCPStore; {args.repeats} rounds of each exchange, alternated", flush=True)  # fmt: skip
     results: dict[str, list[float]] = {m: [] for m in MODES}
+    after_last: dict[str, list[float]] = {m: [] for m in MODES}
     cpus: dict[str, list[float]] = {m: [] for m in MODES}
     for round_no, mode in rounds:
         prefix = keys.round_prefix(RUN_ID, round_no)
@@ -163,16 +166,20 @@ def main() -> None:
         store.set(prefix + "go", repr(time.time()))
         done = [f"{prefix}done/{c[0]}" for c in chunks]
         store.wait(done)
-        seconds, cpu = [], []
+        seconds, cpu, arrivals, ends = [], [], [], []
         for raw in store.multi_get(done):
-            for wall, used in json.loads(raw):
+            for wall, used, arrived, finished in json.loads(raw):
                 seconds.append(wall)
                 cpu.append(used)
+                arrivals.append(arrived)
+                ends.append(finished)
         results[mode].append(max(seconds))
+        after_last[mode].append(max(ends) - max(arrivals))
         cpus[mode].append(statistics.median(cpu))
         print(f"  round {round_no} {mode:8s}: slowest rank {max(seconds):7.3f}s, median rank "
-              f"{statistics.median(seconds):7.3f}s, median rank CPU {statistics.median(cpu):.4f}s",
-              flush=True)  # fmt: skip
+              f"{statistics.median(seconds):7.3f}s, last arrival {max(arrivals) - min(arrivals):6.3f}s "
+              f"after the first, then {after_last[mode][-1]:6.3f}s to the last plan, "
+              f"median rank CPU {statistics.median(cpu):.4f}s", flush=True)  # fmt: skip
     for p in procs:
         p.join(60)
     leader = statistics.median(results["leader"])
@@ -182,6 +189,10 @@ def main() -> None:
     print(f"previous exchange: {previous:.3f}s per round (slowest rank), median rank CPU "
           f"{statistics.median(cpus['previous']):.4f}s")  # fmt: skip
     print(f"ratio leader/previous: {leader / previous:.3f}")
+    print(f"from the last rank's arrival to the last plan (the exchange itself, without the "
+          f"simulated ranks' start-up skew): leader "
+          f"{statistics.median(after_last['leader']):.3f}s, previous "
+          f"{statistics.median(after_last['previous']):.3f}s")  # fmt: skip
     print(f"RESULT ranks={world} round_seconds_per_rank={leader:.4f} "
           f"previous_seconds_per_rank={previous:.4f}")  # fmt: skip
 

@@ -45,6 +45,7 @@ for a script that rolls back by itself.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -73,7 +74,7 @@ from peer_recovery.snapshots.local_restore import (
     usable_snapshots,
 )
 from peer_recovery.snapshots.manifest import Manifest
-from peer_recovery.snapshots.metrics import SnapshotStats, log_restore
+from peer_recovery.snapshots.metrics import PhaseClock, SnapshotStats, log_restore
 from peer_recovery.snapshots.rollback import Backup
 from peer_recovery.snapshots.sizing import SizingError
 from peer_recovery.snapshots.store import SnapshotStore, plan_sections
@@ -170,6 +171,7 @@ class PeerRecovery:
         #: The timeline new snapshots belong to; a restore moves it on.
         self.lineage = identity.root(self.job)
         self._nonce: str | None = None  # this restore's id for a fallback's lineage
+        self._clock = PhaseClock()  # the phases of the restore under way
 
     @classmethod
     def from_env(
@@ -289,6 +291,7 @@ class PeerRecovery:
         without them first joins the round's agreement (:mod:`peer_recovery.peer_restore`),
         which gives this rank its plan and transport.
         """
+        self._clock = PhaseClock()
         if plan is None and transport is None and peer_restore.in_round():
             try:
                 session = peer_restore.RoundSession.join(
@@ -299,6 +302,7 @@ class PeerRecovery:
                 log.warning("peer-recovery: restore falls back: %s", self.last_failure)
                 self._fell_back(checkpoint_step)
                 return None
+            self._clock.lap("join")
             if session is not None:
                 return self._restore_in_round(session, checkpoint_step)
         return self._restore(checkpoint_step, plan, transport)
@@ -310,6 +314,7 @@ class PeerRecovery:
             self._live_shard_key(), checkpoint_step, self.budget.vote_s, job=self.job
         )
         self._nonce = session.ctx.prefix  # the same on every rank, new every round
+        self._clock.lap("agree")
         if plan is None:
             agreement = session.agreement
             self.last_failure = (
@@ -323,6 +328,7 @@ class PeerRecovery:
                 transport = session.transport(self.template, self._device(), self.budget.transfer_s)
             except Exception:  # this rank votes no (no transport); the vote says why
                 log.exception("peer-recovery: rank %d: no transport", self.rank)
+            self._clock.lap("group")
         result = self._restore(checkpoint_step, plan, transport)
         session.report(result)
         return result
@@ -351,11 +357,16 @@ class PeerRecovery:
             self._nonce = os.urandom(16).hex()  # replaced by rank 0's on the local path
         failure: str | None = None
         sizing_error: SizingError | None = None
+        data_bytes = 0
         usable: list[tuple[Manifest, Flat]] = []
         reasons: list[str] = []
         ready: _Ready | None = None  # what this rank loads once every rank voted yes
         received: RestoreResult | None = None  # a receiver's state, already in the objects
-        pg, failure = self._vote_group()
+        clock = self._clock
+        # Only ranks without a plan agree among themselves on a step (over a group); a plan
+        # was agreed already, and the vote is in the job's store (``_decide``).
+        pg, failure = self._vote_group() if plan is None else (None, None)
+        clock.lap("vote group")
         streams = getattr(transport, "slot_streams", None)  # the round offers replication
         begun = time.monotonic()  # the decision waits a whole budget from here
         try:
@@ -365,11 +376,18 @@ class PeerRecovery:
             live = self._live()
             # Size and preallocate first, so a too-small store fails at start-up on any path.
             private = self.private.flat() if self.private.objects else None
-            self.store.ensure_capacity(plan_sections(live[0], private)[2])
+            data_bytes = plan_sections(live[0], private)[2]
+            if plan is not None and plan.role is Role.RECEIVE and streams is not None:
+                # Decide only; the slot the peer's bytes land in is allocated as they come,
+                # the rest of the store after the restore (off its critical path).
+                self.store.ensure_capacity(data_bytes, slots=())
+            else:
+                self.store.ensure_capacity(data_bytes)
             if plan is None or plan.role is not Role.RECEIVE:
                 usable, reasons = usable_snapshots(
                     self.store, self.rank, live, checkpoint_step, self.job
                 )
+            clock.lap("prepare")
         except SizingError as error:
             sizing_error, failure = error, failure or str(error)
         except Exception as error:
@@ -395,11 +413,13 @@ class PeerRecovery:
         except Exception as error:
             log.exception("peer-recovery: rank %d failed to restore", self.rank)
             failure, ready, received = f"{type(error).__name__}: {error}", None, None
+        clock.lap("transfer and check")
         step = ready.manifest.step if ready else (received.step if received else None)
         ballot = Ballot(True, step) if step is not None else Ballot(False, None, failure or "")
         if not ballot.ok and not ballot.reason:
             ballot = Ballot(False, None, "no snapshot restored")
         outcome = self._decide(ballot, begun)
+        clock.lap("vote")
         if not outcome.ok:
             self._roll_back(outcome.reason)
             self._fell_back(checkpoint_step)
@@ -408,18 +428,23 @@ class PeerRecovery:
             return None
         result = received if ready is None else self._load_prepared(ready)
         assert result is not None
+        clock.lap("load")
         resumed_lineage = ready.manifest.lineage if ready else (plan.lineage if plan else None)
         try:
             self._resumed(resumed_lineage, result.step)
         except OSError:  # the agreement pairs (step, lineage): stale files cannot mix in
             log.exception("peer-recovery: rank %d: could not quarantine stale snapshots", self.rank)
         self.last_failure = None
+        clock.lap("quarantine")
         seconds = time.perf_counter() - started
         result = dataclasses.replace(result, seconds=seconds)
-        # Fault the slots in off the training thread, so the next snapshots do not stall.
-        self._writer.submit(self.store.prefault)
+        # Allocate and fault the slots in off the training thread (a receiver allocated only
+        # the one it received into), so the next snapshots do not stall.
+        self._writer.submit(functools.partial(self.store.complete_capacity, data_bytes))
         self.stats.restore_seconds, self.stats.restore_bytes = seconds, result.bytes
+        self.stats.restore_phases = dict(clock.phases)
         log_restore(result.role.value, result.step, result.source, result.bytes, seconds)
+        log.info("peer-recovery: rank %d: restore phases (s): %s", self.rank, clock.describe())
         return result
 
     def _resumed(self, lineage: str | None, step: int) -> None:

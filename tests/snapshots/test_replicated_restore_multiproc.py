@@ -56,7 +56,10 @@ def _replaced_rank_1(rank: int, world: int, root: str, plan_step: int) -> dict[s
     result = restorer.restore(plan=plans[rank], transport=transport)
     after = _now(live, private)
     del trained["private"], after["private"]
+    restorer.wait()  # the store's preallocation, completed in the background
     return {
+        "capacity": [restorer.store.capacity(slot) for slot in (0, 1)],
+        "phases": list(restorer.stats.restore_phases),
         "result": None if result is None else (result.role.value, result.step, result.source),
         "as_trained": same(trained, after),
         "unchanged": same(before, _now(live, private)),
@@ -73,6 +76,10 @@ def test_the_replaced_rank_restores_from_its_holders_slot_and_holds_it(tmp_path:
     for outcome in (holder, receiver, local):
         assert outcome["as_trained"] == []  # model, optimizer and scheduler as trained
     assert receiver["held"] == [2]  # redundancy is back: the receiver holds the snapshot
+    # It allocated only the slot it received into on the critical path; the other one
+    # afterwards, so its next snapshot does not wait for it.
+    assert receiver["capacity"][0] > 0 and receiver["capacity"] == holder["capacity"]
+    assert receiver["phases"][-4:] == ["transfer and check", "vote", "load", "quarantine"]
 
 
 def test_a_holder_offering_another_step_is_refused_and_nothing_changes(tmp_path: Path) -> None:

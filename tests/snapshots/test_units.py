@@ -18,6 +18,7 @@ from peer_recovery.recovery import PeerRecovery, RestoreAbandoned
 from peer_recovery.shard_key import ShardKey, state_digest
 from peer_recovery.snapshots import settings, sizing
 from peer_recovery.snapshots.manifest import Manifest, ManifestError
+from peer_recovery.snapshots.metrics import PhaseClock
 from peer_recovery.snapshots.store import SnapshotStore
 from peer_recovery.snapshots.tree import FlattenError, flatten, unflatten
 from peer_recovery.vote import Ballot, decide
@@ -87,6 +88,35 @@ def test_manifest_round_trip_and_damage_is_refused(tmp_path: Path) -> None:
         Manifest.decode(json.dumps({"body": body, "crc32": zlib.crc32(forged.encode())}).encode())
 
 
+@pytest.mark.parametrize(
+    ("field", "bad", "message"),
+    [
+        (0, 7, "layout entry names"),
+        (2, [3, -1], "shape of .* must be an int >= 0"),
+        (2, [3, True], "shape of .* must be an int >= 0"),
+        (3, -8, "offset of .* must be an int >= 0"),
+        (4, 1.5, "size of .* must be an int >= 0"),
+    ],
+)
+def test_manifest_entries_are_checked_field_by_field_in_any_json_layout(
+    tmp_path: Path, field: int, bad: Any, message: str
+) -> None:
+    """``decode`` reads what ``encode`` wrote without encoding it again, and also accepts
+    the same body in another JSON layout; every entry's fields are checked either way."""
+    import zlib
+
+    manifest = _manifest(tmp_path)
+    body = manifest.body()
+    canonical = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+    spaced = json.dumps({"crc32": zlib.crc32(canonical), "body": body}, indent=1).encode()
+    assert Manifest.decode(spaced) == manifest
+    body["replicated"]["tensors"][0][field] = bad
+    canonical = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+    forged = b'{"body":' + canonical + b',"crc32":' + str(zlib.crc32(canonical)).encode() + b"}"
+    with pytest.raises(ManifestError, match=message):
+        Manifest.decode(forged)
+
+
 def test_writes_alternate_slots_and_invalidate_before_overwriting(tmp_path: Path) -> None:
     store = SnapshotStore(tmp_path, rank=0)
     t = torch.arange(10.0)
@@ -140,6 +170,42 @@ def test_too_small_store_fails_at_restore_with_a_clear_error(tmp_path: Path) -> 
     with pytest.raises(sizing.SizingError, match="NOT ENOUGH SPACE"):
         recovery.restore()
     assert not store.data_path(0).exists()
+
+
+def test_capacity_can_be_decided_without_allocating_and_one_slot_opened_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A receiving rank decides the sizing first, allocates only the slot a peer's bytes go
+    to, and completes the store in the background; a failure there is logged, not raised."""
+    store = SnapshotStore(tmp_path / "shm", rank=0)
+    store.ensure_capacity(8 << 20, slots=())
+    assert [store.capacity(slot) for slot in (0, 1)] == [0, 0]
+    assert store.sizing_line is not None and "need 16.00 MiB for two slots" in store.sizing_line
+    slot, buf = store.open_slot(8 << 20, only=True)
+    assert store.capacity(slot) >= 8 << 20 and store.capacity(1 - slot) == 0
+    assert buf.numel() == store.capacity(slot)
+    store.complete_capacity(8 << 20)
+    assert store.capacity(1 - slot) == store.capacity(slot)
+
+    def tiny(directory: Path, need: int, allocated: int) -> sizing.Sizing:
+        return sizing.Sizing(need, allocated, 1 << 20, None, None)
+
+    small = SnapshotStore(tmp_path / "small", rank=0, probe=tiny)
+    with pytest.raises(sizing.SizingError, match="NOT ENOUGH SPACE"):
+        small.ensure_capacity(8 << 20, slots=())  # deciding alone still refuses
+    with caplog.at_level("WARNING", logger="peer_recovery"):
+        small.complete_capacity(8 << 20)
+    assert "could not preallocate the snapshot slots" in caplog.text
+    assert [small.capacity(slot) for slot in (0, 1)] == [0, 0]
+
+
+def test_phase_clock_adds_up_named_phases_in_order() -> None:
+    clock = PhaseClock()
+    for name in ("agree", "transfer", "agree"):
+        clock.lap(name)
+    assert list(clock.phases) == ["agree", "transfer"]
+    assert all(seconds >= 0 for seconds in clock.phases.values())
+    assert clock.describe().startswith("agree=") and " transfer=" in clock.describe()
 
 
 def test_too_small_real_tmpfs_fails_at_preallocation(tmp_path: Path) -> None:

@@ -49,7 +49,8 @@ def test_the_watcher_sees_the_new_agent_then_the_next_rounds_directive(tmp_path:
     rows = phases(watcher, reports)
     assert [name.split(" (")[0] for name, _ in rows] == [
         "agent restart and rendezvous", "worker start", "worker imports", "process group",
-        "model, optimizer, snapshot store", "restore", "first training step",
+        "model, optimizer, snapshot store, barrier of all ranks", "restore",
+        "first training step",
     ]  # fmt: skip
     # The slowest rank bounds each phase; the phases add up to replacement -> first step.
     assert [round(s, 6) for _, s in rows[1:]] == [2.0, 0.2, 0.3, 0.5, 1.0, 1.0]

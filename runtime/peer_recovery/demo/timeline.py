@@ -73,7 +73,7 @@ def phases(watcher: Watcher, reports: Sequence[dict[str, Any]]) -> list[tuple[st
         ("worker start (spawned by the agents)", started - watcher.directive_at),
         ("worker imports (Python, torch)", imported - started),
         ("process group (init_process_group, new_group)", grouped - imported),
-        ("model, optimizer, snapshot store", called - grouped),
+        ("model, optimizer, snapshot store, barrier of all ranks", called - grouped),
         ("restore (agreement through vote)", restored - called),
         ("first training step", stepped - restored),
     ]  # fmt: skip

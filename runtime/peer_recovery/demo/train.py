@@ -152,11 +152,12 @@ def time_storage_load(path: Path, build: Any) -> float:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model, optim = build()
-    model_sd, optim_sd = get_state_dict(model, optim)
     if dist.get_rank() == 0:
         _drop_from_page_cache(path)
     dist.barrier()
     started = time.perf_counter()
+    # Part of the load, as on the peer path: a never-stepped optimizer gets its state here.
+    model_sd, optim_sd = get_state_dict(model, optim)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, storage_reader=dcp.FileSystemReader(path))
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -213,6 +214,9 @@ def main() -> None:
     meta = out / "checkpoint.json"
     checkpoint_step = json.loads(meta.read_text())["step"] if meta.exists() else None
 
+    # Both paths are timed from a barrier of every rank (the storage path below too), so
+    # neither counts the other ranks' start-up skew.
+    dist.barrier()
     restore_at = time.time()
     started = time.perf_counter()
     result = recovery.restore(checkpoint_step)  # peer-aware under the plugin
@@ -223,6 +227,7 @@ def main() -> None:
             "source": result.source,
             "bytes": result.bytes,
             "seconds": result.seconds,
+            "phases": recovery.stats.restore_phases,
         }
     elif checkpoint_step is not None:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)

@@ -14,8 +14,11 @@ Everything read from disk is validated here; errors name the field that was wron
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +44,53 @@ def _int(value: object, what: str, lo: int = 0) -> int:
         f"{what} must be an int >= {lo}, got {value!r}",
     )
     return value  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a large manifest's many small lists are built:
+    each collection would walk every object of the process (torch's included), and a
+    manifest of 20,000 tensors would trigger dozens of them."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _entries(raw: list[Any]) -> tuple[TensorEntry, ...]:
+    """The layout's entries; well-formed ones are taken in one cheap pass, anything else
+    goes through ``TensorEntry.from_json``, whose error names what is wrong."""
+    entries = []
+    for item in raw:
+        if type(item) is list and len(item) == 5:
+            path, dtype, shape, offset, nbytes = item
+            if (
+                type(path) is str
+                and type(dtype) is str
+                and type(shape) is list
+                and type(offset) is int
+                and type(nbytes) is int
+                and offset >= 0
+                and nbytes >= 0
+                and all(type(d) is int and d >= 0 for d in shape)
+            ):
+                entries.append(TensorEntry(path, dtype, tuple(shape), offset, nbytes))
+                continue
+        entries.append(TensorEntry.from_json(item))
+    return tuple(entries)
+
+
+def _body_text(raw: bytes) -> bytes | None:
+    """The body's bytes as ``Manifest.encode`` wrote them (``{"body":...,"crc32":N}``), so
+    its checksum is checked without encoding the body again; None for another layout."""
+    head, tail = b'{"body":', b',"crc32":'
+    end = raw.rfind(tail)
+    if not raw.startswith(head) or end < 0 or not raw.endswith(b"}"):
+        return None
+    return raw[len(head) : end]
 
 
 @dataclass(frozen=True)
@@ -105,7 +155,7 @@ class Section:
         _need(
             all(isinstance(p, str) for p in others), f"section {name}: other_paths must be strings"
         )
-        return cls(raw["tree"], tuple(TensorEntry.from_json(t) for t in tensors), tuple(others))  # type: ignore[index]
+        return cls(raw["tree"], _entries(tensors), tuple(others))  # type: ignore[index]
 
 
 @dataclass(frozen=True)
@@ -162,14 +212,19 @@ class Manifest:
         }
 
     def encode(self) -> bytes:
-        body = json.dumps(self.body(), separators=(",", ":"), sort_keys=True)
-        crc = zlib.crc32(body.encode())
-        return json.dumps(
-            {"body": self.body(), "crc32": crc}, separators=(",", ":"), sort_keys=True
-        ).encode()
+        """``{"body":<body, canonical JSON>,"crc32":<its CRC-32>}``: the body's bytes appear
+        as they were checksummed, which lets ``decode`` check them without re-encoding."""
+        with _gc_paused():
+            body = json.dumps(self.body(), separators=(",", ":"), sort_keys=True).encode()
+        return b'{"body":' + body + b',"crc32":' + str(zlib.crc32(body)).encode() + b"}"
 
     @classmethod
     def decode(cls, raw: bytes) -> Manifest:
+        with _gc_paused():
+            return cls._decode(raw)
+
+    @classmethod
+    def _decode(cls, raw: bytes) -> Manifest:
         try:
             outer = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -179,7 +234,9 @@ class Manifest:
         )
         body = outer["body"]
         _need(isinstance(body, dict), "body must be an object")
-        text = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+        text = _body_text(raw)
+        if text is None or zlib.crc32(text) != outer["crc32"]:  # written otherwise: canonical
+            text = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
         _need(zlib.crc32(text) == outer["crc32"], "its own checksum does not match (damaged)")
         _need(body.get("format") == FORMAT, f"format {body.get('format')!r} is not {FORMAT!r}")
         try:

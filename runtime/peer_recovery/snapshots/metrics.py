@@ -7,9 +7,10 @@ pairs after a fixed prefix); ``SnapshotStats`` is what a script or a metrics exp
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
-__all__ = ["SnapshotStats", "log_restore", "log_snapshot", "log_snapshot_failed"]
+__all__ = ["PhaseClock", "SnapshotStats", "log_restore", "log_snapshot", "log_snapshot_failed"]
 
 log = logging.getLogger("peer_recovery.snapshots")
 
@@ -26,8 +27,29 @@ class SnapshotStats:
     total_stall_seconds: float = 0.0
     restore_seconds: float | None = None
     restore_bytes: int = 0
+    #: Seconds of the last restore's phases, in order (see ``PhaseClock``).
+    restore_phases: dict[str, float] = field(default_factory=dict)
     failed_snapshots: int = 0  # snapshots that were not committed (training went on)
     last_failure: str | None = None  # why the last failed snapshot failed
+
+
+class PhaseClock:
+    """Seconds spent in each named phase of one operation, in the order they ended.
+
+    ``lap(name)`` closes the phase that ran since the previous lap (or since the clock
+    started); a name given twice adds up."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def describe(self) -> str:
+        return " ".join(f"{name}={seconds:.4f}" for name, seconds in self.phases.items())
 
 
 def log_snapshot(stats: SnapshotStats, slot: int, background: bool) -> None:

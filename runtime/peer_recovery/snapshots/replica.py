@@ -195,7 +195,7 @@ def receive_slot(
                 del manifests[source]
                 _say_done(pg, source, requests, done)
         header_seconds = time.perf_counter() - started
-        slot, buf = store.open_slot(reference.data_bytes)
+        slot, buf = store.open_slot(reference.data_bytes, only=True)  # the rest later
         plan = StripePlan(reference.data_bytes, reference.chunk_bytes, list(manifests))
         pump = _Pump(pg, plan, buf, {s: m.checksums for s, m in manifests.items()}, requests)
         pump.start()

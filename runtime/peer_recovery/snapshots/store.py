@@ -181,6 +181,16 @@ class SnapshotStore:
             self._maps[slot] = mapped
         return mapped
 
+    def complete_capacity(self, data_bytes: int) -> None:
+        """Allocate what ``ensure_capacity(slots=...)`` left out and fault both slots in.
+        Run in the background: a failure is logged, and the next snapshot meets it again
+        (with its clear error) when it opens a slot."""
+        try:
+            self.ensure_capacity(data_bytes, prefault=False)
+            self.prefault()
+        except Exception as error:
+            log.warning("peer-recovery: could not preallocate the snapshot slots: %s", error)
+
     def prefault(self) -> None:
         """Map both slots and fault their pages in now, so no snapshot stalls on page faults."""
         for slot in (0, 1):
@@ -297,11 +307,15 @@ class SnapshotStore:
         return found, problems
 
     # -- capacity ------------------------------------------------------------------------
-    def ensure_capacity(self, data_bytes: int) -> None:
-        """Preallocate both slots for ``data_bytes`` after the sizing check; clear errors."""
+    def ensure_capacity(
+        self, data_bytes: int, *, slots: Sequence[int] = (0, 1), prefault: bool = True
+    ) -> None:
+        """Preallocate ``slots`` (both by default) for ``data_bytes`` after the sizing check
+        of both; clear errors. ``slots=()`` only decides whether the directory can hold
+        them (cheap: no byte is allocated); ``prefault=False`` leaves the pages to fault in
+        as they are first written."""
         per_slot = max(_ROUND, _align(data_bytes, _ROUND))
-        short = [slot for slot in (0, 1) if self.capacity(slot) < per_slot]
-        if not short:
+        if not [slot for slot in (0, 1) if self.capacity(slot) < per_slot]:
             return
         allocated = sum(self.capacity(slot) for slot in (0, 1))
         decision_input = self._probe(self.directory, 2 * per_slot, allocated)
@@ -311,7 +325,7 @@ class SnapshotStore:
             log.error("peer-recovery: %s", line)
             raise sizing.SizingError(line)
         log.info("peer-recovery: %s", line)
-        for slot in short:
+        for slot in [slot for slot in slots if self.capacity(slot) < per_slot]:
             self._maps.pop(slot, None)
             fd = os.open(self.data_path(slot), os.O_RDWR | os.O_CREAT, 0o600)
             size_before = os.fstat(fd).st_size  # a committed snapshot may live in it
@@ -328,7 +342,8 @@ class SnapshotStore:
                 raise
             finally:
                 os.close(fd)
-        self.prefault()
+        if prefault:
+            self.prefault()
 
     # -- writing -------------------------------------------------------------------------
     def write_data(
@@ -374,16 +389,21 @@ class SnapshotStore:
         )
         return SlotWrite(manifest, time.perf_counter() - started)
 
-    def open_slot(self, data_bytes: int) -> tuple[int, torch.Tensor]:
+    def open_slot(self, data_bytes: int, *, only: bool = False) -> tuple[int, torch.Tensor]:
         """The slot the next snapshot goes to, no longer a snapshot, and its mapped bytes.
 
         Never the slot of the newest snapshot (also one left by an earlier process); its
         manifest is removed (and the removal made durable) before any byte is written.
+        ``only``: allocate just this slot, unfaulted (a peer's bytes are about to fill it;
+        ``complete_capacity`` does the rest later, off the restore's critical path).
         """
-        self.ensure_capacity(data_bytes)
         if not self._scanned:
             self.scan()  # never overwrite a newest snapshot left by an earlier process
         slot = 1 if self._newest_slot == 0 else 0
+        if only:
+            self.ensure_capacity(data_bytes, slots=(slot,), prefault=False)
+        else:
+            self.ensure_capacity(data_bytes)
         self.manifest_path(slot).unlink(missing_ok=True)  # the slot stops being a snapshot
         self._fsync_dir()
         return slot, self._map(slot)
