@@ -91,6 +91,8 @@ class SlotStreams:
         store: SnapshotStore,
         accept: Callable[[Manifest], str | None],
         overlap: Callable[[Manifest], Any] | None = None,
+        *,
+        commit: bool = True,
     ) -> Replicated:
         """Replicate the slot of ``src_ranks`` (holders of one snapshot) into ``store``.
 
@@ -99,7 +101,7 @@ class SlotStreams:
         """
         sources = [self._members.index(r) for r in src_ranks]
         try:
-            got = receive_slot(self._pg, sources, store, accept, overlap)
+            got = receive_slot(self._pg, sources, store, accept, overlap, commit=commit)
         except ReplicaError as error:
             if error.stage == "refused":
                 raise Refused(str(error)) from None

@@ -127,6 +127,7 @@ class _Ready:
     role: Role
     source: str = ""  # "rank R" when the slot was replicated from a peer
     checked: tuple[list[Any], Any] | None = None  # LiveState.check's answer, reused to load
+    uncommitted: bool = False  # a replicated slot whose manifest is installed after the vote
 
 
 class PeerRecovery:
@@ -438,6 +439,8 @@ class PeerRecovery:
         clock.lap("quarantine")
         seconds = time.perf_counter() - started
         result = dataclasses.replace(result, seconds=seconds)
+        if ready is not None and ready.uncommitted:
+            self._writer.submit(functools.partial(self._commit_replica, ready.manifest))
         # Allocate and fault the slots in off the training thread (a receiver allocated only
         # the one it received into), so the next snapshots do not stall.
         self._writer.submit(functools.partial(self.store.complete_capacity, data_bytes))
@@ -446,6 +449,22 @@ class PeerRecovery:
         log_restore(result.role.value, result.step, result.source, result.bytes, seconds)
         log.info("peer-recovery: rank %d: restore phases (s): %s", self.rank, clock.describe())
         return result
+
+    def _commit_replica(self, manifest: Manifest) -> None:
+        """Install a replicated slot's manifest: from now on this rank holds the snapshot it
+        received (redundancy is back). Runs on the snapshot thread, so the next snapshot
+        waits for it and never writes into that slot first; a failure leaves the slot
+        without a manifest (no snapshot) and is logged."""
+        try:
+            self.store.install(manifest)
+        except Exception as error:
+            log.warning(
+                "peer-recovery: rank %d: could not commit the received snapshot of step %d "
+                "(this rank holds no copy of it): %s",
+                self.rank,
+                manifest.step,
+                error,
+            )
 
     def _resumed(self, lineage: str | None, step: int) -> None:
         """After resuming at ``step`` of ``lineage``: keep only that timeline, move it on.
@@ -601,10 +620,13 @@ class PeerRecovery:
             return self.state.check(flat, manifest.replicated)  # every tensor has its place
 
         try:
-            got = streams.receive([plan.receive_from], self.store, accept, check)
+            # Committed after the vote, in the background (``_commit_replica``).
+            got = streams.receive([plan.receive_from], self.store, accept, check, commit=False)
         except peer_slots.Refused as error:
             raise _Failure(str(error)) from None
-        return _Ready(got.manifest, flat, Role.RECEIVE, f"rank {plan.receive_from}", got.prepared)
+        return _Ready(
+            got.manifest, flat, Role.RECEIVE, f"rank {plan.receive_from}", got.prepared, True
+        )
 
     def _load_prepared(self, ready: _Ready) -> RestoreResult:
         """Load the checked slot after a passed vote; a failure here must end the process."""

@@ -70,7 +70,8 @@ class ReplicaError(RuntimeError):
 
 @dataclass(frozen=True)
 class Replicated:
-    """A received and committed slot: its manifest, who sent how much, and phase times."""
+    """A received slot: its manifest, who sent how much, and phase times. Committed (its
+    manifest installed) unless ``receive_slot`` was told to leave that to the caller."""
 
     manifest: Manifest
     bytes_by_source: dict[int, int]
@@ -79,6 +80,7 @@ class Replicated:
     data_seconds: float
     commit_seconds: float
     prepared: Any = None  # what ``overlap`` returned
+    committed: bool = True  # False: the caller installs ``manifest`` (``SnapshotStore.install``)
 
 
 def same_snapshot(a: Manifest, b: Manifest) -> str | None:
@@ -165,12 +167,16 @@ def receive_slot(
     store: SnapshotStore,
     accept: Callable[[Manifest], str | None],
     overlap: Callable[[Manifest], Any] | None = None,
+    *,
+    commit: bool = True,
 ) -> Replicated:
     """Fetch a slot from ``sources`` (group ranks holding the same snapshot) into ``store``
     and commit it. ``accept`` checks the first holder's manifest before any byte moves (the
     step, the shard key) and returns why it is refused, or None. ``overlap`` runs on the
     calling thread while the bytes are on the wire (e.g. checking the live state against
-    the layout); its result is returned as ``Replicated.prepared``.
+    the layout); its result is returned as ``Replicated.prepared``. ``commit=False``
+    leaves the slot without a manifest (not a snapshot yet) for the caller to install later,
+    off its critical path: a restore installs it once the job voted to resume.
 
     Raises ``ReplicaError`` when no holder is left or the snapshot is refused; the store
     then holds no new snapshot.
@@ -204,7 +210,7 @@ def receive_slot(
             # The manifest to commit, encoded while the bytes land (it is large for many
             # tensors); re-encoded below only if a chunk came with other checksums.
             draft = dataclasses.replace(reference, slot=slot, rank=store.rank, private=None)
-            encoded = draft.encode()
+            encoded = draft.encode() if commit else None
         except BaseException:
             pump.stop("the receiver gave up")
             raise
@@ -220,12 +226,9 @@ def receive_slot(
     # Each chunk's checksum is that of the bytes that landed (checked against their holder's
     # manifest): chunks with rank-private bytes differ between holders.
     sums = tuple(pump.landed[i] for i in range(len(plan.ranges)))
-    if sums == draft.checksums:
-        mine = draft
-        store.install(mine, encoded)
-    else:
-        mine = dataclasses.replace(draft, checksums=sums)
-        store.install(mine)
+    mine = draft if sums == draft.checksums else dataclasses.replace(draft, checksums=sums)
+    if commit:
+        store.install(mine, encoded if mine is draft else None)
     total = time.perf_counter() - started
     return Replicated(
         mine,
@@ -235,6 +238,7 @@ def receive_slot(
         data_seconds,
         total - header_seconds - data_seconds,
         prepared,
+        commit,
     )
 
 

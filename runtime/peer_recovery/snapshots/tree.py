@@ -78,8 +78,24 @@ class Flat:
 
 
 def path_name(path: Path) -> str:
-    """Human- and digest-friendly name of a path, e.g. ``model/"fc.weight"`` -> JSON text."""
-    return json.dumps(list(path), separators=(",", ":"))
+    """Human- and digest-friendly name of a path, e.g. ``model/"fc.weight"`` -> JSON text.
+
+    Paths of plain strings and ints (nearly all) are joined directly: the same text as
+    ``json.dumps(list(path), separators=(",", ":"))``, which the others go through, without
+    building an encoder per path (a state has tens of thousands of them)."""
+    parts = []
+    for element in path:
+        kind = type(element)
+        if kind is str:
+            parts.append(_quote(element))
+        elif kind is int:
+            parts.append(str(element))
+        else:
+            return json.dumps(list(path), separators=(",", ":"))
+    return "[" + ",".join(parts) + "]"
+
+
+_quote = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str (ensure_ascii)
 
 
 def _scalar(value: object, path: Path) -> list[Any]:
@@ -186,7 +202,10 @@ def flatten(state: object) -> Flat:
                 f"cannot snapshot {path_name(path)}: tensor subclass {type(tensor).__qualname__} "
                 "(supported: plain tensors, parameters and DTensors)"
             )
-        flat.tensors.append(tensor.detach())
+        # A tensor outside autograd is already what detach() would return (minus a new
+        # Python object per tensor, which adds up over tens of thousands of them).
+        plain = type(tensor) is torch.Tensor and not tensor.requires_grad
+        flat.tensors.append(tensor if plain else tensor.detach())
         flat.leaves.append(tensor if leaf is None else leaf)
         flat.tensor_paths.append(path)
         return len(flat.tensors) - 1
