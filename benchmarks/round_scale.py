@@ -60,12 +60,14 @@ MODES = ("leader", "previous")
 class PreviousSession(RoundSession):
     """The exchange before the leader: every rank reads every record and agrees itself."""
 
-    def _agree(self, live_shard_key: str, checkpoint_step: int | None, timeout: float) -> Agreement:
+    def _agree(
+        self, live_shard_key: str, checkpoint_step: int | None, timeout: float, job: str | None
+    ) -> Agreement:
         ctx = self.ctx
         publish(self.store, keys.worker_key(ctx.prefix, self.rank),
                 WorkerRecord(self.rank, live_shard_key, checkpoint_step))  # fmt: skip
         inputs = exchange.read_inputs(self.store, ctx.prefix, ctx.nnodes, self.world_size, timeout)
-        return inputs.agree(ctx.nnodes, self.world_size)
+        return inputs.agree(ctx.nnodes, self.world_size, job)
 
 
 def _publish_agents(store: Any, prefix: str, nnodes: int, per_pod: int, replaced: int) -> None:

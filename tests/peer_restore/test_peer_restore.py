@@ -64,6 +64,11 @@ def test_make_demo_in_its_short_mode_reports_identical_state() -> None:
     ), last
     # Where the resume went, phase by phase, from the pod's replacement to the first step.
     assert "| resume (replacement to first step) |" in result.stdout
+    # Where each rank's restore went: the receiver's row names its transfer and the vote.
+    assert re.search(
+        r"\| receive \| [^|]+ \| [0-9]+ \| [0-9.]+ \| [^|]*transfer and check [0-9.]+, vote ",
+        result.stdout,
+    ), result.stdout[-3000:]
     assert "DCP checkpoint" in result.stdout
 
 

@@ -199,13 +199,14 @@ def summarize(outcome: Outcome, replaced: Sequence[int]) -> dict[str, Any]:
 
 def _table(summary: dict[str, Any]) -> str:
     rows = [
-        "| rank | restored from | role | step | bytes | seconds |",
-        "|---|---|---|---|---|---|",
+        "| rank | restored from | role | step | bytes | seconds | where they went (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in summary["restored"]:
+        spent = ", ".join(f"{name} {seconds:.3f}" for name, seconds in r.get("phases", {}).items())
         rows.append(
             f"| {r['rank']} | {r['source']} | {r['role']} | {r['step']} | "
-            f"{r.get('bytes', 0)} | {r.get('seconds', 0.0):.3f} |"
+            f"{r.get('bytes', 0)} | {r.get('total_seconds', 0.0):.3f} | {spent} |"
         )
     rows.append("")
     rows.append(

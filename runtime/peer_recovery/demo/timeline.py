@@ -75,7 +75,7 @@ def phases(watcher: Watcher, reports: Sequence[dict[str, Any]]) -> list[tuple[st
         ("process group (init_process_group, new_group)", grouped - imported),
         ("model, optimizer, snapshot store, barrier of all ranks", called - grouped),
         ("restore (agreement through vote)", restored - called),
-        ("first training step", stepped - restored),
+        ("first training step (after the demo hashes the restored state)", stepped - restored),
     ]  # fmt: skip
 
 

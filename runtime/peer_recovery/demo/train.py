@@ -236,18 +236,19 @@ def main() -> None:
         step, report = checkpoint_step, {"role": "checkpoint", "source": str(checkpoint)}
     else:
         step, report = 0, {"role": "fresh", "source": "initialisation"}
+    took = time.perf_counter() - started  # before the hash below, which is not the restore's
     report.update(
         rank=rank,
         round=round_no,
         step=step,
-        total_seconds=time.perf_counter() - started,
+        total_seconds=took,
         hash=state_hash(model, optim),
         shard=shard,
         started_at=process_started_at(),
         imported_at=imported_at,
         grouped_at=grouped_at,
         restore_at=restore_at,
-        restored_at=restore_at + time.perf_counter() - started,
+        restored_at=restore_at + took,
     )
     pending: dict[str, Any] | None = report  # written after the first step that follows
 
