@@ -235,6 +235,8 @@ def _worker(rank: int, store_path: str, args: argparse.Namespace, out: Any) -> N
                 phases = _run(method, rank, pg, ctx)
                 if rep:
                     results[method].append(phases)
+        if "commit" in ctx:  # the last run's background commit, before the store goes
+            ctx.pop("commit").join()
         out.put((rank, {"results": results, "bytes": manifest.data_bytes}))
     except BaseException as error:
         out.put((rank, {"error": f"{type(error).__name__}: {error}"}))

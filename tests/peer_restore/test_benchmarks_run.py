@@ -33,6 +33,7 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> str:
         check=False,
     )
     assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]  # e.g. a thread that died
     return done.stdout.strip().splitlines()[-1]
 
 
