@@ -11,6 +11,11 @@ Every call that does not succeed is reported to ``on_error(verb, kind, code)`` (
 ``connection`` when no response came. Events are aggregated into series
 (:mod:`peer_recovery_operator.events`).
 
+Pods and PeerRecoveries are listed in pages of ``page_size`` and watched here too (for
+:mod:`peer_recovery_operator.watcher`, not through kopf): each page or watch event is
+decoded and at once cut to the fields the operator reads (:func:`views.slim_pod`,
+:func:`views.slim_recovery`), so a full body lives only while its page is decoded.
+
 Invariants: nothing here writes to pods or PyTorchJobs (the operator only observes them);
 status writes carry the ``resourceVersion`` the caller read, and a mismatch raises
 :class:`Conflict` instead of overwriting; calls are synchronous and run in worker
@@ -19,10 +24,12 @@ threads, never on kopf's event loop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -30,10 +37,66 @@ from peer_recovery.contract import names
 from peer_recovery.contract.errors import ApiError, Conflict
 from peer_recovery_operator import events, views
 
-__all__ = ["ClusterApi", "KubernetesApi"]
+__all__ = ["ClusterApi", "Gone", "KubernetesApi", "Page", "WatchApi", "WatchEvent"]
 
 logger = logging.getLogger(__name__)
 COMPONENT = "peer-recovery-operator"
+#: Seconds to wait for a watch's connection (its read timeout is the caller's).
+WATCH_CONNECT_TIMEOUT = 10.0
+#: Objects per page of the operator's own lists (pods of 10-30 KB: a page is at most
+#: ~1.5 MB of JSON, a few times that once decoded, and only one page is decoded at a time).
+PAGE_SIZE = 50
+#: The kinds listed and watched here, with what each body is cut to.
+SLIM: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
+    "pods": views.slim_pod,
+    "peerrecoveries": views.slim_recovery,
+}
+
+
+class Gone(ApiError):
+    """410 Gone: the resourceVersion (or the list's continue token) is too old; relist."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    """One page of a list: slim bodies, the list's resourceVersion, the continue token
+    ("" on the last page)."""
+
+    items: list[dict[str, Any]]
+    resource_version: str
+    continue_token: str
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchEvent:
+    """``type`` is ADDED, MODIFIED, DELETED or BOOKMARK (``body`` None); ``resource_version``
+    is the object's, from which the watch resumes."""
+
+    type: str
+    resource_version: str
+    body: dict[str, Any] | None
+
+
+class WatchApi(Protocol):
+    """Paged lists and watches of ``kind`` (a key of :data:`SLIM`), bodies already slim."""
+
+    def list_page(
+        self, kind: str, namespace: str | None, *, limit: int, continue_token: str = ""
+    ) -> Page: ...
+
+    def watch(
+        self,
+        kind: str,
+        namespace: str | None,
+        resource_version: str,
+        *,
+        timeout_seconds: int,
+        read_timeout: float,
+    ) -> Iterator[WatchEvent]:
+        """The events after ``resource_version`` until the server ends the watch after
+        ``timeout_seconds``; :class:`Gone` when that version is too old; a connection
+        silent for ``read_timeout`` seconds raises."""
+        ...
 
 
 class ClusterApi(Protocol):
@@ -41,15 +104,18 @@ class ClusterApi(Protocol):
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
-    def list_job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]: ...
-
-    def list_recoveries(self, namespace: str, *, job: str) -> list[dict[str, Any]]: ...
-
-    def list_pods(self, namespace: str | None) -> list[dict[str, Any]]:
-        """Every training pod in ``namespace`` (None: all namespaces), for the resync."""
+    def list_job_pods(self, namespace: str, job: str) -> Iterable[dict[str, Any]]:
+        """The job's pods, slim (:func:`views.slim_pod`). The lists here may be read page
+        by page as they are iterated: keep what is needed of each body, not the bodies."""
         ...
 
-    def list_all_recoveries(self, namespace: str | None) -> list[dict[str, Any]]:
+    def list_recoveries(self, namespace: str, *, job: str) -> Iterable[dict[str, Any]]: ...
+
+    def list_pods(self, namespace: str | None) -> Iterable[dict[str, Any]]:
+        """Every training pod in ``namespace`` (None: all namespaces), slim, for the resync."""
+        ...
+
+    def list_all_recoveries(self, namespace: str | None) -> Iterable[dict[str, Any]]:
         """Every PeerRecovery in ``namespace`` (None: all namespaces), for the resync."""
         ...
 
@@ -97,6 +163,7 @@ class KubernetesApi:
         self._errors = client.exceptions.ApiException
         self._on_error = on_error or (lambda verb, kind, code: None)
         self._series = events.EventSeries()
+        self._decoding = threading.Lock()
 
     def _call(self, verb: str, kind: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Call ``fn`` raw; decode JSON; map NotFound to None and other errors to ours."""
@@ -108,6 +175,8 @@ class KubernetesApi:
                 return None
             if error.status == 409:
                 raise Conflict(_reason(error)) from None
+            if error.status == 410:
+                raise Gone(_reason(error)) from None
             raise ApiError(f"{error.status} {_reason(error)}") from None
         except Exception:
             self._on_error(verb, kind, "connection")
@@ -126,33 +195,115 @@ class KubernetesApi:
             name,
         )
 
-    def list_job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
-        result = self._call(
-            "list",
-            "pods",
-            self._core.list_namespaced_pod,
-            namespace,
-            label_selector=f"{names.LABEL_JOB_NAME}={job},{views.POD_LABEL_SELECTOR}",
-        )
-        return list((result or {}).get("items") or ())
+    def list_job_pods(self, namespace: str, job: str) -> Iterator[dict[str, Any]]:
+        return self._list_all("pods", namespace, f"{names.LABEL_JOB_NAME}={job}")
 
-    def list_recoveries(self, namespace: str, *, job: str) -> list[dict[str, Any]]:
-        return self._list_namespaced_recoveries(
-            namespace, label_selector=f"{names.LABEL_RECOVERY_JOB}={job}"
-        )
+    def list_recoveries(self, namespace: str, *, job: str) -> Iterator[dict[str, Any]]:
+        return self._list_all("peerrecoveries", namespace, f"{names.LABEL_RECOVERY_JOB}={job}")
 
-    def _list_namespaced_recoveries(self, namespace: str, **kwargs: Any) -> list[dict[str, Any]]:
-        result = self._call(
-            "list",
-            "peerrecoveries",
-            self._custom.list_namespaced_custom_object,
-            names.GROUP,
-            names.VERSION,
-            namespace,
-            names.PLURAL,
-            **kwargs,
-        )
-        return list((result or {}).get("items") or ())
+    def _list_all(
+        self, kind: str, namespace: str | None, selector: str = ""
+    ) -> Iterator[dict[str, Any]]:
+        """Every object of a paged list, slim; the next page is requested when the one
+        before has been iterated."""
+        token = ""
+        while True:
+            page = self.list_page(
+                kind, namespace, limit=PAGE_SIZE, continue_token=token, selector=selector
+            )
+            yield from page.items
+            token = page.continue_token
+            if not token:
+                return
+
+    def list_page(
+        self,
+        kind: str,
+        namespace: str | None,
+        *,
+        limit: int,
+        continue_token: str = "",
+        selector: str = "",
+    ) -> Page:
+        """One page of ``kind`` (pods: the pod watch's selector, and ``selector``)."""
+        fn, args, kwargs = self._lister(kind, namespace, selector)
+        if continue_token:
+            kwargs["_continue"] = continue_token
+        # One page decoded at a time in the whole process: the watchers, a resync and the
+        # rounds' catch-up lists may all be listing at once (after a restart, they are).
+        with self._decoding:
+            result = self._call("list", kind, fn, *args, limit=limit, **kwargs) or {}
+            meta = result.get("metadata") or {}
+            slim = SLIM[kind]
+            items = [slim(item) for item in result.get("items") or ()]
+            del result
+        return Page(items, str(meta.get("resourceVersion") or ""), str(meta.get("continue") or ""))
+
+    def watch(
+        self,
+        kind: str,
+        namespace: str | None,
+        resource_version: str,
+        *,
+        timeout_seconds: int,
+        read_timeout: float,
+    ) -> Iterator[WatchEvent]:
+        fn, args, kwargs = self._lister(kind, namespace)
+        try:
+            response = fn(
+                *args,
+                watch=True,
+                resource_version=resource_version,
+                timeout_seconds=timeout_seconds,
+                allow_watch_bookmarks=True,
+                _preload_content=False,
+                _request_timeout=(WATCH_CONNECT_TIMEOUT, read_timeout),
+                **kwargs,
+            )
+        except self._errors as error:
+            self._on_error("watch", kind, str(error.status))
+            if error.status == 410:
+                raise Gone(_reason(error)) from None
+            raise ApiError(f"{error.status} {_reason(error)}") from None
+        except Exception:
+            self._on_error("watch", kind, "connection")
+            raise
+        slim = SLIM[kind]
+        try:
+            for line in _lines(response):
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                kind_of_event = str(event.get("type"))
+                if kind_of_event == "ERROR":
+                    self._on_error("watch", kind, str(obj.get("code")))
+                    if obj.get("code") == 410:
+                        raise Gone(str(obj.get("message")))
+                    raise ApiError(f"{obj.get('code')} {obj.get('message')}")
+                version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+                body = None if kind_of_event == "BOOKMARK" else slim(obj)
+                del event, obj  # the full body goes before the next line is read
+                yield WatchEvent(kind_of_event, version, body)
+        finally:
+            response.release_conn()
+
+    def _lister(
+        self, kind: str, namespace: str | None, selector: str = ""
+    ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+        """The client's list function for ``kind`` in ``namespace`` (None: every namespace),
+        its positional arguments and its label selector."""
+        if kind == "pods":
+            labels = ",".join(s for s in (selector, views.POD_LABEL_SELECTOR) if s)
+            if namespace is None:
+                return self._core.list_pod_for_all_namespaces, (), {"label_selector": labels}
+            return self._core.list_namespaced_pod, (namespace,), {"label_selector": labels}
+        if kind != "peerrecoveries":
+            raise ValueError(f"the operator does not list {kind}")
+        extra = {"label_selector": selector} if selector else {}
+        if namespace is None:
+            custom = self._custom.list_cluster_custom_object
+            return custom, (names.GROUP, names.VERSION, names.PLURAL), extra
+        custom = self._custom.list_namespaced_custom_object
+        return custom, (names.GROUP, names.VERSION, namespace, names.PLURAL), extra
 
     def get_recovery(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._call(
@@ -220,33 +371,15 @@ class KubernetesApi:
             return False  # changed since it was read: the next sweep decides again
         return deleted is not None
 
-    def list_pods(self, namespace: str | None) -> list[dict[str, Any]]:
+    def list_pods(self, namespace: str | None) -> Iterator[dict[str, Any]]:
         """Every PyTorchJob pod (the pod watch's selector) in ``namespace``, or in all
-        namespaces for None: the periodic resync's relist."""
-        selector = views.POD_LABEL_SELECTOR
-        if namespace is None:
-            result = self._call(
-                "list", "pods", self._core.list_pod_for_all_namespaces, label_selector=selector
-            )
-        else:
-            result = self._call(
-                "list", "pods", self._core.list_namespaced_pod, namespace, label_selector=selector
-            )
-        return list((result or {}).get("items") or ())
+        namespaces for None, slim: the periodic resync's relist."""
+        return self._list_all("pods", namespace)
 
-    def list_all_recoveries(self, namespace: str | None) -> list[dict[str, Any]]:
-        """Every PeerRecovery in ``namespace`` (all namespaces for None): the resync's relist."""
-        if namespace is None:
-            result = self._call(
-                "list",
-                "peerrecoveries",
-                self._custom.list_cluster_custom_object,
-                names.GROUP,
-                names.VERSION,
-                names.PLURAL,
-            )
-            return list((result or {}).get("items") or ())
-        return self._list_namespaced_recoveries(namespace)
+    def list_all_recoveries(self, namespace: str | None) -> Iterator[dict[str, Any]]:
+        """Every PeerRecovery in ``namespace`` (all namespaces for None), slim: the resync's
+        relist."""
+        return self._list_all("peerrecoveries", namespace)
 
     # --- the leader-election Lease (peer_recovery_operator.lease.LeaseApi) ----------------
 
@@ -323,6 +456,19 @@ class KubernetesApi:
             events.bump_patch(occurrence, message, now),
         )
         return patched is not None
+
+
+def _lines(response: Any) -> Iterator[str]:
+    """The lines of a streamed (chunked) response, each as soon as it is complete."""
+    buffer = b""
+    for chunk in response.stream(amt=None, decode_content=False):
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        for line in complete:
+            if line.strip():
+                yield line.decode("utf-8", errors="replace")
+    if buffer.strip():
+        yield buffer.decode("utf-8", errors="replace")
 
 
 def _reason(error: Any) -> str:
