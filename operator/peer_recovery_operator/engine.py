@@ -220,7 +220,7 @@ class Engine:
         if current is not None and current.uid != pod.uid:
             return  # a late event about an incarnation the slot has moved past
         if previous is None:
-            # Only pods from kopf's initial listing (type None) predate this process.
+            # Only pods from a listing (type None) predate this process.
             self._first_sight(key, pod, listed=event_type is None)
             return
         detection = detect_change(KnownPod.of(previous), pod)

@@ -59,3 +59,33 @@ def test_pods_are_listed_in_pages_then_watched_and_arrive_slim(
             assert views.pod_view(body).namespace == namespace
     finally:
         watcher.stop()
+
+
+def test_peer_recoveries_are_watched_without_their_managed_fields(
+    control_plane: Any, namespace: str, crd: None, client: Any
+) -> None:
+    from kubernetes.client import CustomObjectsApi
+
+    from peer_recovery.contract import names
+    from peer_recovery.contract.bodies import PodRef, build_peer_recovery
+
+    seen = Seen()
+    api = KubernetesApi(str(control_plane.kubeconfig))
+    watcher = Watcher(api, "peerrecoveries", namespace, seen, server_timeout=5).start()
+    try:
+        wait_for("the (empty) listing", lambda: watcher.lists == 1, timeout=30)
+        body = build_peer_recovery(
+            namespace=namespace, job_name="j", job_uid="u", attempt=1,
+            target=PodRef("j-worker-0", "p1", "worker", 0, 1),
+            mode="Local", reason="ContainerRestarted", planned_by="runtime",
+        )  # fmt: skip
+        CustomObjectsApi(client).create_namespaced_custom_object(
+            names.GROUP, names.VERSION, namespace, names.PLURAL, body
+        )
+        name = body["metadata"]["name"]
+        wait_for("the ADDED", lambda: seen.names("ADDED") == [name], timeout=30)
+        ((_, added),) = [e for e in seen.events if e[0] == "ADDED"]
+        assert "managedFields" not in added["metadata"]
+        assert added["spec"]["target"]["podUID"] == "p1"
+    finally:
+        watcher.stop()
