@@ -47,10 +47,10 @@ HANDOFF_WINDOW = 16
 #: Another consumer of the pod watch's events (the webhook's audit of unmutated pods).
 PodListener = Callable[[str | None, Mapping[str, Any]], None]
 
-#: Watch timeouts. The server ends each watch after ``SERVER_TIMEOUT`` (kopf then resumes it
-#: from the last resourceVersion); the client gives up on a connection after
-#: ``CLIENT_TIMEOUT``, so a half-open connection (no data, no FIN) ends within that instead
-#: of stalling the watch silently.
+#: Watch timeouts, kopf's and the watchers'. The server ends each watch after
+#: ``SERVER_TIMEOUT`` (it is then resumed from the last resourceVersion); the client gives
+#: up on a connection silent for ``CLIENT_TIMEOUT``, so a half-open connection (no data, no
+#: FIN) ends within that instead of stalling the watch silently.
 WATCH_SERVER_TIMEOUT = 60  # an integer: the API server refuses "60.0"
 WATCH_CLIENT_TIMEOUT = 90.0
 WATCH_CONNECT_TIMEOUT = 10.0
