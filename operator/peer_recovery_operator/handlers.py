@@ -31,7 +31,7 @@ import kopf
 
 from peer_recovery.contract import names
 from peer_recovery_operator.engine import Engine
-from peer_recovery_operator.kube import PAGE_SIZE, WatchApi
+from peer_recovery_operator.kube_watch import PAGE_SIZE, WatchApi
 from peer_recovery_operator.lease import LeaderElector
 from peer_recovery_operator.watcher import LoopHandoff, Watcher
 

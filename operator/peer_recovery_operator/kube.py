@@ -11,10 +11,11 @@ Every call that does not succeed is reported to ``on_error(verb, kind, code)`` (
 ``connection`` when no response came. Events are aggregated into series
 (:mod:`peer_recovery_operator.events`).
 
-Pods and PeerRecoveries are listed in pages of ``page_size`` and watched here too (for
-:mod:`peer_recovery_operator.watcher`, not through kopf): each page or watch event is
-decoded and at once cut to the fields the operator reads (:func:`views.slim_pod`,
-:func:`views.slim_recovery`), so a full body lives only while its page is decoded.
+Pods and PeerRecoveries are listed in pages and watched here too (for
+:mod:`peer_recovery_operator.watcher`, not through kopf; the types are in
+:mod:`peer_recovery_operator.kube_watch`): each page or watch event is decoded and at once
+cut to the fields the operator reads (:func:`views.slim_pod`, :func:`views.slim_recovery`),
+so a full body lives only while its page is decoded, and one page is decoded at a time.
 
 Invariants: nothing here writes to pods or PyTorchJobs (the operator only observes them);
 status writes carry the ``resourceVersion`` the caller read, and a mismatch raises
@@ -24,7 +25,6 @@ threads, never on kopf's event loop.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -36,67 +36,20 @@ from typing import Any, Protocol
 from peer_recovery.contract import names
 from peer_recovery.contract.errors import ApiError, Conflict
 from peer_recovery_operator import events, views
+from peer_recovery_operator.kube_watch import (
+    PAGE_SIZE,
+    SLIM,
+    WATCH_CONNECT_TIMEOUT,
+    Gone,
+    Page,
+    WatchEvent,
+    lines,
+)
 
-__all__ = ["ClusterApi", "Gone", "KubernetesApi", "Page", "WatchApi", "WatchEvent"]
+__all__ = ["ClusterApi", "KubernetesApi"]
 
 logger = logging.getLogger(__name__)
 COMPONENT = "peer-recovery-operator"
-#: Seconds to wait for a watch's connection (its read timeout is the caller's).
-WATCH_CONNECT_TIMEOUT = 10.0
-#: Objects per page of the operator's own lists (pods of 10-30 KB: a page is at most
-#: ~1.5 MB of JSON, a few times that once decoded, and only one page is decoded at a time).
-PAGE_SIZE = 50
-#: The kinds listed and watched here, with what each body is cut to.
-SLIM: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
-    "pods": views.slim_pod,
-    "peerrecoveries": views.slim_recovery,
-}
-
-
-class Gone(ApiError):
-    """410 Gone: the resourceVersion (or the list's continue token) is too old; relist."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Page:
-    """One page of a list: slim bodies, the list's resourceVersion, the continue token
-    ("" on the last page)."""
-
-    items: list[dict[str, Any]]
-    resource_version: str
-    continue_token: str
-
-
-@dataclasses.dataclass(frozen=True)
-class WatchEvent:
-    """``type`` is ADDED, MODIFIED, DELETED or BOOKMARK (``body`` None); ``resource_version``
-    is the object's, from which the watch resumes."""
-
-    type: str
-    resource_version: str
-    body: dict[str, Any] | None
-
-
-class WatchApi(Protocol):
-    """Paged lists and watches of ``kind`` (a key of :data:`SLIM`), bodies already slim."""
-
-    def list_page(
-        self, kind: str, namespace: str | None, *, limit: int, continue_token: str = ""
-    ) -> Page: ...
-
-    def watch(
-        self,
-        kind: str,
-        namespace: str | None,
-        resource_version: str,
-        *,
-        timeout_seconds: int,
-        read_timeout: float,
-    ) -> Iterator[WatchEvent]:
-        """The events after ``resource_version`` until the server ends the watch after
-        ``timeout_seconds``; :class:`Gone` when that version is too old; a connection
-        silent for ``read_timeout`` seconds raises."""
-        ...
 
 
 class ClusterApi(Protocol):
@@ -270,7 +223,7 @@ class KubernetesApi:
             raise
         slim = SLIM[kind]
         try:
-            for line in _lines(response):
+            for line in lines(response):
                 event = json.loads(line)
                 obj = event.get("object") or {}
                 kind_of_event = str(event.get("type"))
@@ -456,19 +409,6 @@ class KubernetesApi:
             events.bump_patch(occurrence, message, now),
         )
         return patched is not None
-
-
-def _lines(response: Any) -> Iterator[str]:
-    """The lines of a streamed (chunked) response, each as soon as it is complete."""
-    buffer = b""
-    for chunk in response.stream(amt=None, decode_content=False):
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for line in complete:
-            if line.strip():
-                yield line.decode("utf-8", errors="replace")
-    if buffer.strip():
-        yield buffer.decode("utf-8", errors="replace")
 
 
 def _reason(error: Any) -> str:

@@ -37,7 +37,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from peer_recovery_operator.kube import Gone, WatchApi
+from peer_recovery_operator.kube_watch import Gone, WatchApi
 
 __all__ = ["Batch", "LoopHandoff", "Watcher"]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from peer_recovery.contract import names
 from peer_recovery_operator import views
-from peer_recovery_operator.kube import Gone, Page, WatchEvent
+from peer_recovery_operator.kube_watch import Gone, Page, WatchEvent
 from peer_recovery_operator.watcher import Batch, LoopHandoff, Watcher
 from tests.operator.bodies import pod_body
 
