@@ -3,8 +3,9 @@ and the report of pods that came through unmutated.
 
 Registered by the CLI next to :mod:`peer_recovery_operator.handlers` when the webhook or
 the namespace access is configured (docs/webhook.md). Every replica serves the webhook
-(the mutation is stateless); only the leader reports unmutated pods; each handler here is a few lines over the modules that
-decide (:mod:`~.mutation`, :mod:`~.namespace_access`, :mod:`~.unmutated`).
+(the mutation is stateless); only the leader reports unmutated pods, which it learns from
+the operator's pod watch (the audit returned by :func:`register_admission`); each handler
+here is a few lines over the modules that decide (:mod:`~.mutation`, :mod:`~.namespace_access`, :mod:`~.unmutated`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import shutil
 import ssl
 import tempfile
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -44,8 +46,9 @@ CERT_RELOAD_SECONDS = 300.0
 
 def register_admission(
     registry: kopf.OperatorRegistry, engine: Engine, config: OperatorConfig
-) -> None:
-    """Register the webhook's handlers on ``registry``."""
+) -> Callable[[str | None, Mapping[str, Any]], None] | None:
+    """Register the webhook's handlers on ``registry``; return the audit of unmutated pods,
+    for the operator's pod watch to call with each pod event (None without the webhook)."""
     cluster: ClusterApi = KubernetesApi()
     access = None
     if config.runtime_service_account:
@@ -100,14 +103,17 @@ def register_admission(
             if found and engine.leading():  # one replica reports (the standby stays quiet)
                 await asyncio.to_thread(_report, cluster, found, body)
 
-    @kopf.on.event("v1", "pods", registry=registry)
-    async def webhook_pod(event: kopf.RawEvent, **_: Any) -> None:
-        if audit is None:
-            return
-        found = audit.pod_event(event.get("type"), event["object"], _job_enabled(engine))
+    if audit is None:
+        return None
+
+    def webhook_pod(event_type: str | None, body: Mapping[str, Any]) -> None:
+        found = audit.pod_event(event_type, body, _job_enabled(engine))
         if found and engine.leading():  # one replica reports (the standby stays quiet)
             job = engine.state.jobs.get((found[0].namespace, found[0].job))
-            await asyncio.to_thread(_report, cluster, found, {"metadata": _job_meta(job)})
+            meta = {"metadata": _job_meta(job)}
+            asyncio.get_running_loop().run_in_executor(None, _report, cluster, found, meta)
+
+    return webhook_pod
 
 
 def _job_enabled(engine: Engine) -> unmutated.JobEnabled:

@@ -173,11 +173,14 @@ def _run(config: OperatorConfig) -> None:
         identity = config.identity or f"{socket.gethostname()}_{os.getpid()}"
         elector = LeaderElector(api, config.lease_namespace, config.lease_name, identity, timing)
     registry = kopf.OperatorRegistry()
-    register(registry, engine, elector)
+    pod_listeners = []
     if config.webhook_address or config.runtime_service_account:
         from peer_recovery_operator.admission_handlers import register_admission
 
-        register_admission(registry, engine, config)
+        audit = register_admission(registry, engine, config)
+        if audit is not None:
+            pod_listeners.append(audit)
+    register(registry, engine, api, elector, pod_listeners)
     try:
         kopf.run(
             registry=registry,

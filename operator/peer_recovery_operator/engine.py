@@ -1,8 +1,10 @@
 """The operator's reactions to watch events, and the lifecycle sweep, on kopf's event loop.
 
-The kopf handlers (:mod:`peer_recovery_operator.handlers`) hand each event here. Cheap work
-(parsing into records, updating :class:`~peer_recovery_operator.state.ClusterState`,
-detection) happens inline on the loop; anything that calls the API server is queued per
+The kopf handlers and the operator's own watchers (:mod:`peer_recovery_operator.handlers`)
+hand each event here. Cheap work (parsing into records, updating
+:class:`~peer_recovery_operator.state.ClusterState`, detection) happens inline on the loop;
+the sweep's decisions are made on a thread of their own over records gathered on the loop
+(:mod:`peer_recovery_operator.sweeping`); anything that calls the API server is queued per
 job and run on a worker thread by :class:`~peer_recovery_operator.recording.Recorder`, one
 round per job at a time. Queuing per job is what lets several pods replaced together be
 planned together (spread over sources), and keeps two rounds from racing on one job.
@@ -27,7 +29,7 @@ from typing import Any
 from peer_recovery.contract import names
 from peer_recovery.contract.names import is_operator_reason
 from peer_recovery.contract.records import RecordError, parse_recovery, parse_time
-from peer_recovery_operator import lifecycle
+from peer_recovery_operator import lifecycle, sweeping
 from peer_recovery_operator.config import OperatorConfig
 from peer_recovery_operator.detection import (
     Detection,
@@ -42,11 +44,12 @@ from peer_recovery_operator.kube import ClusterApi
 from peer_recovery_operator.metrics import Metrics
 from peer_recovery_operator.recording import JobSnapshot, Recorder
 from peer_recovery_operator.resync import WATCH_STALL_SECONDS, Drift, compare
-from peer_recovery_operator.retention import Expired, expired
-from peer_recovery_operator.state import ClusterState, JobKey, Slot
+from peer_recovery_operator.retention import Expired
+from peer_recovery_operator.state import ClusterState, JobKey, RecordKey, Slot
 from peer_recovery_operator.views import (
     BadInput,
     JobView,
+    PodView,
     is_pytorchjob_pod,
     job_name_of_pod,
     job_view,
@@ -104,6 +107,16 @@ class _JobWork:
         return kept
 
 
+@dataclasses.dataclass
+class _Relisted:
+    """What a resync keeps of its relist (:meth:`Engine._relist`)."""
+
+    pods: list[PodView] = dataclasses.field(default_factory=list)
+    unknown_pods: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    recovery_keys: list[RecordKey] = dataclasses.field(default_factory=list)
+    changed_recoveries: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
 class Engine:
     def __init__(
         self,
@@ -131,6 +144,8 @@ class Engine:
         #: Deleted jobs: (UID, deletion time, when forgotten) by key; their pods are ignored.
         self._deleted: dict[JobKey, tuple[str, datetime, float]] = {}
         self._events = concurrent.futures.ThreadPoolExecutor(1, "peer-recovery-events")
+        #: The sweep's decisions are made here, off the loop (never queued behind rounds).
+        self._sweeps = concurrent.futures.ThreadPoolExecutor(1, "peer-recovery-sweep")
         #: Seconds before retrying a failed round: the first delay, doubled up to the cap.
         self.retry_backoff: tuple[float, float] = (0.5, 30.0)
         #: Whether this replica may act (write, sweep, post Events): the leader-election
@@ -205,7 +220,7 @@ class Engine:
         if current is not None and current.uid != pod.uid:
             return  # a late event about an incarnation the slot has moved past
         if previous is None:
-            # Only pods from kopf's initial listing (type None) predate this process.
+            # Only pods from a listing (type None) predate this process.
             self._first_sight(key, pod, listed=event_type is None)
             return
         detection = detect_change(KnownPod.of(previous), pod)
@@ -338,63 +353,70 @@ class Engine:
 
     # --- the lifecycle sweep --------------------------------------------------------------
 
-    def sweep(self) -> None:
+    async def sweep(self) -> None:
         """Check the operator's live recoveries against their deadlines and their pods, and
-        closed attempts whose re-plan may be missing; queue what needs acting, and start the
-        retention pass, which deletes finished records past the policy.
+        closed attempts whose re-plan may be missing, and apply the retention policy to
+        finished records; queue what needs acting.
 
         Touches only what may need acting: the state keeps the records the lifecycle may act
         on, and each record's episode, indexed as the watch reports them; finished records
         are looked at only by the retention rule, and only in pod slots whose finished
-        records changed or whose oldest one reaches the time to live.
+        records changed or whose oldest one reaches the time to live. The loop gathers
+        those (index look-ups); the decisions are made on the sweep's own thread
+        (:mod:`peer_recovery_operator.sweeping`) and applied back on the loop.
         """
         began = time.perf_counter()
-        now = self._clock()
-        for rec in self.state.actionable_recoveries():
-            key = (rec.namespace, rec.job)
-            if key not in self.state.jobs:
-                continue
-            episode = self.state.episode(rec)
-            verdict = lifecycle.decide(
-                rec,
-                now=now,
-                slot_pod=self.state.pod_in(rec.slot),
-                source_pod=self.state.pod_named(rec.namespace, rec.source_pod)
-                if rec.source_pod
-                else None,
-                attempts_in_episode=len(episode),
-                newer_attempt_exists=any(r.attempt > rec.attempt for r in episode),
-                config=self.config,
+        gathered = self._gather_sweep()
+        try:
+            decisions = await asyncio.get_running_loop().run_in_executor(
+                self._sweeps, sweeping.decide, gathered
             )
-            if verdict.action is not lifecycle.Action.KEEP:
-                self._enqueue(key).lifecycle.setdefault(rec.name, (rec, verdict))
-        self._expire(now)
+        except BaseException:
+            for slot, _ in gathered.slots:  # not looked at after all: due at once
+                self._retention_due[slot] = gathered.now
+            raise
+        self._apply_sweep(decisions)
         self._check_parked()
         self.metrics.sweep_seconds.observe(time.perf_counter() - began)
 
-    def _expire(self, now: datetime) -> None:
-        """Queue the deletion of finished records past the retention policy, for the pod
-        slots whose finished records changed, or whose oldest one reaches the time to live
-        (the rule is per slot, so one record finishing costs a look at its slot only)."""
+    def _gather_sweep(self) -> sweeping.SweepInput:
+        """On the loop: what the sweep's decisions depend on, as frozen records."""
+        now = self._clock()
+        candidates = []
+        for rec in self.state.actionable_recoveries():
+            if (rec.namespace, rec.job) not in self.state.jobs:
+                continue
+            source = self.state.pod_named(rec.namespace, rec.source_pod) if rec.source_pod else None
+            candidates.append(
+                sweeping.Candidate(
+                    rec, self.state.pod_in(rec.slot), source, tuple(self.state.episode(rec))
+                )
+            )
         due = self.state.take_retention_dirty()
         due |= {slot for slot, when in self._retention_due.items() if when <= now}
-        policy = {"keep": self.config.keep_finished, "ttl": self.config.finished_ttl}
+        slots = []
         for slot in due:
             self._retention_due.pop(slot, None)
-            key = (slot[0], slot[1])
-            if key not in self.state.jobs:
+            if (slot[0], slot[1]) not in self.state.jobs:
                 self._retention_due[slot] = now  # records seen before their job: look later
                 continue
-            records = self.state.slot_recoveries(slot)
-            found = expired(records, now=now, **policy)
-            for item in found:
-                self._enqueue(key).expired.setdefault(item.record.name, item)
-            finished = [r.phase_since for r in records if r.phase.terminal]
-            if found:
-                self._retention_due[slot] = now  # look again until the deletions land
-            elif finished:
-                ttl = timedelta(seconds=self.config.finished_ttl)
-                self._retention_due[slot] = min(finished) + ttl
+            slots.append((slot, tuple(self.state.slot_recoveries(slot))))
+        return sweeping.SweepInput(now, self.config, tuple(candidates), tuple(slots))
+
+    def _apply_sweep(self, decisions: sweeping.SweepDecisions) -> None:
+        """On the loop: queue the verdicts and deletions of jobs still known."""
+        for rec, verdict in decisions.verdicts:
+            key = (rec.namespace, rec.job)
+            if key in self.state.jobs:
+                self._enqueue(key).lifecycle.setdefault(rec.name, (rec, verdict))
+        for slot, found in decisions.expired:
+            key = (slot[0], slot[1])
+            if key in self.state.jobs:
+                for item in found:
+                    self._enqueue(key).expired.setdefault(item.record.name, item)
+        for slot, when in decisions.due:
+            if (slot[0], slot[1]) in self.state.jobs:
+                self._retention_due[slot] = min(when, self._retention_due.get(slot, when))
 
     def _check_parked(self) -> None:
         horizon = time.monotonic() - DELETED_JOB_MEMORY_SECONDS
@@ -431,34 +453,26 @@ class Engine:
         pods and records the watch missed taken in as a listing would."""
         live = [p for p in self.state.all_pods() if not p.terminating]
         known = {p.uid for p in self.state.all_pods()}
-        recoveries_before = list(self.state.recoveries)
+        versions = {key: rec.resource_version for key, rec in self.state.recoveries.items()}
         started = self._clock()
         scopes: list[str | None] = (
             [None] if self.config.all_namespaces else list(self.config.namespaces)
         )
-        pod_bodies, recovery_bodies = await asyncio.to_thread(self._relist, scopes)
-        listed = []
-        for body in pod_bodies:
-            job_name = job_name_of_pod(body)
-            if job_name is None:
-                continue
-            try:
-                listed.append(pod_view(body, job_name))
-            except BadInput:
-                continue  # reported when the watch delivers it
+        relisted = await asyncio.to_thread(self._relist, scopes, known, versions)
+        listed = relisted.pods
         drift = compare(
             live_before=live,
             known_uids_before=known,
-            recoveries_before=recoveries_before,
+            recoveries_before=list(versions),
             listed_pods=listed,
-            listed_recoveries=recovery_bodies,
+            listed_recoveries=relisted.recovery_keys,
             list_started=started,
         )
         logger.debug(
             "resync: %d pods and %d PeerRecoveries listed; %d pods gone, %d records gone, "
             "%d pods never delivered",
             len(listed),
-            len(recovery_bodies),
+            len(relisted.recovery_keys),
             len(drift.gone_pods),
             len(drift.gone_recoveries),
             len(drift.unseen_pods),
@@ -468,11 +482,9 @@ class Engine:
             self.state.pod_gone(pod)
         for namespace, name in drift.gone_recoveries:
             self.recovery_event("DELETED", {"metadata": {"namespace": namespace, "name": name}})
-        for body in pod_bodies:
-            uid = (body.get("metadata") or {}).get("uid")
-            if uid not in known:
-                self._apply_pod(None, body)  # as a listing would have shown it
-        for body in recovery_bodies:
+        for body in relisted.unknown_pods:
+            self._apply_pod(None, body)  # as a listing would have shown it
+        for body in relisted.changed_recoveries:
             self._fold(body)
         overdue = self._overdue_for_the_watch(listed, known)
         if (drift.unseen_pods or overdue) and self._pod_watch_started:
@@ -502,14 +514,31 @@ class Engine:
         return overdue
 
     def _relist(
-        self, scopes: list[str | None]
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        pods: list[dict[str, Any]] = []
-        recoveries: list[dict[str, Any]] = []
+        self, scopes: list[str | None], known: set[str], versions: Mapping[RecordKey, str]
+    ) -> _Relisted:
+        """On a worker thread: list page by page, keeping of each body only what the resync
+        uses (a record per pod; the bodies of pods not ``known`` and of PeerRecoveries whose
+        resourceVersion differs from ``versions``), so a relist of thousands of objects never
+        holds them all."""
+        relisted = _Relisted()
         for namespace in scopes:
-            pods += self._api.list_pods(namespace)
-            recoveries += self._api.list_all_recoveries(namespace)
-        return pods, recoveries
+            for body in self._api.list_pods(namespace):
+                job_name = job_name_of_pod(body)
+                if job_name is None:
+                    continue
+                try:
+                    relisted.pods.append(pod_view(body, job_name))
+                except BadInput:
+                    continue  # reported when the watch delivers it
+                if str(body["metadata"].get("uid")) not in known:
+                    relisted.unknown_pods.append(body)
+            for body in self._api.list_all_recoveries(namespace):
+                meta = body.get("metadata") or {}
+                key = (str(meta.get("namespace")), str(meta.get("name")))
+                relisted.recovery_keys.append(key)
+                if versions.get(key) != meta.get("resourceVersion"):
+                    relisted.changed_recoveries.append(body)
+        return relisted
 
     def watch_problem(self) -> str | None:
         """Why the watches look stalled (for /healthz), or None."""
@@ -585,7 +614,8 @@ class Engine:
                 deleted.append((rec.namespace, rec.name))
         detections = list(work.detections)
         if work.candidates:
-            snap, found = self._verify_catch_up(snap, list(work.candidates.values()))
+            candidates = list(work.candidates.values())
+            snap, found = self._verify_catch_up(snap, candidates, work.target_uids())
             detections += found
         if detections:
             written += self._recorder.record_detections(snap, detections)
@@ -600,9 +630,11 @@ class Engine:
         return written, deleted
 
     def _verify_catch_up(
-        self, snap: JobSnapshot, candidates: list[Any]
+        self, snap: JobSnapshot, candidates: list[Any], targets: set[str]
     ) -> tuple[JobSnapshot, list[tuple[Detection, float]]]:
-        """The catch-up rule against fresh lists of the job's pods and recoveries."""
+        """The catch-up rule against fresh lists of the job's pods and recoveries; the
+        snapshot for the rest of the round, with the listed pods and, of the listed records,
+        the live ones and those of ``targets``."""
         seen = time.monotonic()
         job = snap.job
         pods = []
@@ -611,9 +643,13 @@ class Engine:
                 pods.append(pod_view(body, job.name))
             except BadInput:
                 continue
-        bodies = self._api.list_recoveries(job.namespace, job=job.name)
-        recorded = {((b.get("spec") or {}).get("target") or {}).get("podUID") for b in bodies}
-        views = [parse_recovery(b, seen_at=self._clock()) for b in bodies]
+        recorded: set[str] = set()
+        views = []
+        for body in self._api.list_recoveries(job.namespace, job=job.name):
+            view = parse_recovery(body, seen_at=self._clock())
+            recorded.add(view.target_uid)
+            if not view.phase.terminal or view.target_uid in targets:
+                views.append(view)  # what a round's snapshot holds (state.recoveries_for)
         grace = timedelta(seconds=self.config.catch_up_grace)
         found = []
         for pod in candidates:
@@ -625,7 +661,9 @@ class Engine:
                 logger.info("caught up: %s", detection.why)
                 found.append((detection, seen))
         fresh = dataclasses.replace(
-            snap, pods=tuple(pods) or snap.pods, recoveries=tuple(views) or snap.recoveries
+            snap,
+            pods=tuple(pods) or snap.pods,
+            recoveries=tuple(views) if recorded else snap.recoveries,
         )
         return fresh, found
 

@@ -1,18 +1,22 @@
 """kopf handlers: a few lines each, handing every event to the :class:`Engine`.
 
-Only ``@kopf.on.event`` is used, on every resource: it is the one kopf handler kind that
-keeps no progress and no diff-base on the object and adds no finalizer, so the operator
-never writes to pods, PyTorchJobs or nodes (a finalizer on a pod would stop the
-training-operator from recreating it under the same name). Pods are watched with a
-server-side label selector on ``training.kubeflow.org/operator-name=pytorchjob-controller``
-(the label the training-operator's PyTorchJob controller sets on every pod it makes), so
-pods outside any PyTorchJob, and those of TFJobs, MPIJobs and other kinds, never reach the
-operator at all.
+kopf watches PyTorchJobs and nodes; only ``@kopf.on.event`` is used: it is the one kopf
+handler kind that keeps no progress and no diff-base on the object and adds no finalizer,
+so the operator never writes to PyTorchJobs or nodes. Pods and PeerRecoveries, the many
+and the large, are listed and watched by the operator's own
+:class:`~peer_recovery_operator.watcher.Watcher` threads (started and stopped here), which
+hand the loop slim bodies; pods with a server-side label selector on
+``training.kubeflow.org/operator-name=pytorchjob-controller`` (the label the
+training-operator's PyTorchJob controller sets on every pod it makes), so pods outside any
+PyTorchJob, and those of TFJobs, MPIJobs and other kinds, never reach the operator at all.
+The operator never writes to pods (a finalizer on a pod would stop the training-operator
+from recreating it under the same name).
 
 Besides the handlers, three background tasks run on kopf's loop: the lifecycle sweep (only
-while this replica leads), the periodic resync (on every replica) and, with a
-:class:`~peer_recovery_operator.lease.LeaderElector`, the Lease loop; two probes report
-watch health (raising, so ``/healthz`` answers 500) and leadership.
+while this replica leads; its decisions are made on a worker thread), the periodic resync
+(on every replica) and, with a :class:`~peer_recovery_operator.lease.LeaderElector`, the
+Lease loop; two probes report watch health (raising, so ``/healthz`` answers 500) and
+leadership.
 """
 
 from __future__ import annotations
@@ -20,47 +24,59 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import kopf
 
 from peer_recovery.contract import names
-from peer_recovery_operator import views
 from peer_recovery_operator.engine import Engine
+from peer_recovery_operator.kube_watch import PAGE_SIZE, WatchApi
 from peer_recovery_operator.lease import LeaderElector
+from peer_recovery_operator.watcher import LoopHandoff, Watcher
 
-__all__ = ["register"]
+__all__ = ["PodListener", "register"]
 
 logger = logging.getLogger(__name__)
 
-POD_SELECTOR = ("v1", "pods")
-#: Objects per page of kopf's initial listings (pods of 10-30 KB: a page is a few MB).
+#: Objects per page of kopf's initial listings (of PyTorchJobs and nodes).
 LIST_PAGE_SIZE = 250
+#: Batches of watch events that may wait for the loop before a watcher stops reading.
+HANDOFF_WINDOW = 16
 
-#: Watch timeouts. The server ends each watch after ``SERVER_TIMEOUT`` (kopf then resumes it
-#: from the last resourceVersion); the client gives up on a connection after
-#: ``CLIENT_TIMEOUT``, so a half-open connection (no data, no FIN) ends within that instead
-#: of stalling the watch silently.
+#: Another consumer of the pod watch's events (the webhook's audit of unmutated pods).
+PodListener = Callable[[str | None, Mapping[str, Any]], None]
+
+#: Watch timeouts, kopf's and the watchers'. The server ends each watch after
+#: ``SERVER_TIMEOUT`` (it is then resumed from the last resourceVersion); the client gives
+#: up on a connection silent for ``CLIENT_TIMEOUT``, so a half-open connection (no data, no
+#: FIN) ends within that instead of stalling the watch silently.
 WATCH_SERVER_TIMEOUT = 60  # an integer: the API server refuses "60.0"
 WATCH_CLIENT_TIMEOUT = 90.0
 WATCH_CONNECT_TIMEOUT = 10.0
 
 
 def register(
-    registry: kopf.OperatorRegistry, engine: Engine, elector: LeaderElector | None = None
+    registry: kopf.OperatorRegistry,
+    engine: Engine,
+    watch_api: WatchApi,
+    elector: LeaderElector | None = None,
+    pod_listeners: Sequence[PodListener] = (),
 ) -> None:
     """Register the handlers for one engine on ``registry``; with ``elector``, only the
-    holder of its Lease acts, the other replicas watch and stand by."""
+    holder of its Lease acts, the other replicas watch and stand by. Pods and
+    PeerRecoveries are watched through ``watch_api``; ``pod_listeners`` get each pod event
+    after the engine."""
     tasks: list[asyncio.Task[None]] = []
+    watchers: list[Watcher] = []
     if elector is not None:
         engine.leading = elector.leading
     engine.metrics.leader.set(1 if elector is None else 0)
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.watching.label_selectors[POD_SELECTOR] = views.POD_LABEL_SELECTOR
         # The initial listing (at start and after every relist) comes in pages, so its peak
-        # memory is one page of bodies, not every pod of the namespace at once.
+        # memory is one page of bodies, not every object of the namespace at once.
         settings.watching.chunk_size = LIST_PAGE_SIZE
         settings.posting.enabled = False  # we post our own Events, on the job
         settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf")
@@ -72,6 +88,7 @@ def register(
         settings.watching.client_timeout = WATCH_CLIENT_TIMEOUT
         settings.watching.connect_timeout = WATCH_CONNECT_TIMEOUT
         loop = asyncio.get_running_loop()
+        watchers.extend(_start_watchers(engine, watch_api, pod_listeners, loop))
         tasks.append(loop.create_task(_sweeper(engine)))
         tasks.append(loop.create_task(_resyncer(engine)))
         if elector is not None:
@@ -85,6 +102,8 @@ def register(
 
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
+        for watcher in watchers:
+            watcher.stop()
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -105,10 +124,6 @@ def register(
     def leader(**_: Any) -> bool:
         return engine.leading()
 
-    @kopf.on.event(*POD_SELECTOR, registry=registry)
-    async def pod(event: kopf.RawEvent, **_: Any) -> None:
-        engine.pod_event(event.get("type"), event["object"])
-
     @kopf.on.event(
         names.PYTORCHJOB_GROUP, names.PYTORCHJOB_VERSION, names.PYTORCHJOB_PLURAL, registry=registry
     )
@@ -119,9 +134,40 @@ def register(
     async def node(event: kopf.RawEvent, **_: Any) -> None:
         engine.node_event(event.get("type"), event["object"])
 
-    @kopf.on.event(names.GROUP, names.VERSION, names.PLURAL, registry=registry)
-    async def recovery(event: kopf.RawEvent, **_: Any) -> None:
-        engine.recovery_event(event.get("type"), event["object"])
+
+def _start_watchers(
+    engine: Engine,
+    api: WatchApi,
+    pod_listeners: Sequence[PodListener],
+    loop: asyncio.AbstractEventLoop,
+) -> list[Watcher]:
+    """One pod and one PeerRecovery watcher per watched namespace (or one of each for all
+    namespaces), with kopf's watch timeouts."""
+
+    def pod(event_type: str | None, body: Mapping[str, Any]) -> None:
+        engine.pod_event(event_type, body)
+        for listener in pod_listeners:
+            listener(event_type, body)
+
+    config = engine.config
+    scopes: list[str | None] = [None] if config.all_namespaces else list(config.namespaces)
+    handlers: list[tuple[str, PodListener]] = [
+        ("pods", pod),
+        ("peerrecoveries", engine.recovery_event),
+    ]
+    return [
+        Watcher(
+            api,
+            kind,
+            namespace,
+            LoopHandoff(loop, handle, HANDOFF_WINDOW),
+            page_size=PAGE_SIZE,
+            server_timeout=WATCH_SERVER_TIMEOUT,
+            client_timeout=WATCH_CLIENT_TIMEOUT,
+        ).start()
+        for namespace in scopes
+        for kind, handle in handlers
+    ]
 
 
 async def _sweeper(engine: Engine) -> None:
@@ -132,7 +178,7 @@ async def _sweeper(engine: Engine) -> None:
         if not engine.leading():
             continue
         try:
-            engine.sweep()
+            await engine.sweep()
         except Exception:  # one bad sweep must not end the sweeping
             logger.exception("lifecycle sweep failed")
 

@@ -11,6 +11,12 @@ Every call that does not succeed is reported to ``on_error(verb, kind, code)`` (
 ``connection`` when no response came. Events are aggregated into series
 (:mod:`peer_recovery_operator.events`).
 
+Pods and PeerRecoveries are listed in pages and watched here too (for
+:mod:`peer_recovery_operator.watcher`, not through kopf; the types are in
+:mod:`peer_recovery_operator.kube_watch`): each page or watch event is decoded and at once
+cut to the fields the operator reads (:func:`views.slim_pod`, :func:`views.slim_recovery`),
+so a full body lives only while its page is decoded, and one page is decoded at a time.
+
 Invariants: nothing here writes to pods or PyTorchJobs (the operator only observes them);
 status writes carry the ``resourceVersion`` the caller read, and a mismatch raises
 :class:`Conflict` instead of overwriting; calls are synchronous and run in worker
@@ -22,13 +28,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from peer_recovery.contract import names
 from peer_recovery.contract.errors import ApiError, Conflict
 from peer_recovery_operator import events, views
+from peer_recovery_operator.kube_watch import (
+    PAGE_SIZE,
+    SLIM,
+    WATCH_CONNECT_TIMEOUT,
+    Gone,
+    Page,
+    WatchEvent,
+    lines,
+)
 
 __all__ = ["ClusterApi", "KubernetesApi"]
 
@@ -41,15 +57,18 @@ class ClusterApi(Protocol):
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
-    def list_job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]: ...
-
-    def list_recoveries(self, namespace: str, *, job: str) -> list[dict[str, Any]]: ...
-
-    def list_pods(self, namespace: str | None) -> list[dict[str, Any]]:
-        """Every training pod in ``namespace`` (None: all namespaces), for the resync."""
+    def list_job_pods(self, namespace: str, job: str) -> Iterable[dict[str, Any]]:
+        """The job's pods, slim (:func:`views.slim_pod`). The lists here may be read page
+        by page as they are iterated: keep what is needed of each body, not the bodies."""
         ...
 
-    def list_all_recoveries(self, namespace: str | None) -> list[dict[str, Any]]:
+    def list_recoveries(self, namespace: str, *, job: str) -> Iterable[dict[str, Any]]: ...
+
+    def list_pods(self, namespace: str | None) -> Iterable[dict[str, Any]]:
+        """Every training pod in ``namespace`` (None: all namespaces), slim, for the resync."""
+        ...
+
+    def list_all_recoveries(self, namespace: str | None) -> Iterable[dict[str, Any]]:
         """Every PeerRecovery in ``namespace`` (None: all namespaces), for the resync."""
         ...
 
@@ -97,6 +116,7 @@ class KubernetesApi:
         self._errors = client.exceptions.ApiException
         self._on_error = on_error or (lambda verb, kind, code: None)
         self._series = events.EventSeries()
+        self._decoding = threading.Lock()
 
     def _call(self, verb: str, kind: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Call ``fn`` raw; decode JSON; map NotFound to None and other errors to ours."""
@@ -108,6 +128,8 @@ class KubernetesApi:
                 return None
             if error.status == 409:
                 raise Conflict(_reason(error)) from None
+            if error.status == 410:
+                raise Gone(_reason(error)) from None
             raise ApiError(f"{error.status} {_reason(error)}") from None
         except Exception:
             self._on_error(verb, kind, "connection")
@@ -126,33 +148,115 @@ class KubernetesApi:
             name,
         )
 
-    def list_job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
-        result = self._call(
-            "list",
-            "pods",
-            self._core.list_namespaced_pod,
-            namespace,
-            label_selector=f"{names.LABEL_JOB_NAME}={job},{views.POD_LABEL_SELECTOR}",
-        )
-        return list((result or {}).get("items") or ())
+    def list_job_pods(self, namespace: str, job: str) -> Iterator[dict[str, Any]]:
+        return self._list_all("pods", namespace, f"{names.LABEL_JOB_NAME}={job}")
 
-    def list_recoveries(self, namespace: str, *, job: str) -> list[dict[str, Any]]:
-        return self._list_namespaced_recoveries(
-            namespace, label_selector=f"{names.LABEL_RECOVERY_JOB}={job}"
-        )
+    def list_recoveries(self, namespace: str, *, job: str) -> Iterator[dict[str, Any]]:
+        return self._list_all("peerrecoveries", namespace, f"{names.LABEL_RECOVERY_JOB}={job}")
 
-    def _list_namespaced_recoveries(self, namespace: str, **kwargs: Any) -> list[dict[str, Any]]:
-        result = self._call(
-            "list",
-            "peerrecoveries",
-            self._custom.list_namespaced_custom_object,
-            names.GROUP,
-            names.VERSION,
-            namespace,
-            names.PLURAL,
-            **kwargs,
-        )
-        return list((result or {}).get("items") or ())
+    def _list_all(
+        self, kind: str, namespace: str | None, selector: str = ""
+    ) -> Iterator[dict[str, Any]]:
+        """Every object of a paged list, slim; the next page is requested when the one
+        before has been iterated."""
+        token = ""
+        while True:
+            page = self.list_page(
+                kind, namespace, limit=PAGE_SIZE, continue_token=token, selector=selector
+            )
+            yield from page.items
+            token = page.continue_token
+            if not token:
+                return
+
+    def list_page(
+        self,
+        kind: str,
+        namespace: str | None,
+        *,
+        limit: int,
+        continue_token: str = "",
+        selector: str = "",
+    ) -> Page:
+        """One page of ``kind`` (pods: the pod watch's selector, and ``selector``)."""
+        fn, args, kwargs = self._lister(kind, namespace, selector)
+        if continue_token:
+            kwargs["_continue"] = continue_token
+        # One page decoded at a time in the whole process: the watchers, a resync and the
+        # rounds' catch-up lists may all be listing at once (after a restart, they are).
+        with self._decoding:
+            result = self._call("list", kind, fn, *args, limit=limit, **kwargs) or {}
+            meta = result.get("metadata") or {}
+            slim = SLIM[kind]
+            items = [slim(item) for item in result.get("items") or ()]
+            del result
+        return Page(items, str(meta.get("resourceVersion") or ""), str(meta.get("continue") or ""))
+
+    def watch(
+        self,
+        kind: str,
+        namespace: str | None,
+        resource_version: str,
+        *,
+        timeout_seconds: int,
+        read_timeout: float,
+    ) -> Iterator[WatchEvent]:
+        fn, args, kwargs = self._lister(kind, namespace)
+        try:
+            response = fn(
+                *args,
+                watch=True,
+                resource_version=resource_version,
+                timeout_seconds=timeout_seconds,
+                allow_watch_bookmarks=True,
+                _preload_content=False,
+                _request_timeout=(WATCH_CONNECT_TIMEOUT, read_timeout),
+                **kwargs,
+            )
+        except self._errors as error:
+            self._on_error("watch", kind, str(error.status))
+            if error.status == 410:
+                raise Gone(_reason(error)) from None
+            raise ApiError(f"{error.status} {_reason(error)}") from None
+        except Exception:
+            self._on_error("watch", kind, "connection")
+            raise
+        slim = SLIM[kind]
+        try:
+            for line in lines(response):
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                kind_of_event = str(event.get("type"))
+                if kind_of_event == "ERROR":
+                    self._on_error("watch", kind, str(obj.get("code")))
+                    if obj.get("code") == 410:
+                        raise Gone(str(obj.get("message")))
+                    raise ApiError(f"{obj.get('code')} {obj.get('message')}")
+                version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+                body = None if kind_of_event == "BOOKMARK" else slim(obj)
+                del event, obj  # the full body goes before the next line is read
+                yield WatchEvent(kind_of_event, version, body)
+        finally:
+            response.release_conn()
+
+    def _lister(
+        self, kind: str, namespace: str | None, selector: str = ""
+    ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+        """The client's list function for ``kind`` in ``namespace`` (None: every namespace),
+        its positional arguments and its label selector."""
+        if kind == "pods":
+            labels = ",".join(s for s in (selector, views.POD_LABEL_SELECTOR) if s)
+            if namespace is None:
+                return self._core.list_pod_for_all_namespaces, (), {"label_selector": labels}
+            return self._core.list_namespaced_pod, (namespace,), {"label_selector": labels}
+        if kind != "peerrecoveries":
+            raise ValueError(f"the operator does not list {kind}")
+        extra = {"label_selector": selector} if selector else {}
+        if namespace is None:
+            custom = self._custom.list_cluster_custom_object
+            return custom, (names.GROUP, names.VERSION, names.PLURAL), extra
+        custom = self._custom.list_namespaced_custom_object
+        return custom, (names.GROUP, names.VERSION, namespace, names.PLURAL), extra
 
     def get_recovery(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._call(
@@ -220,33 +324,15 @@ class KubernetesApi:
             return False  # changed since it was read: the next sweep decides again
         return deleted is not None
 
-    def list_pods(self, namespace: str | None) -> list[dict[str, Any]]:
+    def list_pods(self, namespace: str | None) -> Iterator[dict[str, Any]]:
         """Every PyTorchJob pod (the pod watch's selector) in ``namespace``, or in all
-        namespaces for None: the periodic resync's relist."""
-        selector = views.POD_LABEL_SELECTOR
-        if namespace is None:
-            result = self._call(
-                "list", "pods", self._core.list_pod_for_all_namespaces, label_selector=selector
-            )
-        else:
-            result = self._call(
-                "list", "pods", self._core.list_namespaced_pod, namespace, label_selector=selector
-            )
-        return list((result or {}).get("items") or ())
+        namespaces for None, slim: the periodic resync's relist."""
+        return self._list_all("pods", namespace)
 
-    def list_all_recoveries(self, namespace: str | None) -> list[dict[str, Any]]:
-        """Every PeerRecovery in ``namespace`` (all namespaces for None): the resync's relist."""
-        if namespace is None:
-            result = self._call(
-                "list",
-                "peerrecoveries",
-                self._custom.list_cluster_custom_object,
-                names.GROUP,
-                names.VERSION,
-                names.PLURAL,
-            )
-            return list((result or {}).get("items") or ())
-        return self._list_namespaced_recoveries(namespace)
+    def list_all_recoveries(self, namespace: str | None) -> Iterator[dict[str, Any]]:
+        """Every PeerRecovery in ``namespace`` (all namespaces for None), slim: the resync's
+        relist."""
+        return self._list_all("peerrecoveries", namespace)
 
     # --- the leader-election Lease (peer_recovery_operator.lease.LeaseApi) ----------------
 

@@ -11,7 +11,7 @@ while the list was in flight is never taken for a vanished one.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from peer_recovery_operator.views import PodView
@@ -46,19 +46,16 @@ def compare(
     known_uids_before: Iterable[str],
     recoveries_before: Iterable[RecoveryKey],
     listed_pods: Iterable[PodView],
-    listed_recoveries: Iterable[Mapping[str, object]],
+    listed_recoveries: Iterable[RecoveryKey],
     list_started: datetime,
 ) -> Drift:
-    """Compare the state before the list with the list (see the module's docstring)."""
+    """Compare the state before the list with the list (see the module's docstring);
+    ``listed_recoveries`` are the listed PeerRecoveries' (namespace, name)."""
     listed = list(listed_pods)
     listed_uids = {p.uid for p in listed}
     known = set(known_uids_before)
     horizon = list_started - timedelta(seconds=WATCH_STALL_SECONDS)
-    listed_keys = set()
-    for body in listed_recoveries:
-        meta = body.get("metadata") or {}
-        assert isinstance(meta, Mapping)
-        listed_keys.add((str(meta.get("namespace")), str(meta.get("name"))))
+    listed_keys = set(listed_recoveries)
     return Drift(
         gone_pods=tuple(p for p in live_before if p.uid not in listed_uids),
         gone_recoveries=tuple(sorted(k for k in recoveries_before if k not in listed_keys)),

@@ -32,6 +32,8 @@ __all__ = [
     "job_view",
     "node_view",
     "pod_view",
+    "slim_pod",
+    "slim_recovery",
 ]
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
@@ -200,6 +202,72 @@ def shm_is_memory(spec: Mapping[str, Any]) -> bool:
         for c in spec.get("containers") or ()
         for m in c.get("volumeMounts") or ()
     )
+
+
+def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The pod body cut to the fields the operator reads (a few hundred bytes of a 10-30 KB
+    body): what :func:`is_pytorchjob_pod`, :func:`job_name_of_pod` and :func:`pod_view` read,
+    the owners' UIDs (a deleted job's pods) and whether the webhook's annotation is there
+    (:mod:`peer_recovery_operator.unmutated`). Invariant: every one of those functions
+    returns the same for the slim body as for the full one."""
+    meta = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    annotations = meta.get("annotations") or {}
+    slim_meta = {
+        key: meta[key]
+        for key in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp", "labels")
+        if key in meta
+    }
+    if meta.get("deletionTimestamp"):
+        slim_meta["deletionTimestamp"] = meta["deletionTimestamp"]
+    if meta.get("ownerReferences"):
+        slim_meta["ownerReferences"] = [
+            {k: ref[k] for k in ("kind", "name", "uid", "controller") if k in ref}
+            for ref in meta["ownerReferences"]
+        ]
+    if names.ANNOTATION_MUTATED in annotations:
+        slim_meta["annotations"] = {names.ANNOTATION_MUTATED: annotations[names.ANNOTATION_MUTATED]}
+    return {
+        "metadata": slim_meta,
+        "spec": {
+            "nodeName": spec.get("nodeName"),
+            "volumes": [
+                {"name": v.get("name"), "emptyDir": v["emptyDir"]}
+                for v in spec.get("volumes") or ()
+                if isinstance(v.get("emptyDir"), Mapping)
+            ],
+            "containers": [
+                {"volumeMounts": [_mount(m) for m in c.get("volumeMounts") or ()]}
+                for c in spec.get("containers") or ()
+            ],
+        },
+        "status": {
+            "conditions": [
+                {"type": c.get("type"), "status": c.get("status")}
+                for c in status.get("conditions") or ()
+                if c.get("type") == "Ready"
+            ],
+            "containerStatuses": [
+                {"name": c.get("name"), "restartCount": c.get("restartCount")}
+                for c in status.get("containerStatuses") or ()
+            ],
+        },
+    }
+
+
+def _mount(mount: Mapping[str, Any]) -> dict[str, Any]:
+    return {"name": mount.get("name"), "mountPath": mount.get("mountPath", "")}
+
+
+def slim_recovery(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A PeerRecovery body without ``metadata.managedFields`` (often the larger half of a
+    record that the operator and the runtime both wrote); everything the contract's parser
+    reads is kept."""
+    meta = body.get("metadata") or {}
+    if "managedFields" not in meta:
+        return dict(body)
+    return {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
 
 
 def job_view(body: Mapping[str, Any]) -> JobView:

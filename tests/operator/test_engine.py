@@ -201,7 +201,7 @@ def test_source_pod_deleted_replans_with_another_source_then_fails_at_the_limit(
             "train", source["replicaType"], source["replicaIndex"], uid=source["podUID"]
         )
         engine.pod_event("DELETED", gone)
-        engine.sweep()
+        await engine.sweep()
         await settle(engine)
         feed_back(engine, fake)
         phases = fake.by_phase()
@@ -212,7 +212,7 @@ def test_source_pod_deleted_replans_with_another_source_then_fails_at_the_limit(
         assert "re-planning" in fake.recoveries[("ns", phases["Failed"][0])]["status"]["message"]
         # attempt 2 stalls past the deadline: the limit (2) is reached, so it fails
         clock.now += timedelta(seconds=engine.config.plan_deadline + 1)
-        engine.sweep()
+        await engine.sweep()
         await settle(engine)
         assert fake.recoveries[("ns", phases["Planned"][0])]["status"]["phase"] == "Failed"
         assert (
@@ -248,7 +248,7 @@ def test_runtime_terminal_phase_posts_an_event_and_is_left_alone() -> None:
         name = next(iter(fake.recoveries))[1]
         engine.recovery_event("MODIFIED", fake.runtime_sets_phase("ns", name, "Succeeded"))
         clock.now += timedelta(hours=1)
-        engine.sweep()
+        await engine.sweep()
         await settle(engine)
         await asyncio.sleep(0.1)
         assert fake.by_phase() == {"Succeeded": [name]}
@@ -294,7 +294,7 @@ def test_missing_job_is_looked_up_and_reported(monkeypatch: pytest.MonkeyPatch) 
     async def scenario() -> None:
         engine, fake, _ = make()
         engine.pod_event(None, pod_body("ghost", "worker", 0))
-        engine.sweep()
+        await engine.sweep()
         await settle(engine)
         assert fake.calls.count("get_job") == 1
         assert _samples(engine, "peer_recovery_input_warnings_total") == {(("job",),): 1.0}
@@ -380,7 +380,7 @@ def test_a_sweep_decision_on_a_stale_view_does_not_touch_a_moved_recovery() -> N
         clock.now += timedelta(seconds=engine.config.plan_deadline + 1)
         # ... but the runtime has just moved it to Streaming; the watch has not caught up.
         fake.runtime_sets_phase("ns", name, "Streaming")
-        engine.sweep()
+        await engine.sweep()
         await settle(engine)
         assert fake.recovery(name)["status"]["phase"] == "Streaming"
         assert "Failed" not in fake.by_phase()
@@ -448,13 +448,13 @@ def test_finished_records_beyond_the_retention_policy_are_deleted() -> None:
             engine.recovery_event("ADDED", body)
         live = fake.add(_body_of(rec("Streaming", attempt=9, restarts=9, at=20, uid=uid)))
         engine.recovery_event("ADDED", live)
-        engine.sweep()
+        await engine.sweep()
         await settle(engine)
         kept = sorted(n for (_, n) in fake.recoveries)
         assert kept == sorted([history[3].name, history[4].name, live["metadata"]["name"]])
         assert engine.state.sizes()["recoveries"] == 3
         assert engine.metrics.lifecycle.labels("retention")._value.get() == 3
-        engine.sweep()  # nothing more to do
+        await engine.sweep()  # nothing more to do
         await settle(engine)
         assert len(fake.recoveries) == 3
 

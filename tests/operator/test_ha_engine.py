@@ -8,6 +8,7 @@ in test_ha_cluster.py.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -29,7 +30,7 @@ def test_a_standby_acts_on_nothing_until_it_leads_then_records_what_the_leader_m
         start_job(standby)
         replacement = pod_body("train", "worker", 0, uid="new", created=40)
         standby.pod_event("ADDED", replacement)
-        standby.sweep()
+        await standby.sweep()
         await asyncio.sleep(0.05)
         assert fake.recoveries == {} and fake.calls == []
         assert standby._work  # kept for a takeover
@@ -59,7 +60,7 @@ def test_a_replacement_the_leader_recorded_is_not_recorded_twice_on_takeover() -
         await settle(standby)
         assert len(fake.recoveries) == 1
         feed_back(standby, fake)
-        standby.sweep()
+        await standby.sweep()
         await settle(standby)
         assert len(fake.recoveries) == 1
 
@@ -202,12 +203,44 @@ def test_the_sweep_touches_live_records_only_and_retention_runs_off_the_loop() -
         real = engine.state.recoveries
         engine.state.recoveries = _Untouchable(real)
         try:
-            engine.sweep()
+            await engine.sweep()
         finally:
             engine.state.recoveries = real
         await settle(engine)
         # retention (keep 1 finished per slot) ran on a worker thread over a snapshot
         left = sorted(b["spec"]["target"]["podUID"] for b in fake.recoveries.values())
         assert len(left) == 2 and "w0-d" in left  # the live one, and one finished
+
+    run(scenario)
+
+
+def test_the_sweeps_decisions_are_made_off_the_event_loop(monkeypatch: Any) -> None:
+    from peer_recovery_operator import sweeping
+
+    threads: list[int] = []
+    decide = sweeping.decide
+
+    def recording(gathered: sweeping.SweepInput) -> sweeping.SweepDecisions:
+        threads.append(threading.get_ident())
+        return decide(gathered)
+
+    monkeypatch.setattr(sweeping, "decide", recording)
+
+    async def scenario() -> None:
+        engine, fake, _ = make(max_attempts=2)
+        start_job(engine)
+        new = pod_body("train", "worker", 0, uid="w0-b", created=40)
+        engine.pod_event("ADDED", new)
+        await settle(engine)
+        feed_back(engine, fake)
+        (planned,) = fake.recoveries.values()
+        engine.pod_event("DELETED", pod_body("train", "master", 0))  # its source goes away
+        await engine.sweep()
+        await settle(engine)
+        feed_back(engine, fake)
+        assert threads and threading.get_ident() not in threads
+        attempts = sorted(b["spec"]["attempt"] for b in fake.recoveries.values())
+        assert attempts == [1, 2], fake.by_phase()  # the verdict made there was applied
+        assert planned["spec"]["source"]["pod"] == "train-master-0"
 
     run(scenario)

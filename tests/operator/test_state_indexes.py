@@ -61,11 +61,11 @@ def test_retention_looks_again_when_the_oldest_record_reaches_its_time_to_live()
         body["status"] = build_status("Succeeded", attempt=1)
         stored = fake.add(body)
         engine.recovery_event("ADDED", stored)  # seen finished at the clock's time
-        engine.sweep()  # within the time to live: nothing to delete
+        await engine.sweep()  # within the time to live: nothing to delete
         await settle(engine)
         assert fake.recoveries
         clock.now += timedelta(seconds=3601)  # no change since: only the time to live
-        engine.sweep()
+        await engine.sweep()
         await settle(engine)
         assert fake.recoveries == {} and engine.state.recoveries == {}
 
