@@ -15,8 +15,9 @@ Restore is all-or-nothing across ranks: this rank's part is decided by a ``RankP
 plan every rank restores locally at the newest step all ranks hold. Ranks that load their
 own slot first check it (checksums, and that every stored tensor fits the live state) and
 serve it to their receivers meanwhile. A receiver given a transport that offers slot
-replication (a round's, ``peer_recovery.peer_slots``) copies its holder's slot into its own
-store and loads it after the vote like a local slot; given a bare ``PGTransport`` it
+replication (a round's, ``peer_recovery.peer_slots``) copies its holders' slot into its own
+store, striped over every source its plan names (``RankPlan.sources``), and loads it after
+the vote like a local slot; given a bare ``PGTransport`` it
 receives in place after copying its objects aside (``snapshots.rollback``). Then all ranks
 vote (``peer_recovery.vote``).
 

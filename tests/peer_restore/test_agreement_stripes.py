@@ -7,9 +7,12 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
+
 from peer_recovery.agreement import MAX_SOURCES, Action, PodReport, agree
 from peer_recovery.contract.names import Mode, PlannedBy
 from peer_recovery.protocol.records import Holding, PlanEntry, WorkerRecord
+from peer_recovery.rank_plan import RankPlan, Role
 
 KEY = "full-replica"
 
@@ -109,3 +112,14 @@ def test_striping_is_deterministic_whatever_the_order_of_the_reports() -> None:
         random.Random(seed + 1).shuffle(ranks)
         again = agree(nnodes=10, world_size=10, pods=pods, ranks=ranks, job="job")
         assert again.roles == first.roles and again.reason == first.reason
+
+
+def test_a_rank_plan_carries_its_extra_sources_after_the_primary() -> None:
+    assert RankPlan(5, receive_from=1).sources == (1,)  # by hand, as before: one source
+    striped = RankPlan(5, receive_from=1, also_from=(0, 3))
+    assert striped.role is Role.RECEIVE and striped.sources == (1, 0, 3)
+    assert RankPlan(5, send_to=(2,)).sources == ()
+    with pytest.raises(ValueError, match="need a primary one"):
+        RankPlan(5, also_from=(0,))
+    with pytest.raises(ValueError, match="a source is named twice"):
+        RankPlan(5, receive_from=1, also_from=(0, 1))
