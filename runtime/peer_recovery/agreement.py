@@ -29,8 +29,17 @@ Rules:
    holder (``plannedBy`` as the plan says); otherwise the planner
    (:func:`peer_recovery.contract.planning.assign_sources`) runs in-band on the pods' records
    (``plannedBy: runtime``); a planned source that does not hold the key is replaced by the
-   least-loaded holder, lowest rank first.
-6. No step qualifies: every rank falls back to the checkpoint, with the reason.
+   least-loaded holder, lowest rank first. That source is the receiver's *primary* one: the
+   one the operator's records and the agent's report name.
+6. Striping: every other holder of the receiver's shard key at the candidate (same step
+   and lineage, and by rule 3 the same content checksum) may serve part of its slot too,
+   up to :data:`MAX_SOURCES` sources in all (the primary included). Extra sources are
+   chosen one receiver at a time, lowest rank first, preferring a holder on a pod this
+   receiver does not use yet, then the pod serving the fewest receivers so far, then the
+   holder serving the fewest, then the lowest rank: when many ranks are replaced, one
+   holder is not asked by every receiver. A holder's ``send_to`` names every receiver it
+   serves, as primary or extra.
+7. No step qualifies: every rank falls back to the checkpoint, with the reason.
 """
 
 from __future__ import annotations
@@ -40,13 +49,21 @@ import enum
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from peer_recovery.contract.names import Mode, PlannedBy
 from peer_recovery.contract.planning import PodRecord, assign_sources
 from peer_recovery.protocol.layout import Layout
 from peer_recovery.protocol.records import Holding, PlanEntry, WorkerRecord
 
-__all__ = ["Action", "Agreement", "PodReport", "Role", "agree"]
+__all__ = ["MAX_SOURCES", "Action", "Agreement", "PodReport", "Role", "agree"]
+
+#: The most holders one receiver fetches its slot from at once, its primary source
+#: included (rule 6). Each holder serves chunks from the one work queue of
+#: ``snapshots.stripes``, so more sources add bandwidth until the receiver's own link is
+#: full; four keeps the receiver's threads and connections few while one lost holder still
+#: leaves three.
+MAX_SOURCES: Final = 4
 
 
 @dataclass(frozen=True)
@@ -66,13 +83,21 @@ class Action(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Role:
-    """What one rank does: restore locally or receive from ``source``; then send to ``send_to``."""
+    """What one rank does: restore locally, or receive from ``source`` (its primary source)
+    striped with ``also_from`` (the other holders serving part of its slot); then send to
+    ``send_to`` (every receiver it serves, as primary or extra source)."""
 
     rank: int
     action: Action
     source: int | None = None
     send_to: tuple[int, ...] = ()
     planned_by: PlannedBy | None = None
+    also_from: tuple[int, ...] = ()
+
+    @property
+    def sources(self) -> tuple[int, ...]:
+        """Every rank this one receives from, the primary first (empty unless PEER)."""
+        return () if self.source is None else (self.source, *self.also_from)
 
 
 @dataclass(frozen=True)
@@ -113,7 +138,7 @@ def agree(
     pods_per_replica: int | None = None,
     job: str | None = None,
 ) -> Agreement:
-    """Decide the round (module docstring, rules 1-6). Raises ValueError on malformed input.
+    """Decide the round (module docstring, rules 1-7). Raises ValueError on malformed input.
 
     ``job``: this job's identity; None accepts every holding (for callers that check it
     themselves)."""
@@ -259,9 +284,11 @@ def _assign(
                 candidate = min(_peers(rank, live, holders, local), key=lambda h: (load[h], h))
             sources[rank], planned_by[rank] = candidate, PlannedBy.RUNTIME
             load[candidate] += 1
+    extras = _stripe(sources, {r: _peers(r, live, holders, local) for r in receivers}, layout)
     send_to: dict[int, list[int]] = {}
     for rank, source in sources.items():
-        send_to.setdefault(source, []).append(rank)
+        for sender in (source, *extras[rank]):
+            send_to.setdefault(sender, []).append(rank)
     roles = {
         r: Role(
             rank=r,
@@ -269,11 +296,43 @@ def _assign(
             source=sources.get(r),
             send_to=tuple(sorted(send_to.get(r, ()))),
             planned_by=planned_by.get(r),
+            also_from=extras.get(r, ()),
         )
         for r in sorted(live)
     }
-    moves = ", ".join(f"{s}->{r} ({planned_by[r].value})" for r, s in sorted(sources.items()))
+    moves = ", ".join(
+        f"{s}->{r} ({planned_by[r].value})"
+        + (f" [also {' '.join(map(str, extras[r]))}]" if extras[r] else "")
+        for r, s in sorted(sources.items())
+    )
     reason = f"resume at step {step}: {len(local)} rank(s) restore locally" + (
         f"; peer transfers {moves}" if moves else ""
     )
     return Agreement(step=step, roles=roles, reason=reason)
+
+
+def _stripe(
+    primary: Mapping[int, int], peers: Mapping[int, list[int]], layout: Layout
+) -> dict[int, tuple[int, ...]]:
+    """Rule 6: each receiver's extra sources, chosen among its other holders (``peers``),
+    receivers in rank order; the load counts every receiver a holder (and its pod) serves,
+    primaries included."""
+    load: Counter[int] = Counter(primary.values())
+    pod_load: Counter[int] = Counter(layout.pod_of(s) for s in primary.values())
+    chosen: dict[int, tuple[int, ...]] = {}
+    for rank in sorted(primary):
+        picked: list[int] = []
+        used = {layout.pod_of(primary[rank])}
+        others = [h for h in peers[rank] if h != primary[rank]]
+        while others and len(picked) < MAX_SOURCES - 1:
+            best = min(
+                others,
+                key=lambda h: (layout.pod_of(h) in used, pod_load[layout.pod_of(h)], load[h], h),
+            )
+            others.remove(best)
+            picked.append(best)
+            used.add(layout.pod_of(best))
+            load[best] += 1
+            pod_load[layout.pod_of(best)] += 1
+        chosen[rank] = tuple(sorted(picked))
+    return chosen

@@ -9,7 +9,8 @@ the agreement), which grows past seconds at a thousand ranks. Instead:
   record and every rank's worker record in one bounded wait, reads them in one batched
   ``multi_get`` (:func:`read_inputs`), computes the agreement (:mod:`peer_recovery.agreement`)
   and publishes it once as an :class:`~peer_recovery.protocol.records.AgreementRecord`
-  (``agreement``): step, reason and only the moves;
+  (``agreement``): step, reason and only the moves (each receiver's primary source and
+  the other holders it stripes over);
 - every other rank waits for that one key (:func:`follow`).
 
 The store then carries O(N) records per round and the agreement is computed once. When the
@@ -24,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from peer_recovery.agreement import Action, Agreement, PodReport, Role, agree
+from peer_recovery.agreement import MAX_SOURCES, Action, Agreement, PodReport, Role, agree
 from peer_recovery.protocol import keys
 from peer_recovery.protocol.codec import ExchangeError, publish, read_all
 from peer_recovery.protocol.records import (
@@ -107,7 +108,7 @@ def read_inputs(
 def to_record(agreement: Agreement) -> AgreementRecord:
     """What the leader publishes: the step, its lineage, the reason and the moves."""
     moves = tuple(
-        Move(rank, role.source, role.planned_by)
+        Move(rank, role.source, role.planned_by, role.also_from)
         for rank, role in sorted(agreement.roles.items())
         if role.action is Action.PEER and role.source is not None and role.planned_by is not None
     )
@@ -117,18 +118,25 @@ def to_record(agreement: Agreement) -> AgreementRecord:
 def from_record(record: AgreementRecord, rank: int, world_size: int) -> Agreement:
     """A follower's agreement: the roles of the ranks that move bytes, and ``rank``'s own.
 
-    Raises ValueError when a move names a rank outside the world or a receiver also sends.
+    Raises ValueError when a move names a rank outside the world, a receiver also sends, or
+    a receiver has more than :data:`~peer_recovery.agreement.MAX_SOURCES` sources.
     """
     if record.step is None:
         return Agreement(step=None, roles={}, reason=record.reason)
     received = {m.receiver: m for m in record.moves}
     send_to: dict[int, list[int]] = {}
     for m in record.moves:
-        if not (m.receiver < world_size and m.source < world_size):
-            raise ValueError(f"move {m.source}->{m.receiver} outside world size {world_size}")
-        if m.source in received:
-            raise ValueError(f"rank {m.source} both receives and sends")
-        send_to.setdefault(m.source, []).append(m.receiver)
+        senders = (m.source, *m.also_from)
+        if not all(r < world_size for r in (m.receiver, *senders)):
+            raise ValueError(f"move {list(senders)}->{m.receiver} outside world size {world_size}")
+        if len(senders) > MAX_SOURCES:
+            raise ValueError(
+                f"rank {m.receiver} has {len(senders)} sources, more than {MAX_SOURCES}"
+            )
+        for sender in senders:
+            if sender in received:
+                raise ValueError(f"rank {sender} both receives and sends")
+            send_to.setdefault(sender, []).append(m.receiver)
     roles: dict[int, Role] = {}
     for r in {rank, *received, *send_to}:
         move = received.get(r)
@@ -138,6 +146,7 @@ def from_record(record: AgreementRecord, rank: int, world_size: int) -> Agreemen
             source=None if move is None else move.source,
             send_to=tuple(sorted(send_to.get(r, ()))),
             planned_by=None if move is None else move.planned_by,
+            also_from=() if move is None else move.also_from,
         )
     return Agreement(step=record.step, roles=roles, reason=record.reason, lineage=record.lineage)
 

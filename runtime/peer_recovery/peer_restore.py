@@ -65,7 +65,7 @@ log = logging.getLogger("peer_recovery.peer_restore")
 #: Exit status of a worker whose transfer failed (EX_TEMPFAIL: torchrun restarts the round).
 EXIT_TRANSFER_FAILED: Final = 75
 #: Fault injection for tests and drills: "sender-dies-midstream" SIGKILLs a sending rank
-#: mid-stream (see ``_DiesMidStream``).
+#: mid-stream, once per job (see ``_DiesMidStream``).
 _ENV_FAULT: Final = "PEER_RECOVERY_FAULT"
 
 
@@ -162,6 +162,7 @@ class RoundSession:
             receive_from=role.source if role.action is Action.PEER else None,
             send_to=role.send_to,
             lineage=agreement.lineage,
+            also_from=role.also_from if role.action is Action.PEER else (),
         )
 
     def moves_bytes(self) -> bool:
@@ -186,7 +187,10 @@ class RoundSession:
         ctx, env = self.ctx, self.env
         pg_store = dist.PrefixStore(keys.pg_prefix(ctx.prefix), self.store)
         pg = _lazy_gloo(pg_store, members.index(self.rank), len(members), timeout, env)
-        wire = _DiesMidStream(pg) if env.get(_ENV_FAULT) == "sender-dies-midstream" else pg
+        wire = pg
+        if env.get(_ENV_FAULT) == "sender-dies-midstream":
+            fault_key, store_ = keys.fault_key(ctx.run_id), self.store
+            wire = _DiesMidStream(pg, lambda: int(store_.add(fault_key, 1)) == 1)
         inner = PGTransport(wire, timeout, device, state_dict=template)
         marker_key = keys.load_checkpoint_key(ctx.run_id)
         store, rank = self.store, self.rank
@@ -291,32 +295,59 @@ def _lazy_gloo(store: Any, rank: int, size: int, timeout: float, env: Mapping[st
 
 
 class _DiesMidStream:
-    """Fault injection: the process group, except that this process SIGKILLs itself when
-    the transport posts its second data message, after the first one was sent, or, serving
-    a slot, as it is about to send the first chunk the receiver asked for (a small state
-    is one chunk). The receiver is then left mid-stream however many messages are in
-    flight."""
+    """Fault injection: the process group, except that this process SIGKILLs itself
+    mid-stream, if ``claim()`` says the job's one injected fault is still to fire (a pod
+    that dies is replaced; its restarted worker does not die again).
 
-    def __init__(self, pg: Any) -> None:
-        self._pg = pg
+    With the in-place transport: when it posts its second data message, after the first
+    one was sent. Serving a slot: when the first request of a receiver arrives (to fetch a
+    chunk, or to stop when other holders served every chunk), before answering it, so a
+    striped receiver loses it whichever chunks it asked it for. The receiver is then left
+    mid-stream however many messages are in flight."""
+
+    def __init__(self, pg: Any, claim: Callable[[], bool]) -> None:
+        self._pg, self._claim = pg, claim
         self._first: Any = None
+
+    def _die(self) -> None:
+        if not self._claim():
+            return
+        log.error("peer-recovery: fault injection: this sender dies mid-stream")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def send(self, tensors: list[Any], dst: int, tag: int) -> Any:
         from peer_recovery.snapshots.replica import DATA_TAG as SLOT_DATA_TAG
         from peer_recovery.transport.engine import DATA_TAG
 
-        if tag >= SLOT_DATA_TAG:  # slot replication: its header sent, the data requested
-            os.kill(os.getpid(), signal.SIGKILL)
-        if tag >= DATA_TAG:
+        if DATA_TAG <= tag < SLOT_DATA_TAG:
             if self._first is not None:
                 self._first.wait(timedelta(seconds=60))
-                os.kill(os.getpid(), signal.SIGKILL)
+                self._die()
             self._first = self._pg.send(tensors, dst, tag)
             return self._first
         return self._pg.send(tensors, dst, tag)
 
+    def recv(self, tensors: list[Any], src: int, tag: int) -> Any:
+        from peer_recovery.snapshots.replica import REQUEST_TAG
+
+        work = self._pg.recv(tensors, src, tag)
+        return _ThenDie(work, self._die) if tag == REQUEST_TAG else work
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pg, name)
+
+
+class _ThenDie:
+    """A posted receive whose completion kills the process (``_DiesMidStream``)."""
+
+    def __init__(self, work: Any, die: Callable[[], None]) -> None:
+        self._work, self._die = work, die
+
+    def wait(self, *args: Any) -> Any:
+        done = self._work.wait(*args)
+        self._die()
+        return done
 
 
 class _RecoveryTransport:

@@ -13,6 +13,7 @@ byte moved (another step or shard) is an ordinary failure of this rank's part: i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -96,8 +97,13 @@ class SlotStreams:
     ) -> Replicated:
         """Replicate the slot of ``src_ranks`` (holders of one snapshot) into ``store``.
 
+        Several ``src_ranks`` stripe: each serves chunks from one work queue, and a source
+        that is lost on the way has its chunks fetched from the others. The answer's
+        ``bytes_by_source`` and ``lost`` are keyed by global rank.
+
         Raises ``Refused`` when ``accept`` refuses the snapshot; an error of ``overlap``
-        (run while the bytes land) propagates; any other failure ends the process (``fail``).
+        (run while the bytes land) propagates; any other failure (no source left, the
+        receiver's own side broken) ends the process (``fail``).
         """
         sources = [self._members.index(r) for r in src_ranks]
         try:
@@ -108,10 +114,9 @@ class SlotStreams:
             self._fail(error)
             raise  # unreachable: fail() exits
         by_rank = {self._members[s]: n for s, n in got.bytes_by_source.items()}
-        for source, why in got.lost.items():
-            log.warning(
-                "peer-recovery: slot source rank %d dropped: %s", self._members[source], why
-            )
+        lost = {self._members[s]: why for s, why in got.lost.items()}
+        for source, why in lost.items():
+            log.warning("peer-recovery: slot source rank %d dropped: %s", source, why)
         log.info(
             "peer-recovery: replicated step %d's slot (%d bytes from ranks %s): header %.3fs, "
             "data %.3fs, commit %.3fs",
@@ -122,4 +127,4 @@ class SlotStreams:
             got.data_seconds,
             got.commit_seconds,
         )
-        return got
+        return dataclasses.replace(got, bytes_by_source=by_rank, lost=lost)

@@ -15,8 +15,9 @@ Restore is all-or-nothing across ranks: this rank's part is decided by a ``RankP
 plan every rank restores locally at the newest step all ranks hold. Ranks that load their
 own slot first check it (checksums, and that every stored tensor fits the live state) and
 serve it to their receivers meanwhile. A receiver given a transport that offers slot
-replication (a round's, ``peer_recovery.peer_slots``) copies its holder's slot into its own
-store and loads it after the vote like a local slot; given a bare ``PGTransport`` it
+replication (a round's, ``peer_recovery.peer_slots``) copies its holders' slot into its own
+store, striped over every source its plan names (``RankPlan.sources``), and loads it after
+the vote like a local slot; given a bare ``PGTransport`` it
 receives in place after copying its objects aside (``snapshots.rollback``). Then all ranks
 vote (``peer_recovery.vote``).
 
@@ -108,6 +109,8 @@ class RestoreResult:
     bytes: int
     seconds: float
     private_restored: bool  # rank-private state found and loaded (re-derive it otherwise)
+    #: A replicated slot: the bytes each global rank sent (several when striped).
+    bytes_by_source: Mapping[int, int] = dataclasses.field(default_factory=dict)
 
 
 class _Failure(Exception):
@@ -128,6 +131,7 @@ class _Ready:
     source: str = ""  # "rank R" when the slot was replicated from a peer
     checked: tuple[list[Any], Any] | None = None  # LiveState.check's answer, reused to load
     uncommitted: bool = False  # a replicated slot whose manifest is installed after the vote
+    by_source: Mapping[int, int] = dataclasses.field(default_factory=dict)  # replicated bytes
 
 
 class PeerRecovery:
@@ -601,31 +605,40 @@ class PeerRecovery:
         live: tuple[Flat, ShardKey],
         checkpoint_step: int | None,
     ) -> _Ready:
-        """Copy the holder's slot into this rank's store (``peer_recovery.peer_slots``);
-        load nothing yet: after the vote it is loaded like any local slot."""
+        """Copy the holders' slot into this rank's store (``peer_recovery.peer_slots``),
+        striped over every source the plan names; load nothing yet: after the vote it is
+        loaded like any local slot."""
         if checkpoint_step is not None and plan.step < checkpoint_step:
             raise _Failure(
                 f"the plan's step {plan.step} is older than the checkpoint's {checkpoint_step}"
             )
         assert plan.receive_from is not None
         flat, key = live
+        sources = list(plan.sources)
+        who = f"rank {sources[0]}" if len(sources) == 1 else f"a holder of ranks {sources}"
 
         def accept(manifest: Manifest) -> str | None:
             if manifest.step != plan.step:
-                return f"rank {plan.receive_from} offers step {manifest.step}, not {plan.step}"
+                return f"{who} offers step {manifest.step}, not {plan.step}"
             why = key.mismatch(manifest.shard_key)
-            return None if why is None else f"rank {plan.receive_from} holds another shard: {why}"
+            return None if why is None else f"{who} holds another shard: {why}"
 
         def check(manifest: Manifest) -> Any:  # while the bytes are on the wire
             return self.state.check(flat, manifest.replicated)  # every tensor has its place
 
         try:
             # Committed after the vote, in the background (``_commit_replica``).
-            got = streams.receive([plan.receive_from], self.store, accept, check, commit=False)
+            got = streams.receive(sources, self.store, accept, check, commit=False)
         except peer_slots.Refused as error:
             raise _Failure(str(error)) from None
+        by_rank = dict(got.bytes_by_source)  # global ranks (``SlotStreams``)
+        # The planned source names the transfer, unless it was dropped: then the rank that
+        # sent the most.
+        source = plan.receive_from
+        if source in got.lost and by_rank:
+            source = max(by_rank, key=lambda r: (by_rank[r], -r))
         return _Ready(
-            got.manifest, flat, Role.RECEIVE, f"rank {plan.receive_from}", got.prepared, True
+            got.manifest, flat, Role.RECEIVE, f"rank {source}", got.prepared, True, by_rank
         )
 
     def _load_prepared(self, ready: _Ready) -> RestoreResult:
@@ -641,7 +654,9 @@ class PeerRecovery:
                 f"to resume from it; this process must not train: {error}"
             ) from error
         source = ready.source or f"local slot {manifest.slot}"
-        return RestoreResult(ready.role, manifest.step, source, nbytes, 0.0, private_ok)
+        return RestoreResult(
+            ready.role, manifest.step, source, nbytes, 0.0, private_ok, ready.by_source
+        )
 
     def _send(self, plan: RankPlan, transport: Any, manifest: Manifest) -> None:
         """Stream the stored state (views on the slot, no copy) to the plan's receivers."""

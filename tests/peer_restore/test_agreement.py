@@ -44,7 +44,10 @@ def test_a_replaced_rank_receives_from_a_holder_planned_in_band() -> None:
     assert target.action is Action.PEER and target.planned_by is PlannedBy.RUNTIME
     assert target.source in (0, 1, 3)
     assert result.roles[target.source].send_to == (2,)
-    assert result.movers == tuple(sorted((2, target.source)))
+    # Every other holder stripes too (rule 6); each one's send_to names rank 2.
+    assert sorted(target.sources) == [0, 1, 3] and target.sources[0] == target.source
+    assert all(result.roles[h].send_to == (2,) for h in (0, 1, 3))
+    assert result.movers == (0, 1, 2, 3)
 
 
 def test_an_operator_plan_is_followed_when_its_source_holds_the_shard() -> None:

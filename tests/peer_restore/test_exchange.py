@@ -118,11 +118,15 @@ def test_followers_read_only_the_leaders_agreement_and_all_ranks_get_the_same_pl
         ranks=[WorkerRecord(r, KEY, None) for r in range(8)],
     )
     assert expected.roles[4].source == 2 and expected.roles[5].source == 3
+    # Every holder of the replica stripes to the receivers too, spread over the pods.
+    assert expected.roles[4].also_from and expected.roles[5].also_from
+    assert expected.movers == tuple(range(8))
     for r, ((rank_plan, agreement), store) in sessions.items():
         assert rank_plan is not None and rank_plan.step == 20
         assert rank_plan.receive_from == expected.roles[r].source
+        assert rank_plan.also_from == expected.roles[r].also_from
         assert tuple(rank_plan.send_to) == expected.roles[r].send_to
-        assert agreement.movers == (2, 3, 4, 5)
+        assert agreement.movers == expected.movers
         assert agreement.reason == expected.reason
         if r == exchange.LEADER:
             assert sum(store.read.values()) == 1 + 2 * nnodes + 8
@@ -174,11 +178,20 @@ def test_a_follower_holds_the_same_role_as_the_leader_for_every_rank() -> None:
 @pytest.mark.parametrize(
     ("raw", "error"),
     [
-        ({"step": 3, "moves": [[1, 1, "runtime"]]}, "rank 1 cannot receive from itself"),
-        ({"step": 3, "moves": [[1, 0, "runtime"], [1, 2, "runtime"]]}, "a rank receives twice"),
-        ({"step": 3, "moves": [[1, 0, "someone"]]}, "'someone' is not a valid PlannedBy"),
-        ({"step": None, "moves": [[1, 0, "runtime"]]}, "moves without a step"),
+        ({"step": 3, "moves": [[1, 1, "runtime", []]]}, "rank 1 cannot receive from itself"),
+        ({"step": 3, "moves": [[1, 0, "runtime", [1]]]}, "rank 1 cannot receive from itself"),
+        ({"step": 3, "moves": [[1, 0, "runtime", [2, 2]]]}, "rank 1 names a source twice"),
+        ({"step": 3, "moves": [[1, 0, "runtime", [0]]]}, "rank 1 names a source twice"),
+        ({"step": 3, "moves": [[1, 0, "runtime", [-2]]]}, "also_from must be an int >= 0"),
+        ({"step": 3, "moves": [[1, 0, "runtime", 2]]}, "a move must be"),
+        (
+            {"step": 3, "moves": [[1, 0, "runtime", []], [1, 2, "runtime", []]]},
+            "a rank receives twice",
+        ),
+        ({"step": 3, "moves": [[1, 0, "someone", []]]}, "'someone' is not a valid PlannedBy"),
+        ({"step": None, "moves": [[1, 0, "runtime", []]]}, "moves without a step"),
         ({"step": 3, "moves": [[1, 0]]}, "a move must be"),
+        ({"step": 3, "moves": [[1, 0, "runtime"]]}, "a move must be"),
         ({"moves": []}, "'step'"),
     ],
 )
@@ -194,3 +207,47 @@ def test_a_move_outside_the_world_is_refused() -> None:
     record = AgreementRecord(3, "", (Move(5, 0, PlannedBy.RUNTIME),))
     with pytest.raises(ValueError, match="outside world size 4"):
         exchange.from_record(record, 0, 4)
+    striped = AgreementRecord(3, "", (Move(1, 0, PlannedBy.RUNTIME, (2, 7)),))
+    with pytest.raises(ValueError, match="outside world size 4"):
+        exchange.from_record(striped, 0, 4)
+
+
+def test_a_striped_move_makes_every_source_send_and_round_trips() -> None:
+    record = AgreementRecord(
+        3,
+        "r",
+        (Move(1, 0, PlannedBy.OPERATOR, (2, 3)), Move(4, 2, PlannedBy.RUNTIME, (0,))),
+        "lineage",
+    )
+    raw = record.to_json()
+    assert raw["moves"] == [[1, 0, "operator", [2, 3]], [4, 2, "runtime", [0]]]
+    assert AgreementRecord.from_json(raw, "where") == record
+    follower = exchange.from_record(record, 5, 6)
+    assert follower.roles[1].source == 0 and follower.roles[1].sources == (0, 2, 3)
+    assert follower.roles[0].send_to == (1, 4) and follower.roles[3].send_to == (1,)
+    assert follower.roles[2].send_to == (1, 4) and follower.roles[5].action is Action.LOCAL
+    assert follower.movers == (0, 1, 2, 3, 4)
+
+
+def test_a_striped_move_that_breaks_the_agreement_rules_is_refused() -> None:
+    receives_too = AgreementRecord(
+        3, "", (Move(1, 0, PlannedBy.RUNTIME, (2,)), Move(2, 0, PlannedBy.RUNTIME))
+    )
+    with pytest.raises(ValueError, match="rank 2 both receives and sends"):
+        exchange.from_record(receives_too, 0, 4)
+    too_many = AgreementRecord(3, "", (Move(0, 1, PlannedBy.RUNTIME, (2, 3, 4, 5)),))
+    with pytest.raises(ValueError, match="5 sources, more than 4"):
+        exchange.from_record(too_many, 0, 8)
+
+
+def test_to_record_carries_every_source_of_a_striped_receiver() -> None:
+    held = {o: () if o == 2 else (Holding(o, 20, KEY, 100),) for o in range(4)}
+    agreement = agree(
+        nnodes=4,
+        world_size=4,
+        pods=[PodReport(o, held[o]) for o in range(4)],
+        ranks=[WorkerRecord(r, KEY) for r in range(4)],
+    )
+    (move,) = exchange.to_record(agreement).moves
+    assert (move.receiver, move.source) == (2, agreement.roles[2].source)
+    assert sorted((move.source, *move.also_from)) == [0, 1, 3]

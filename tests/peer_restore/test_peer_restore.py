@@ -86,7 +86,9 @@ def test_a_replaced_rank_restores_from_a_peer_exactly_planned_in_band_after_the_
     healthy = _paused_hash(outcome, 0)
     assert all(r["hash"] == healthy for r in reports)  # bitwise: model and AdamW state
     assert "none within 1s, planned in-band" in outcome.logs
-    assert re.search(r"peer transfers \d->2 \(runtime\)", outcome.logs)
+    # Every other holder stripes too: ranks 0, 1 and 3 all serve rank 2's slot.
+    assert re.search(r"peer transfers \d->2 \(runtime\) \[also \d \d\]", outcome.logs)
+    assert [reports[r]["role"] for r in (0, 1, 3)] == ["send"] * 3
     assert len({f["hash"] for f in outcome.final}) == 1
 
 
@@ -135,14 +137,38 @@ def test_every_holder_of_a_shard_lost_means_every_rank_loads_the_checkpoint(
         assert len({f["hash"] for f in outcome.final if f["shard"] == shard}) == 1
 
 
-def test_a_source_killed_mid_stream_ends_in_the_checkpoint_for_everyone(
+def test_a_striped_source_killed_mid_stream_costs_a_round_not_the_checkpoint(
     tmp_path: Path, shm_root: Path
 ) -> None:
+    # Rank 2 stripes over ranks 1 (planned), 0 and 3; rank 1 dies at its first request.
+    # The receiver completes from the others (no transfer failure, no exit 75), but the
+    # dead worker's agent restarts the round; that round agrees again from what is held
+    # (rank 1's pod kept its snapshot; the fault fires once per job) and resumes by peers.
     scenario = Scenario(
         replaced=(2,),
         plans={2: 1},
         pod_env={1: {"PEER_RECOVERY_FAULT": "sender-dies-midstream"}},
-        train_args=("--width=256",),  # several messages, so the sender dies between them
+    )
+    outcome = _run(tmp_path, shm_root, scenario)
+    assert "fault injection: this sender dies mid-stream" in outcome.logs
+    assert f"exiting with {EXIT_TRANSFER_FAILED}" not in outcome.logs
+    assert "loading the checkpoint: round" not in outcome.logs
+    reports = outcome.last_restore
+    assert reports[2]["role"] == "receive" and _source(reports[2]) == 1
+    assert all(r["step"] == 6 for r in reports)
+    assert all(r["hash"] == _paused_hash(outcome, 0) for r in reports)  # bitwise
+    assert len({f["hash"] for f in outcome.final}) == 1
+
+
+def test_the_only_holder_killed_mid_stream_ends_in_the_checkpoint_for_everyone(
+    tmp_path: Path, shm_root: Path
+) -> None:
+    # Pods-per-replica 2: pod 1 is the only other holder of pod 3's shard.
+    scenario = Scenario(
+        replaced=(3,),
+        plans={3: 1},
+        shards=2,
+        pod_env={1: {"PEER_RECOVERY_FAULT": "sender-dies-midstream"}},
     )
     outcome = _run(tmp_path, shm_root, scenario)
     assert f"transfer failed, exiting with {EXIT_TRANSFER_FAILED}" in outcome.logs
@@ -152,4 +178,5 @@ def test_a_source_killed_mid_stream_ends_in_the_checkpoint_for_everyone(
     last = outcome.last_restore
     assert [r["role"] for r in last] == ["checkpoint"] * 4
     assert "loading the checkpoint: round" in outcome.logs
-    assert len({f["hash"] for f in outcome.final}) == 1
+    for shard in (0, 1):
+        assert len({f["hash"] for f in outcome.final if f["shard"] == shard}) == 1

@@ -4,6 +4,7 @@ Layout (on the c10d rendezvous store, which outlives workers and rounds)::
 
     peer-recovery/<run_id>/rounds                   counter; rank 0's agent bumps it per round
     peer-recovery/<run_id>/load-checkpoint          set by a worker whose transfer failed
+    peer-recovery/<run_id>/fault-fired              counter: injected faults (drills, tests)
     peer-recovery/<run_id>/round/<n>/agent/<o>      pod o: host, its snapshot holdings
     peer-recovery/<run_id>/round/<n>/plan/<o>       pod o: its plan, or null
     peer-recovery/<run_id>/round/<n>/pod/<o>        pod o: its identity (in a cluster)
@@ -39,6 +40,7 @@ __all__ = [
     "agreed_key",
     "agreement_key",
     "directive_key",
+    "fault_key",
     "identity_key",
     "load_checkpoint_key",
     "ordinal_claim_key",
@@ -69,6 +71,10 @@ def rounds_key(run_id: str) -> str:
 
 def load_checkpoint_key(run_id: str) -> str:
     return _job(run_id) + "load-checkpoint"
+
+
+def fault_key(run_id: str) -> str:
+    return _job(run_id) + "fault-fired"
 
 
 def round_prefix(run_id: str, round_no: int) -> str:

@@ -425,11 +425,14 @@ class RankResult:
 
 @dataclass(frozen=True)
 class Move:
-    """One peer transfer of the round: ``receiver`` gets its state from ``source``."""
+    """One peer transfer of the round: ``receiver`` gets its state from ``source`` (its
+    primary source, as planned) striped with ``also_from`` (other holders of the same
+    snapshot, each serving part of the slot)."""
 
     receiver: int
     source: int
     planned_by: PlannedBy
+    also_from: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -437,7 +440,7 @@ class AgreementRecord:
     """``agreement``: the round's agreement as its leader (rank 0) computed it, published
     once for every other rank: the step (None: every rank loads the checkpoint), the
     snapshots' lineage at that step, the reason, and only the moves; every rank not named in
-    a move restores locally."""
+    a move restores locally. A move is ``[receiver, source, plannedBy, [also_from...]]``."""
 
     step: int | None
     reason: str
@@ -446,17 +449,24 @@ class AgreementRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {"step": self.step, "reason": self.reason, "lineage": self.lineage,
-                "moves": [[m.receiver, m.source, m.planned_by.value] for m in self.moves]}  # fmt: skip
+                "moves": [[m.receiver, m.source, m.planned_by.value, list(m.also_from)]
+                          for m in self.moves]}  # fmt: skip
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any], where: str) -> AgreementRecord:
         def move(entry: Any) -> Move:
-            if not isinstance(entry, list) or len(entry) != 3:
-                raise ValueError(f"a move must be [receiver, source, planned_by], got {entry!r}")
+            if not isinstance(entry, list) or len(entry) != 4 or not isinstance(entry[3], list):
+                raise ValueError(
+                    f"a move must be [receiver, source, planned_by, [also_from...]], "
+                    f"got {entry!r:.200}"
+                )
             receiver, source = _int(entry[0], "receiver"), _int(entry[1], "source")
-            if receiver == source:
+            also = tuple(_int(a, "also_from") for a in entry[3])
+            if receiver == source or receiver in also:
                 raise ValueError(f"rank {receiver} cannot receive from itself")
-            return Move(receiver, source, PlannedBy(entry[2]))
+            if len({source, *also}) != 1 + len(also):
+                raise ValueError(f"rank {receiver} names a source twice: {[source, *also]}")
+            return Move(receiver, source, PlannedBy(entry[2]), also)
 
         def parse() -> AgreementRecord:
             step = _opt_int(raw["step"], "step")
