@@ -606,12 +606,6 @@ class Engine:
         """One job's API work, on a worker thread: the bodies written, the records deleted."""
         written: list[dict[str, Any]] = []
         deleted: list[tuple[str, str]] = []
-        for found in work.expired.values():
-            rec = found.record
-            if self._api.delete_recovery(rec.namespace, rec.name, rec.resource_version):
-                logger.info("deleted %s/%s: %s", rec.namespace, rec.name, found.why)
-                self.metrics.lifecycle.labels("retention").inc()
-                deleted.append((rec.namespace, rec.name))
         detections = list(work.detections)
         if work.candidates:
             candidates = list(work.candidates.values())
@@ -627,6 +621,14 @@ class Engine:
             elif verdict.action is lifecycle.Action.FAIL:
                 assert verdict.condition_reason is not None  # every FAIL verdict names one
                 written += self._recorder.fail(rec, verdict.why, verdict.condition_reason)
+        # Retention last: a replacement's record is never kept waiting behind the deletion
+        # of finished ones (one API call each).
+        for found in work.expired.values():
+            rec = found.record
+            if self._api.delete_recovery(rec.namespace, rec.name, rec.resource_version):
+                logger.info("deleted %s/%s: %s", rec.namespace, rec.name, found.why)
+                self.metrics.lifecycle.labels("retention").inc()
+                deleted.append((rec.namespace, rec.name))
         return written, deleted
 
     def _verify_catch_up(

@@ -461,6 +461,29 @@ def test_finished_records_beyond_the_retention_policy_are_deleted() -> None:
     run(scenario)
 
 
+def test_a_replacement_is_recorded_before_the_rounds_retention_deletions() -> None:
+    """Retention work and a replacement in one round: the replacement's record is created
+    first, not after one delete call per finished record."""
+    from tests.operator.test_retention import rec
+
+    async def scenario() -> None:
+        engine, fake, _ = make(keep_finished=1)
+        start_job(engine)
+        uid = "train-worker-0-uid-1"
+        for i in range(4):
+            record = rec("Succeeded", attempt=i + 1, restarts=i, at=i, uid=uid)
+            engine.recovery_event("ADDED", fake.add(_body_of(record)))
+        await engine.sweep()  # queues the deletions on the job's round...
+        replacement = pod_body("train", "worker", 1, uid="new", created=40, node="node-1")
+        engine.pod_event("ADDED", replacement)  # ...which this replacement joins
+        await settle(engine)
+        writes = [c for c in fake.calls if c in ("create_recovery", "delete_recovery")]
+        assert writes.count("delete_recovery") == 3, writes
+        assert writes[0] == "create_recovery", writes
+
+    run(scenario)
+
+
 def _body_of(record: Any) -> dict[str, Any]:
     """A stored body for a parsed record of tests/operator/test_retention.py."""
     from peer_recovery.contract.bodies import build_peer_recovery, build_status

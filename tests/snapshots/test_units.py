@@ -342,3 +342,22 @@ def test_a_load_that_fails_after_the_vote_passed_ends_the_restore(tmp_path: Path
     recovery = PeerRecovery({"m": torch.nn.Linear(2, 2), "r": Refuses()}, directory=str(tmp_path))
     with pytest.raises(RestoreAbandoned, match=r"must not train.*cannot take that value"):
         recovery.restore()
+
+
+def test_gc_paused_restores_the_collectors_state_even_on_error() -> None:
+    import gc
+
+    from peer_recovery._gc import gc_paused
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), gc_paused():
+        assert not gc.isenabled()
+        raise RuntimeError("the work failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()

@@ -14,14 +14,12 @@ Everything read from disk is validated here; errors name the field that was wron
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from peer_recovery._gc import gc_paused
 from peer_recovery.shard_key import ShardKey, state_digest
 
 __all__ = ["FORMAT", "Manifest", "ManifestError", "Section", "TensorEntry"]
@@ -44,20 +42,6 @@ def _int(value: object, what: str, lo: int = 0) -> int:
         f"{what} must be an int >= {lo}, got {value!r}",
     )
     return value  # type: ignore[return-value]
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a large manifest's many small lists are built:
-    each collection would walk every object of the process (torch's included), and a
-    manifest of 20,000 tensors would trigger dozens of them."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _entries(raw: list[Any]) -> tuple[TensorEntry, ...]:
@@ -214,13 +198,13 @@ class Manifest:
     def encode(self) -> bytes:
         """``{"body":<body, canonical JSON>,"crc32":<its CRC-32>}``: the body's bytes appear
         as they were checksummed, which lets ``decode`` check them without re-encoding."""
-        with _gc_paused():
+        with gc_paused():
             body = json.dumps(self.body(), separators=(",", ":"), sort_keys=True).encode()
         return b'{"body":' + body + b',"crc32":' + str(zlib.crc32(body)).encode() + b"}"
 
     @classmethod
     def decode(cls, raw: bytes) -> Manifest:
-        with _gc_paused():
+        with gc_paused():
             return cls._decode(raw)
 
     @classmethod
