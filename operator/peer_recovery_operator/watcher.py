@@ -71,9 +71,8 @@ class Watcher:
         self.lists = 0
 
     def start(self) -> Watcher:
-        where = self.namespace or "all namespaces"
         self._thread = threading.Thread(
-            target=self.run, name=f"watch-{self.kind}-{where}", daemon=True
+            target=self.run, name=f"watch-{self.kind}-{self._where()}", daemon=True
         )
         self._thread.start()
         return self

@@ -71,7 +71,8 @@ class ReplicaError(RuntimeError):
 @dataclass(frozen=True)
 class Replicated:
     """A received slot: its manifest, who sent how much, and phase times. Committed (its
-    manifest installed) unless ``receive_slot`` was told to leave that to the caller."""
+    manifest installed) unless ``receive_slot`` was told to leave that to the caller
+    (``commit=False``), who then installs ``manifest``."""
 
     manifest: Manifest
     bytes_by_source: dict[int, int]
@@ -80,7 +81,6 @@ class Replicated:
     data_seconds: float
     commit_seconds: float
     prepared: Any = None  # what ``overlap`` returned
-    committed: bool = True  # False: the caller installs ``manifest`` (``SnapshotStore.install``)
 
 
 def same_snapshot(a: Manifest, b: Manifest) -> str | None:
@@ -238,7 +238,6 @@ def receive_slot(
         data_seconds,
         total - header_seconds - data_seconds,
         prepared,
-        commit,
     )
 
 

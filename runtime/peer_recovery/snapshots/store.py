@@ -315,7 +315,7 @@ class SnapshotStore:
         them (cheap: no byte is allocated); ``prefault=False`` leaves the pages to fault in
         as they are first written."""
         per_slot = max(_ROUND, _align(data_bytes, _ROUND))
-        if not [slot for slot in (0, 1) if self.capacity(slot) < per_slot]:
+        if all(self.capacity(slot) >= per_slot for slot in (0, 1)):
             return
         allocated = sum(self.capacity(slot) for slot in (0, 1))
         decision_input = self._probe(self.directory, 2 * per_slot, allocated)
