@@ -88,8 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--metrics-address", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     add("--log-format", choices=("plain", "json"), help="log line format (plain)")
     add("--verbose", action="store_true", default=None, help="debug logging")
-    add("--peering", metavar="NAME", help="kopf peering object (HA); default: standalone")
-    add("--priority", type=int, metavar="N", help="kopf peering priority (distinct per replica)")
     add(
         "--lease-namespace",
         metavar="NS",
@@ -154,6 +152,7 @@ def _run(config: OperatorConfig) -> None:
 
     from peer_recovery_operator.engine import Engine
     from peer_recovery_operator.handlers import register
+    from peer_recovery_operator.heap import freeze_after_full_passes
     from peer_recovery_operator.kube import KubernetesApi
     from peer_recovery_operator.metrics import Metrics
 
@@ -181,14 +180,13 @@ def _run(config: OperatorConfig) -> None:
         if audit is not None:
             pod_listeners.append(audit)
     register(registry, engine, api, elector, pod_listeners)
+    freeze_after_full_passes()
     try:
         kopf.run(
             registry=registry,
             clusterwide=config.all_namespaces,
             namespaces=list(config.namespaces),
-            standalone=not config.peering,
-            peering_name=config.peering or None,
-            priority=config.priority,
+            standalone=True,  # high availability is the Lease's (lease.py), not kopf peering's
             liveness_endpoint=config.liveness or None,
         )
     finally:

@@ -50,9 +50,6 @@ class OperatorConfig:
     metrics_address: str = ""
     log_format: str = "plain"
     verbose: bool = False
-    #: kopf peering object name; empty runs standalone (one replica, Recreate strategy).
-    peering: str = ""
-    priority: int = 0
     #: Namespace of the leader-election Lease; empty runs without election (one replica).
     lease_namespace: str = ""
     #: Name of the Lease the replicas share.
@@ -106,8 +103,6 @@ class OperatorConfig:
             raise ConfigError(f"--log-format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         if self.metrics_address:
             metrics_host_port(self.metrics_address)
-        if self.lease_namespace and self.peering:
-            raise ConfigError("--lease-namespace and --peering exclude each other (pick one HA)")
         if not 0 < self.lease_retry_period < self.lease_renew_deadline < self.lease_duration:
             raise ConfigError(
                 "need 0 < --lease-retry-period < --lease-renew-deadline < --lease-duration, got "

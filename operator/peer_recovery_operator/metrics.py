@@ -17,11 +17,14 @@
 - ``peer_recovery_sweep_seconds``: how long each lifecycle sweep took;
 - ``peer_recovery_job_changes_total{reason}``: suspends, resumes and scalings recognised.
 - ``peer_recovery_leader``: 1 while this replica holds the leader-election Lease;
-- ``peer_recovery_resync_drift_total``: objects a periodic relist showed the watches missed.
+- ``peer_recovery_resync_drift_total``: objects a periodic relist showed the watches missed;
+- ``peer_recovery_gc_frozen_objects``: objects moved out of the garbage collector's full
+  passes (:mod:`peer_recovery_operator.heap`); it should follow the state's size.
 """
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -126,6 +129,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
+        self.gc_frozen = Gauge(
+            "peer_recovery_gc_frozen_objects",
+            "Objects frozen out of the garbage collector's full passes.",
+            registry=r,
+        )
+        self.gc_frozen.set_function(gc.get_freeze_count)
 
     def api_error(self, verb: str, kind: str, code: str) -> None:
         """Count one API call that failed (``KubernetesApi``'s ``on_error``)."""

@@ -42,8 +42,10 @@ class ClusterState:
     def __init__(self, actionable: Callable[[RecoveryRecord], bool] = lambda record: True) -> None:
         self._is_actionable = actionable
         self._actionable: set[RecordKey] = set()
-        self._episodes: defaultdict[Episode, set[RecordKey]] = defaultdict(set)
-        self._by_target: defaultdict[tuple[str, str], set[RecordKey]] = defaultdict(set)
+        # Small groups (a few attempts each) as tuples: a tuple of one key is a fifth of a set
+        # of one, and the collector stops tracking tuples of strings.
+        self._episodes: dict[Episode, tuple[RecordKey, ...]] = {}
+        self._by_target: dict[tuple[str, str], tuple[RecordKey, ...]] = {}
         self._retention_dirty: set[Slot] = set()
         self._slot_records: defaultdict[Slot, set[RecordKey]] = defaultdict(set)
         self._job_live: defaultdict[JobKey, set[RecordKey]] = defaultdict(set)
@@ -114,8 +116,8 @@ class ClusterState:
             self._unindex(key, previous)
         self.recoveries[key] = view
         self._job_recoveries[(view.namespace, view.job)].add(key)
-        self._episodes[episode_of(view)].add(key)
-        self._by_target[(view.namespace, view.target_uid)].add(key)
+        _add(self._episodes, episode_of(view), key)
+        _add(self._by_target, (view.namespace, view.target_uid), key)
         self._slot_records[view.slot].add(key)
         if self._is_actionable(view):
             self._actionable.add(key)
@@ -137,8 +139,8 @@ class ClusterState:
     def _unindex(self, key: RecordKey, view: RecoveryRecord) -> None:
         self._actionable.discard(key)
         _discard(self._job_live, (view.namespace, view.job), key)
-        _discard(self._episodes, episode_of(view), key)
-        _discard(self._by_target, (view.namespace, view.target_uid), key)
+        _remove(self._episodes, episode_of(view), key)
+        _remove(self._by_target, (view.namespace, view.target_uid), key)
         _discard(self._slot_records, view.slot, key)
 
     def job_recoveries(self, namespace: str, job: str) -> list[RecoveryRecord]:
@@ -210,6 +212,22 @@ def _discard(index: dict[Any, set[RecordKey]], at: Any, key: RecordKey) -> None:
     if keys is not None:
         keys.discard(key)
         if not keys:
+            del index[at]
+
+
+def _add(index: dict[Any, tuple[RecordKey, ...]], at: Any, key: RecordKey) -> None:
+    keys = index.get(at, ())
+    if key not in keys:
+        index[at] = (*keys, key)
+
+
+def _remove(index: dict[Any, tuple[RecordKey, ...]], at: Any, key: RecordKey) -> None:
+    keys = index.get(at)
+    if keys is not None and key in keys:
+        rest = tuple(k for k in keys if k != key)
+        if rest:
+            index[at] = rest
+        else:
             del index[at]
 
 

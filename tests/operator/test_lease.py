@@ -143,7 +143,6 @@ def test_two_standbys_racing_for_an_expired_lease_yield_one_leader(
     [
         (["--lease-duration", "5", "--lease-renew-deadline", "5"], "--lease-renew-deadline"),
         (["--lease-retry-period", "0"], "--lease-retry-period"),
-        (["--lease-namespace", "ops", "--peering", "p"], "--lease-namespace and --peering"),
         (["--resync-interval", "0"], "--resync-interval must be > 0"),
     ],
 )
@@ -154,3 +153,13 @@ def test_bad_lease_and_resync_flags_are_refused_naming_the_flag(
 
     assert main(["--namespace", "ns", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_kopf_peering_is_not_offered(capsys: pytest.CaptureFixture[str]) -> None:
+    """High availability is the Lease's: a peering flag is refused, not silently half-used."""
+    from peer_recovery_operator.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--namespace", "ns", "--peering", "p"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --peering" in capsys.readouterr().err

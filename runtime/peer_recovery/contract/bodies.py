@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -73,7 +74,7 @@ def recovery_name(job_name: str, target_pod: str, target_uid: str, attempt: int)
     return readable + suffix
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PodRef:
     """``spec.target`` / ``spec.source``: one pod of the job, as the recovery records it."""
 
@@ -118,15 +119,20 @@ class PodRef:
             raise ValueError(f"{where} lacks {', '.join(missing)}")
         try:
             return cls(
-                pod=data["pod"],
+                pod=_shared(data["pod"]),
                 pod_uid=data["podUID"],
-                replica_type=data["replicaType"],
+                replica_type=_shared(data["replicaType"]),
                 replica_index=data["replicaIndex"],
                 ordinal=data["ordinal"],
                 node=data.get("node", ""),
             )
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
+
+
+def _shared(value: Any) -> Any:
+    """One copy of a string that many records repeat (pod names, replica types)."""
+    return sys.intern(value) if type(value) is str else value
 
 
 def build_peer_recovery(

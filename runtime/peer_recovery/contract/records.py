@@ -13,6 +13,7 @@ operator's memory flat with thousands of records.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -153,9 +154,10 @@ def parse_recovery(body: Mapping[str, Any], *, seen_at: datetime | None = None) 
             status_reason = str(condition.get("reason") or "")
     raw_restarts = str((meta.get("annotations") or {}).get(ANNOTATION_RESTART_COUNT, "0"))
     return RecoveryRecord(
-        namespace=str(meta.get("namespace", "")),
+        # Interned: thousands of records share these few strings (the operator keeps them).
+        namespace=sys.intern(str(meta.get("namespace", ""))),
         name=str(meta.get("name", "")),
-        job=str(spec.get("jobName", "")),
+        job=sys.intern(str(spec.get("jobName", ""))),
         target=target,
         source=source_ref,
         mode=mode,
@@ -166,7 +168,7 @@ def parse_recovery(body: Mapping[str, Any], *, seen_at: datetime | None = None) 
         phase_since=since,
         restart_count=int(raw_restarts) if raw_restarts.isdigit() else 0,
         resource_version=str(meta.get("resourceVersion", "")),
-        status_reason=status_reason,
+        status_reason=sys.intern(status_reason),
         message=str(status.get("message") or ""),
     )
 
