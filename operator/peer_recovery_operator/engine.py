@@ -153,7 +153,6 @@ class Engine:
         self.leading: Callable[[], bool] = lambda: True
         #: When a resync found pods the pod watch never delivered; cleared by the next event.
         self._watch_stalled_since: float | None = None
-        #: The running retention pass, if any (one at a time).
         #: Whether the pod watch has delivered anything yet: before kopf has started it, a
         #: relist naturally shows pods the state lacks, which is no sign of a stall.
         self._pod_watch_started = False

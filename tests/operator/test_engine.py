@@ -133,6 +133,29 @@ def test_container_restart_is_detected_in_the_right_mode(shm: bool, mode: str) -
     run(scenario)
 
 
+def test_restarts_made_while_the_operator_was_down_are_its_baseline_and_the_next_is_recorded() -> None:
+    """A relist cannot tell a restart nobody recorded from one the runtime already
+    recovered in-band (its records carry restart count 0), so the restart count a fresh
+    operator first lists is its baseline: no late plan; the next restart is recorded."""
+
+    async def scenario() -> None:
+        engine, fake, _ = make()
+        engine.job_event(None, job_body())
+        for pod in job_pod_bodies(shm_memory=True):
+            if pod["metadata"]["name"] == "train-worker-2":
+                pod = pod_body("train", "worker", 2, restarts=3, shm_memory=True)
+            engine.pod_event(None, pod)  # the listing of a freshly started operator
+        await settle(engine)
+        assert fake.recoveries == {}
+        engine.pod_event("MODIFIED", pod_body("train", "worker", 2, restarts=4, shm_memory=True))
+        await settle(engine)
+        rec = only(fake)
+        assert (rec["spec"]["reason"], rec["spec"]["attempt"]) == ("ContainerRestarted", 1)
+        assert rec["metadata"]["annotations"][names.ANNOTATION_RESTART_COUNT] == "4"
+
+    run(scenario)
+
+
 def test_no_qualifying_source_falls_back_with_the_planners_reason() -> None:
     async def scenario() -> None:
         engine, fake, _ = make()
