@@ -133,7 +133,9 @@ def test_container_restart_is_detected_in_the_right_mode(shm: bool, mode: str) -
     run(scenario)
 
 
-def test_restarts_made_while_the_operator_was_down_are_its_baseline_and_the_next_is_recorded() -> None:
+def test_restarts_made_while_the_operator_was_down_are_its_baseline_and_the_next_is_recorded() -> (
+    None
+):
     """A relist cannot tell a restart nobody recorded from one the runtime already
     recovered in-band (its records carry restart count 0), so the restart count a fresh
     operator first lists is its baseline: no late plan; the next restart is recorded."""
