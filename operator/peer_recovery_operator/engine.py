@@ -5,7 +5,7 @@ hand each event here. Cheap work (parsing into records, updating
 :class:`~peer_recovery_operator.state.ClusterState`, detection) happens inline on the loop;
 the sweep's decisions are made on a thread of their own over records gathered on the loop
 (:mod:`peer_recovery_operator.sweeping`); anything that calls the API server is queued per
-job and run on a worker thread by :class:`~peer_recovery_operator.recording.Recorder`, one
+job and run on a worker thread by :class:`~peer_recovery_operator.rounds.RoundRunner`, one
 round per job at a time. Queuing per job is what lets several pods replaced together be
 planned together (spread over sources), and keeps two rounds from racing on one job.
 
@@ -32,24 +32,22 @@ from peer_recovery.contract.records import RecordError, parse_recovery, parse_ti
 from peer_recovery_operator import lifecycle, sweeping
 from peer_recovery_operator.config import OperatorConfig
 from peer_recovery_operator.detection import (
-    Detection,
     JobChange,
     KnownPod,
     detect_change,
-    detect_missed_replacement,
     job_change,
     outside_job,
 )
 from peer_recovery_operator.kube import ClusterApi
 from peer_recovery_operator.metrics import Metrics
-from peer_recovery_operator.recording import JobSnapshot, Recorder
+from peer_recovery_operator.recording import JobSnapshot
+from peer_recovery_operator.relisting import relist
 from peer_recovery_operator.resync import WATCH_STALL_SECONDS, Drift, compare
-from peer_recovery_operator.retention import Expired
-from peer_recovery_operator.state import ClusterState, JobKey, RecordKey, Slot
+from peer_recovery_operator.rounds import JobWork, RoundRunner
+from peer_recovery_operator.state import ClusterState, JobKey, Slot
 from peer_recovery_operator.views import (
     BadInput,
     JobView,
-    PodView,
     is_pytorchjob_pod,
     job_name_of_pod,
     job_view,
@@ -75,48 +73,6 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-@dataclasses.dataclass
-class _JobWork:
-    detections: list[tuple[Detection, float]] = dataclasses.field(default_factory=list)
-    candidates: dict[str, Any] = dataclasses.field(default_factory=dict)  # uid -> PodView
-    lifecycle: dict[str, tuple[Any, lifecycle.Verdict]] = dataclasses.field(default_factory=dict)
-    #: Finished records to delete under the retention policy, by name.
-    expired: dict[str, Expired] = dataclasses.field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.detections or self.candidates or self.lifecycle or self.expired)
-
-    def target_uids(self) -> set[str]:
-        """The pods this work is about (a round needs their records, besides live ones)."""
-        uids = {d.target.uid for d, _ in self.detections} | set(self.candidates)
-        return uids | {rec.target_uid for rec, _ in self.lifecycle.values()}
-
-    def keep_for_retry(self, newer: _JobWork | None) -> _JobWork:
-        """What a failed round leaves to retry, merged with work queued meanwhile.
-
-        Detections and catch-up candidates are edges: nothing re-derives them, so they are
-        kept. Lifecycle verdicts are dropped: the next sweep decides them again on the
-        state it then sees.
-        """
-        kept = _JobWork(detections=list(self.detections), candidates=dict(self.candidates))
-        if newer is not None:
-            kept.detections += newer.detections
-            kept.candidates.update(newer.candidates)
-            kept.lifecycle.update(newer.lifecycle)
-            kept.expired.update(newer.expired)
-        return kept
-
-
-@dataclasses.dataclass
-class _Relisted:
-    """What a resync keeps of its relist (:meth:`Engine._relist`)."""
-
-    pods: list[PodView] = dataclasses.field(default_factory=list)
-    unknown_pods: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    recovery_keys: list[RecordKey] = dataclasses.field(default_factory=list)
-    changed_recoveries: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-
-
 class Engine:
     def __init__(
         self,
@@ -133,8 +89,8 @@ class Engine:
         self._retention_due: dict[Slot, datetime] = {}
         self._api = cluster
         self._clock = clock
-        self._recorder = Recorder(cluster, self.metrics, clock)
-        self._work: dict[JobKey, _JobWork] = {}
+        self._rounds = RoundRunner(cluster, self.metrics, clock, config.catch_up_grace)
+        self._work: dict[JobKey, JobWork] = {}
         self._running: dict[JobKey, asyncio.Task[None]] = {}
         self._parked: dict[JobKey, tuple[float, set[tuple[Slot, bool]]]] = {}
         self._lookups: dict[JobKey, asyncio.Task[None]] = {}
@@ -457,7 +413,7 @@ class Engine:
         scopes: list[str | None] = (
             [None] if self.config.all_namespaces else list(self.config.namespaces)
         )
-        relisted = await asyncio.to_thread(self._relist, scopes, known, versions)
+        relisted = await asyncio.to_thread(relist, self._api, scopes, known, versions)
         listed = relisted.pods
         drift = compare(
             live_before=live,
@@ -512,33 +468,6 @@ class Engine:
             del self._awaiting_watch[uid]  # reported once
         return overdue
 
-    def _relist(
-        self, scopes: list[str | None], known: set[str], versions: Mapping[RecordKey, str]
-    ) -> _Relisted:
-        """On a worker thread: list page by page, keeping of each body only what the resync
-        uses (a record per pod; the bodies of pods not ``known`` and of PeerRecoveries whose
-        resourceVersion differs from ``versions``), so a relist of thousands of objects never
-        holds them all."""
-        relisted = _Relisted()
-        for namespace in scopes:
-            for body in self._api.list_pods(namespace):
-                job_name = job_name_of_pod(body)
-                if job_name is None:
-                    continue
-                try:
-                    relisted.pods.append(pod_view(body, job_name))
-                except BadInput:
-                    continue  # reported when the watch delivers it
-                if str(body["metadata"].get("uid")) not in known:
-                    relisted.unknown_pods.append(body)
-            for body in self._api.list_all_recoveries(namespace):
-                meta = body.get("metadata") or {}
-                key = (str(meta.get("namespace")), str(meta.get("name")))
-                relisted.recovery_keys.append(key)
-                if versions.get(key) != meta.get("resourceVersion"):
-                    relisted.changed_recoveries.append(body)
-        return relisted
-
     def watch_problem(self) -> str | None:
         """Why the watches look stalled (for /healthz), or None."""
         if self._watch_stalled_since is None:
@@ -550,8 +479,8 @@ class Engine:
 
     # --- per-job rounds on worker threads -------------------------------------------------
 
-    def _enqueue(self, key: JobKey) -> _JobWork:
-        work = self._work.setdefault(key, _JobWork())
+    def _enqueue(self, key: JobKey) -> JobWork:
+        work = self._work.setdefault(key, JobWork())
         if key not in self._running and self.leading():
             self._running[key] = asyncio.get_running_loop().create_task(self._drain(key))
         return work
@@ -573,7 +502,7 @@ class Engine:
                 )
                 began = time.perf_counter()
                 try:
-                    written, deleted = await asyncio.to_thread(self._round, snap, work)
+                    written, deleted = await asyncio.to_thread(self._rounds.run, snap, work)
                 except Exception:
                     self.metrics.rounds.labels("failed").inc()
                     self.metrics.round_seconds.observe(time.perf_counter() - began)
@@ -598,75 +527,6 @@ class Engine:
                     )
         finally:
             self._running.pop(key, None)
-
-    def _round(
-        self, snap: JobSnapshot, work: _JobWork
-    ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-        """One job's API work, on a worker thread: the bodies written, the records deleted."""
-        written: list[dict[str, Any]] = []
-        deleted: list[tuple[str, str]] = []
-        detections = list(work.detections)
-        if work.candidates:
-            candidates = list(work.candidates.values())
-            snap, found = self._verify_catch_up(snap, candidates, work.target_uids())
-            detections += found
-        if detections:
-            written += self._recorder.record_detections(snap, detections)
-        for rec, verdict in work.lifecycle.values():
-            if verdict.action in (lifecycle.Action.REPLAN, lifecycle.Action.RESUME_REPLAN):
-                written += self._recorder.replan(snap, rec, verdict.why)
-            elif verdict.action is lifecycle.Action.PROMOTE:
-                written += self._recorder.promote(snap, rec)
-            elif verdict.action is lifecycle.Action.FAIL:
-                assert verdict.condition_reason is not None  # every FAIL verdict names one
-                written += self._recorder.fail(rec, verdict.why, verdict.condition_reason)
-        # Retention last: a replacement's record is never kept waiting behind the deletion
-        # of finished ones (one API call each).
-        for found in work.expired.values():
-            rec = found.record
-            if self._api.delete_recovery(rec.namespace, rec.name, rec.resource_version):
-                logger.info("deleted %s/%s: %s", rec.namespace, rec.name, found.why)
-                self.metrics.lifecycle.labels("retention").inc()
-                deleted.append((rec.namespace, rec.name))
-        return written, deleted
-
-    def _verify_catch_up(
-        self, snap: JobSnapshot, candidates: list[Any], targets: set[str]
-    ) -> tuple[JobSnapshot, list[tuple[Detection, float]]]:
-        """The catch-up rule against fresh lists of the job's pods and recoveries; the
-        snapshot for the rest of the round, with the listed pods and, of the listed records,
-        the live ones and those of ``targets``."""
-        seen = time.monotonic()
-        job = snap.job
-        pods = []
-        for body in self._api.list_job_pods(job.namespace, job.name):
-            try:
-                pods.append(pod_view(body, job.name))
-            except BadInput:
-                continue
-        recorded: set[str] = set()
-        views = []
-        for body in self._api.list_recoveries(job.namespace, job=job.name):
-            view = parse_recovery(body, seen_at=self._clock())
-            recorded.add(view.target_uid)
-            if not view.phase.terminal or view.target_uid in targets:
-                views.append(view)  # what a round's snapshot holds (state.recoveries_for)
-        grace = timedelta(seconds=self.config.catch_up_grace)
-        found = []
-        for pod in candidates:
-            others = [p.created for p in pods if p.uid != pod.uid and not p.terminating]
-            detection = detect_missed_replacement(
-                pod, others, grace=grace, recorded_uids=recorded, elastic=job.elastic
-            )
-            if detection is not None:
-                logger.info("caught up: %s", detection.why)
-                found.append((detection, seen))
-        fresh = dataclasses.replace(
-            snap,
-            pods=tuple(pods) or snap.pods,
-            recoveries=tuple(views) if recorded else snap.recoveries,
-        )
-        return fresh, found
 
     # --- reporting ------------------------------------------------------------------------
 
