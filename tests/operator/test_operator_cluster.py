@@ -277,15 +277,26 @@ def finish(custom: Any, namespace: str, name: str) -> None:
 def test_finished_records_past_the_retention_policy_are_deleted(
     control_plane: Any, namespace: str, crd: None, client: Any, custom: Any, tmp_path: Path
 ) -> None:
-    """Under the chart's RBAC, the operator keeps only the newest finished record of a pod."""
+    """Under the chart's RBAC, the operator keeps only the newest finished record of a pod
+    slot. The slot's second record comes from a container restart, not a second replacement
+    under the same name: KWOK deletes by name, and a delete it queued for the replaced pod
+    can land on its replacement."""
+    from kubernetes.client import CoreV1Api
+
     ready_job(client, namespace, "a", workers=2, annotations=ENABLED)
     log = tmp_path / "operator.log"
     with operator_under_rbac(control_plane, namespace, log, "--keep-finished", "1"):
         first = replace(client, namespace, "a-worker-0")
-        older = wait_recovery(custom, namespace, uid=first["metadata"]["uid"])["metadata"]["name"]
+        uid = first["metadata"]["uid"]
+        older = wait_recovery(custom, namespace, uid=uid)["metadata"]["name"]
         finish(custom, namespace, older)
-        second = replace(client, namespace, "a-worker-0")
-        newer = wait_recovery(custom, namespace, uid=second["metadata"]["uid"])["metadata"]["name"]
+        statuses = first["status"]["containerStatuses"]
+        statuses[0]["restartCount"] = 1
+        CoreV1Api(client).patch_namespaced_pod_status(
+            "a-worker-0", namespace, {"status": {"containerStatuses": statuses}}
+        )
+        # the incarnation's next attempt number (docs/operator.md, Detection)
+        newer = wait_recovery(custom, namespace, uid=uid, attempt=2)["metadata"]["name"]
         assert older in [r["metadata"]["name"] for r in recoveries(custom, namespace)]
         finish(custom, namespace, newer)
         wait_for(
